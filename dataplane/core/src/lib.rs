@@ -1,0 +1,12 @@
+//! Pure core of the Weft node agent.
+//!
+//! No clock, no sockets, no files: the desired configuration of a node
+//! ([`config::NodeConfig`]), and the plans that turn an observed state into
+//! the desired one ([`plan`]). The agent crate carries the plans out.
+
+pub mod config;
+pub mod key;
+pub mod plan;
+
+pub use config::{NodeConfig, PeerConfig};
+pub use key::{Key, KeyError};

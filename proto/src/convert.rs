@@ -1,0 +1,169 @@
+//! Wire types to domain types (`TryFrom`, errors that name the field) and
+//! back (`From`).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use ipnet::IpNet;
+use weft_dataplane_core::{Key, NodeConfig, PeerConfig};
+
+use crate::pb;
+
+/// A message from the wire that does not make a valid domain value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {message}: field `{field}`: {reason}")]
+pub struct InvalidMessage {
+    pub message: &'static str,
+    pub field: String,
+    pub reason: String,
+}
+
+impl InvalidMessage {
+    pub fn new(message: &'static str, field: impl Into<String>, reason: impl ToString) -> Self {
+        InvalidMessage { message, field: field.into(), reason: reason.to_string() }
+    }
+}
+
+/// Parses a 32-byte WireGuard key from a bytes field.
+pub fn parse_key(message: &'static str, field: &str, bytes: &[u8]) -> Result<Key, InvalidMessage> {
+    Key::from_slice(bytes).map_err(|e| InvalidMessage::new(message, field, e))
+}
+
+/// Parses an optional `IP:PORT` field (empty = none).
+pub fn parse_endpoint(
+    message: &'static str,
+    field: &str,
+    s: &str,
+) -> Result<Option<SocketAddr>, InvalidMessage> {
+    if s.is_empty() {
+        return Ok(None);
+    }
+    s.parse::<SocketAddr>()
+        .map(Some)
+        .map_err(|e| InvalidMessage::new(message, field, format!("{s:?} is not IP:PORT ({e})")))
+}
+
+fn parse_nets(message: &'static str, field: &str, v: &[String]) -> Result<Vec<IpNet>, InvalidMessage> {
+    v.iter()
+        .enumerate()
+        .map(|(i, s)| {
+            s.parse::<IpNet>().map_err(|e| {
+                InvalidMessage::new(message, format!("{field}[{i}]"), format!("{s:?} is not a CIDR ({e})"))
+            })
+        })
+        .collect()
+}
+
+impl TryFrom<pb::PeerConfig> for PeerConfig {
+    type Error = InvalidMessage;
+    fn try_from(p: pb::PeerConfig) -> Result<Self, Self::Error> {
+        const M: &str = "PeerConfig";
+        let keepalive = u16::try_from(p.persistent_keepalive)
+            .map_err(|_| InvalidMessage::new(M, "persistent_keepalive", "must be at most 65535"))?;
+        Ok(PeerConfig {
+            public_key: parse_key(M, "public_key", &p.public_key)?,
+            endpoint: parse_endpoint(M, "endpoint", &p.endpoint)?,
+            allowed_ips: parse_nets(M, "allowed_ips", &p.allowed_ips)?,
+            persistent_keepalive: (keepalive != 0).then_some(keepalive),
+            name: p.name,
+        })
+    }
+}
+
+impl From<&PeerConfig> for pb::PeerConfig {
+    fn from(p: &PeerConfig) -> Self {
+        pb::PeerConfig {
+            name: p.name.clone(),
+            public_key: p.public_key.0.to_vec(),
+            endpoint: p.endpoint.map(|e| e.to_string()).unwrap_or_default(),
+            allowed_ips: p.allowed_ips.iter().map(ToString::to_string).collect(),
+            persistent_keepalive: p.persistent_keepalive.map(u32::from).unwrap_or(0),
+        }
+    }
+}
+
+impl TryFrom<pb::NodeConfig> for NodeConfig {
+    type Error = InvalidMessage;
+    fn try_from(c: pb::NodeConfig) -> Result<Self, Self::Error> {
+        const M: &str = "NodeConfig";
+        let mtu = u16::try_from(c.mtu)
+            .ok()
+            .filter(|m| (576..=9000).contains(m))
+            .ok_or_else(|| InvalidMessage::new(M, "mtu", format!("{} is outside 576..=9000", c.mtu)))?;
+        let mut peers = BTreeMap::new();
+        for (i, p) in c.peers.into_iter().enumerate() {
+            let peer = PeerConfig::try_from(p).map_err(|mut e| {
+                e.field = format!("peers[{i}].{}", e.field);
+                e.message = M;
+                e
+            })?;
+            if peers.insert(peer.public_key, peer).is_some() {
+                return Err(InvalidMessage::new(M, format!("peers[{i}].public_key"), "duplicate peer key"));
+            }
+        }
+        Ok(NodeConfig {
+            revision: c.revision,
+            addresses: parse_nets(M, "addresses", &c.addresses)?,
+            mtu,
+            peers,
+            node_id: c.node_id,
+            node_name: c.node_name,
+        })
+    }
+}
+
+impl From<&NodeConfig> for pb::NodeConfig {
+    fn from(c: &NodeConfig) -> Self {
+        pb::NodeConfig {
+            revision: c.revision,
+            node_id: c.node_id.clone(),
+            node_name: c.node_name.clone(),
+            addresses: c.addresses.iter().map(ToString::to_string).collect(),
+            mtu: u32::from(c.mtu),
+            peers: c.peers.values().map(pb::PeerConfig::from).collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> NodeConfig {
+        let key = Key([7; 32]);
+        let peer = PeerConfig {
+            name: "b1".into(),
+            public_key: key,
+            endpoint: Some("198.18.2.2:51820".parse().expect("valid")),
+            allowed_ips: vec!["100.64.0.2/32".parse().expect("valid"), "fd00::2/128".parse().expect("valid")],
+            persistent_keepalive: Some(25),
+        };
+        NodeConfig {
+            revision: 9,
+            node_id: "n1".into(),
+            node_name: "a1".into(),
+            addresses: vec!["100.64.0.1/10".parse().expect("valid")],
+            mtu: 1420,
+            peers: [(key, peer)].into_iter().collect(),
+        }
+    }
+
+    #[test]
+    fn node_config_round_trips() {
+        let c = sample();
+        assert_eq!(NodeConfig::try_from(pb::NodeConfig::from(&c)), Ok(c));
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let mut w = pb::NodeConfig::from(&sample());
+        w.peers[0].allowed_ips[1] = "not-a-cidr".into();
+        let e = NodeConfig::try_from(w).expect_err("must fail");
+        assert_eq!(e.field, "peers[0].allowed_ips[1]");
+        let mut w = pb::NodeConfig::from(&sample());
+        w.peers[0].public_key = vec![1, 2, 3];
+        let e = NodeConfig::try_from(w).expect_err("must fail");
+        assert_eq!(e.field, "peers[0].public_key");
+        assert!(e.to_string().contains("32 bytes"), "{e}");
+    }
+}
