@@ -1,8 +1,13 @@
 //! Weft's gRPC API (`weft.v1`): generated protobuf types and services, and
 //! conversions of wire types into validated domain types. Protobuf types stay
 //! in this crate's `pb` module; the rest of Weft works with domain types.
+//! Also the pieces both ends of the control channel share: join tokens and
+//! TLS connection set-up.
 
+pub mod admin_config;
+pub mod client;
 pub mod convert;
+pub mod token;
 
 /// Generated code for package `weft.v1`.
 #[allow(unreachable_pub, missing_debug_implementations, clippy::all, clippy::pedantic)]
@@ -11,3 +16,4 @@ pub mod pb {
 }
 
 pub use convert::InvalidMessage;
+pub use token::JoinToken;

@@ -1,1 +1,172 @@
-fn main() {}
+//! weft-controller: the Weft control plane.
+//!
+//! Holds the desired state of the network in an embedded store in
+//! `--data-dir`, runs its own certificate authority, and serves the agent
+//! and admin gRPC APIs over TLS on `--listen`.
+
+mod api;
+mod ca;
+mod controller;
+mod fsutil;
+mod store;
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use ipnet::Ipv6Net;
+use rand::Rng as _;
+use sha2::{Digest, Sha256};
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tracing::{info, warn};
+use weft_controller_core::{NetworkSettings, State};
+use weft_proto::admin_config::{ADMIN_CONF, AdminConfig};
+use weft_proto::pb::admin_service_server::AdminServiceServer;
+use weft_proto::pb::agent_service_server::AgentServiceServer;
+
+use crate::api::{AdminApi, AdminAuth, AgentApi};
+use crate::ca::Ca;
+use crate::controller::Controller;
+use crate::store::{FileStore, Store};
+
+/// The Weft controller: computes every node's WireGuard peers and pushes
+/// them to the agents over mTLS. Needs no external service: its state lives
+/// in an embedded store in --data-dir, and every acknowledged change is on
+/// disk before the API answers.
+#[derive(Debug, Parser)]
+#[command(name = "weft-controller", version, about, long_about)]
+struct Args {
+    /// Directory for the store (state.json), the CA (ca.pem, ca.key) and
+    /// admin.conf. Created (mode 0700) if missing.
+    #[arg(long, env = "WEFT_DATA_DIR", default_value = "/var/lib/weft-controller")]
+    data_dir: PathBuf,
+
+    /// Address and TCP port to serve the gRPC API on (TLS).
+    #[arg(long, env = "WEFT_LISTEN", default_value = "0.0.0.0:7443")]
+    listen: SocketAddr,
+
+    /// URL that agents and weftctl use to reach this controller, written to
+    /// admin.conf. Default: https://<listen address>:<port> (127.0.0.1 when
+    /// listening on all addresses).
+    #[arg(long, env = "WEFT_ADVERTISE_URL")]
+    advertise_url: Option<String>,
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(run(args))
+}
+
+async fn run(args: Args) -> Result<()> {
+    let dir = &args.data_dir;
+    create_private_dir(dir)?;
+    let mut store = FileStore::new(dir);
+    let (state, fresh) = match store.load()? {
+        Some(state) => {
+            info!(revision = state.revision(), nodes = state.nodes().count(), "loaded the store");
+            (state, false)
+        }
+        None => (State::new(NetworkSettings::with_ipv6_prefix(random_ula()))?, true),
+    };
+    let ca = Arc::new(Ca::load_or_create(dir, fresh)?);
+    if fresh {
+        store.save(&state).context("writing the initial store")?;
+        info!(ipv4 = %state.settings().ipv4_pool, ipv6 = %state.settings().ipv6_prefix, "created a new network");
+    }
+    let url = args.advertise_url.clone().unwrap_or_else(|| default_url(args.listen));
+    let admin = admin_config(dir, &url, ca.cert_pem())?;
+    let token_hash: [u8; 32] = Sha256::digest(admin.token.as_bytes()).into();
+
+    let server_cert = ca.issue_server_cert()?;
+    let tls = ServerTlsConfig::new()
+        .identity(Identity::from_pem(server_cert.chain_pem, server_cert.key_pem))
+        .client_ca_root(Certificate::from_pem(ca.cert_pem()))
+        .client_auth_optional(true);
+
+    let controller = Arc::new(Controller::new(state, Box::new(store)));
+    let agent = AgentApi { controller: controller.clone(), ca: ca.clone() };
+    let admin_api = AdminApi { controller, ca: ca.clone() };
+
+    info!(listen = %args.listen, url = %url, ca_sha256 = %hex::encode(ca.hash()), admin_conf = %dir.join(ADMIN_CONF).display(), "controller serving");
+    Server::builder()
+        .tls_config(tls)
+        .context("configuring TLS")?
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(5)))
+        .add_service(AgentServiceServer::new(agent))
+        .add_service(AdminServiceServer::with_interceptor(admin_api, AdminAuth { token_hash }))
+        .serve_with_shutdown(args.listen, shutdown_signal())
+        .await
+        .with_context(|| format!("serving on {}", args.listen))?;
+    info!("controller stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        warn!("cannot install signal handlers; stop with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM: shutting down"),
+        _ = int.recv() => info!("SIGINT: shutting down"),
+    }
+}
+
+fn create_private_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating data dir {}", dir.display()))
+}
+
+/// A random /48 from fd00::/8 (RFC 4193 unique local addresses).
+fn random_ula() -> Ipv6Net {
+    let mut rng = rand::rng();
+    let g: [u16; 3] = [0xfd00 | u16::from(rng.random::<u8>()), rng.random(), rng.random()];
+    let addr = std::net::Ipv6Addr::new(g[0], g[1], g[2], 0, 0, 0, 0, 0);
+    Ipv6Net::new_assert(addr, 48)
+}
+
+fn default_url(listen: SocketAddr) -> String {
+    let ip = if listen.ip().is_unspecified() { IpAddr::from([127, 0, 0, 1]) } else { listen.ip() };
+    format!("https://{}", SocketAddr::new(ip, listen.port()))
+}
+
+/// Loads admin.conf (keeping its token), or writes a new one with a fresh
+/// admin token; rewrites it when the URL or CA changed.
+fn admin_config(dir: &Path, url: &str, ca_pem: &str) -> Result<AdminConfig> {
+    let path = dir.join(ADMIN_CONF);
+    let token = if path.exists() {
+        AdminConfig::load(&path)?.token
+    } else {
+        let bytes: [u8; 32] = rand::rng().random();
+        hex::encode(bytes)
+    };
+    let cfg = AdminConfig { url: url.to_string(), ca_pem: ca_pem.to_string(), token };
+    let current = path.exists().then(|| AdminConfig::load(&path).ok()).flatten();
+    if current.as_ref() != Some(&cfg) {
+        if cfg.token.len() < 32 {
+            bail!("the admin token in {} is too short", path.display());
+        }
+        fsutil::write_private(&path, cfg.to_json().as_bytes())?;
+        info!(path = %path.display(), "wrote admin.conf (use it with weftctl --config)");
+    }
+    Ok(cfg)
+}

@@ -5,22 +5,33 @@
 //! the controller streams. `weft-agent wg IFNAME` runs the same tunnel as a
 //! plain WireGuard daemon configured through the UAPI socket (`wg set`).
 
+mod agent;
+mod enrol;
+mod netlink;
+mod state;
 mod tunnel;
 mod wg;
 
 use clap::{Parser, Subcommand};
 
+/// The Weft node agent: runs a userspace WireGuard tunnel (TUN device +
+/// UDP socket) and keeps it configured as the controller says. Enrol once
+/// with --controller and --join-token; afterwards the state dir is enough,
+/// and the agent keeps forwarding with its last config when the controller
+/// is unreachable. `wg show IFNAME` works through the standard UAPI socket.
 #[derive(Debug, Parser)]
-#[command(name = "weft-agent", version, about, long_about = None)]
+#[command(name = "weft-agent", version, about, long_about, args_conflicts_with_subcommands = true)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
+    #[command(flatten)]
+    agent: agent::AgentArgs,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the tunnel as a plain WireGuard daemon configured with `wg set`
-    /// through the UAPI socket, as wireguard-go does.
+    /// through the UAPI socket, as wireguard-go is.
     Wg(wg::WgArgs),
 }
 
@@ -28,6 +39,18 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::Wg(args)) => wg::main(args),
-        None => anyhow::bail!("agent mode not wired yet"),
+        None => {
+            init_logging();
+            agent::main(cli.agent)
+        }
     }
+}
+
+fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
 }

@@ -1,0 +1,402 @@
+//! The gRPC edge: wire types in, validated domain calls, wire types out.
+//! Errors become gRPC statuses in one place ([`status`]).
+
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use rand::Rng as _;
+use rand::distr::Alphanumeric;
+use sha2::{Digest, Sha256};
+use tokio_stream::StreamExt as _;
+use tokio_stream::wrappers::WatchStream;
+use tonic::{Request, Response, Status};
+use tracing::{info, warn};
+use weft_controller_core::{ErrorKind, Registration, netmap};
+use weft_proto::convert::{InvalidMessage, parse_endpoint, parse_key};
+use weft_proto::pb::{self, admin_service_server::AdminService, agent_service_server::AgentService};
+use weft_proto::token::JoinToken;
+
+use crate::ca::Ca;
+use crate::controller::{ApiError, Controller, NodeStatus, now_unix};
+
+/// Default join token lifetime.
+const DEFAULT_TOKEN_TTL_SECS: u64 = 3600;
+
+/// Maps every error of the API to a gRPC status (the one place that does).
+fn status(e: ApiError) -> Status {
+    match e {
+        ApiError::Core(e) => {
+            let msg = e.to_string();
+            match e.kind() {
+                ErrorKind::NotFound => Status::not_found(msg),
+                ErrorKind::AlreadyExists => Status::already_exists(msg),
+                ErrorKind::InvalidArgument => Status::invalid_argument(msg),
+                ErrorKind::PermissionDenied => Status::permission_denied(msg),
+                ErrorKind::FailedPrecondition => Status::failed_precondition(msg),
+                ErrorKind::ResourceExhausted => Status::resource_exhausted(msg),
+                ErrorKind::Internal => Status::internal(msg),
+            }
+        }
+        ApiError::Store(e) => Status::unavailable(format!("the change could not be stored, nothing was changed: {e}")),
+    }
+}
+
+fn invalid(e: InvalidMessage) -> Status {
+    Status::invalid_argument(e.to_string())
+}
+
+fn random_lower(n: usize) -> String {
+    rand::rng()
+        .sample_iter(Alphanumeric)
+        .map(|c| char::from(c).to_ascii_lowercase())
+        .take(n)
+        .collect()
+}
+
+fn sha256(s: &str) -> [u8; 32] {
+    Sha256::digest(s.as_bytes()).into()
+}
+
+/// IPv4-mapped IPv6 addresses become plain IPv4.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        IpAddr::V4(_) => ip,
+    }
+}
+
+/// The endpoint to record for an agent: the one it asks for, else the
+/// address we see it connect from with its WireGuard port.
+fn advertised_endpoint(
+    asked: &str,
+    listen_port: u32,
+    remote: Option<SocketAddr>,
+    msg: &'static str,
+) -> Result<Option<SocketAddr>, Status> {
+    if let Some(ep) = parse_endpoint(msg, "endpoint", asked).map_err(invalid)? {
+        return Ok(Some(ep));
+    }
+    let port = u16::try_from(listen_port)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| Status::invalid_argument(format!("invalid {msg}: field `listen_port`: {listen_port} is not a UDP port")))?;
+    Ok(remote.map(|r| SocketAddr::new(canonical(r.ip()), port)))
+}
+
+// ---------------------------------------------------------------- agents
+
+/// `AgentService`: enrolment by join token, then mTLS.
+#[derive(Debug)]
+pub(crate) struct AgentApi {
+    pub(crate) controller: Arc<Controller>,
+    pub(crate) ca: Arc<Ca>,
+}
+
+impl AgentApi {
+    /// The node a request comes from, by its client certificate.
+    fn caller<T>(&self, req: &Request<T>) -> Result<String, Status> {
+        let certs = req
+            .peer_certs()
+            .ok_or_else(|| Status::unauthenticated("no client certificate: enrol with a join token first"))?;
+        let leaf = certs.first().ok_or_else(|| Status::unauthenticated("empty client certificate chain"))?;
+        let fp: [u8; 32] = Sha256::digest(leaf.as_ref()).into();
+        self.controller
+            .read(|s, _| s.node_by_cert(&fp).map(|n| n.id.clone()))
+            .ok_or_else(|| Status::unauthenticated("this node is not (or no longer) registered with the controller"))
+    }
+}
+
+type ConfigStream = Pin<Box<dyn Stream<Item = Result<pb::NodeConfig, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AgentService for AgentApi {
+    async fn register(&self, req: Request<pb::RegisterRequest>) -> Result<Response<pb::RegisterResponse>, Status> {
+        const M: &str = "RegisterRequest";
+        let remote = req.remote_addr();
+        let r = req.into_inner();
+        let (token_id, secret) = JoinToken::parse_credential(&r.join_token)
+            .map_err(|e| Status::permission_denied(format!("join token refused: {e}")))?;
+        let public_key = parse_key(M, "public_key", &r.public_key).map_err(invalid)?;
+        let endpoint = advertised_endpoint(&r.endpoint, r.listen_port, remote, M)?;
+        let node_id = format!("n-{}", random_lower(8));
+        let (cert_pem, fingerprint) = self
+            .ca
+            .sign_node_csr(&r.csr_der, &node_id)
+            .map_err(|e| Status::invalid_argument(format!("invalid {M}: field `csr_der`: {e:#}")))?;
+        let reg = Registration {
+            node_id: node_id.clone(),
+            token_id: token_id.clone(),
+            secret_hash: sha256(&secret),
+            name: r.name.clone(),
+            public_key,
+            endpoint,
+            cert_fingerprint: fingerprint,
+        };
+        let now = now_unix();
+        match self.controller.mutate("register node", |s| s.register_node(reg, now).map(|n| n.id.clone())) {
+            Ok(id) => {
+                info!(node = %id, name = %r.name, token = %token_id, endpoint = ?endpoint, "node registered");
+                Ok(Response::new(pb::RegisterResponse { node_id: id, client_cert_pem: cert_pem }))
+            }
+            Err(e) => {
+                warn!(name = %r.name, token = %token_id, error = %e, "registration refused");
+                Err(status(e))
+            }
+        }
+    }
+
+    type WatchStream = ConfigStream;
+
+    async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<ConfigStream>, Status> {
+        let node_id = self.caller(&req)?;
+        let remote = req.remote_addr();
+        let w = req.into_inner();
+        let endpoint = advertised_endpoint(&w.endpoint, w.listen_port, remote, "WatchRequest")?;
+        if endpoint.is_some() {
+            self.controller.set_endpoint(&node_id, endpoint).map_err(status)?;
+        }
+        let rx = self
+            .controller
+            .subscribe(&node_id)
+            .ok_or_else(|| Status::unauthenticated("this node is no longer registered"))?;
+        info!(node = %node_id, known_revision = w.known_revision, "agent watching its config");
+        let guard = StreamGuard { controller: self.controller.clone(), node_id };
+        let stream = WatchStream::new(rx).map(move |cfg| {
+            let _keep = &guard;
+            Ok(pb::NodeConfig::from(cfg.as_ref()))
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn report(&self, req: Request<pb::ReportRequest>) -> Result<Response<pb::ReportResponse>, Status> {
+        let node_id = self.caller(&req)?;
+        self.controller.report(&node_id, req.into_inner());
+        Ok(Response::new(pb::ReportResponse {}))
+    }
+}
+
+/// Marks the node's stream closed when the stream is dropped.
+struct StreamGuard {
+    controller: Arc<Controller>,
+    node_id: String,
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.controller.unsubscribe(&self.node_id);
+    }
+}
+
+// ---------------------------------------------------------------- admin
+
+/// Checks the admin bearer token on every AdminService call.
+#[derive(Clone, Debug)]
+pub(crate) struct AdminAuth {
+    pub(crate) token_hash: [u8; 32],
+}
+
+impl tonic::service::Interceptor for AdminAuth {
+    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
+        let given = req
+            .metadata()
+            .get(weft_proto::admin_config::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or_else(|| Status::unauthenticated("missing admin token (authorization: Bearer ...)"))?;
+        // Compare hashes, so timing says nothing about the token.
+        if sha256(given) == self.token_hash {
+            Ok(req)
+        } else {
+            Err(Status::unauthenticated("admin token is not valid for this controller"))
+        }
+    }
+}
+
+/// `AdminService`.
+#[derive(Debug)]
+pub(crate) struct AdminApi {
+    pub(crate) controller: Arc<Controller>,
+    pub(crate) ca: Arc<Ca>,
+}
+
+fn site_pb(s: &weft_controller_core::Site, node_count: usize) -> pb::Site {
+    pb::Site { name: s.name.clone(), created_unix: s.created_unix, node_count: u32::try_from(node_count).unwrap_or(u32::MAX) }
+}
+
+fn token_pb(t: &weft_controller_core::JoinToken) -> pb::JoinToken {
+    pb::JoinToken {
+        id: t.id.clone(),
+        site: t.site.clone(),
+        created_unix: t.created_unix,
+        expires_unix: t.expires_unix,
+        used_by_node: t.used_by.clone().unwrap_or_default(),
+        token: String::new(),
+    }
+}
+
+fn node_pb(n: &weft_controller_core::Node, st: Option<&NodeStatus>) -> pb::Node {
+    let st = st.cloned().unwrap_or_default();
+    pb::Node {
+        id: n.id.clone(),
+        name: n.name.clone(),
+        site: n.site.clone(),
+        public_key: n.public_key.0.to_vec(),
+        endpoint: n.endpoint.map(|e| e.to_string()).unwrap_or_default(),
+        addresses: vec![n.ipv4.to_string(), n.ipv6.to_string()],
+        created_unix: n.created_unix,
+        connected: st.streams > 0,
+        applied_revision: st.applied_revision,
+        last_report_unix: st.last_report_unix,
+        apply_error: st.apply_error,
+        peers: st.peers,
+    }
+}
+
+fn peer_pb(p: &weft_controller_core::ExternalPeer) -> pb::ExternalPeer {
+    pb::ExternalPeer {
+        name: p.name.clone(),
+        site: p.site.clone(),
+        public_key: p.public_key.0.to_vec(),
+        endpoint: p.endpoint.map(|e| e.to_string()).unwrap_or_default(),
+        addresses: vec![p.ipv4.to_string(), p.ipv6.to_string()],
+        created_unix: p.created_unix,
+    }
+}
+
+#[tonic::async_trait]
+impl AdminService for AdminApi {
+    async fn create_site(&self, req: Request<pb::CreateSiteRequest>) -> Result<Response<pb::Site>, Status> {
+        let name = req.into_inner().name;
+        let now = now_unix();
+        let site = self.controller.mutate("create site", |s| s.create_site(&name, now).map(|s| site_pb(s, 0))).map_err(status)?;
+        info!(site = %name, "site created");
+        Ok(Response::new(site))
+    }
+
+    async fn list_sites(&self, _req: Request<pb::ListSitesRequest>) -> Result<Response<pb::ListSitesResponse>, Status> {
+        let sites = self.controller.read(|s, _| {
+            s.sites().map(|site| site_pb(site, s.nodes().filter(|n| n.site == site.name).count())).collect()
+        });
+        Ok(Response::new(pb::ListSitesResponse { sites }))
+    }
+
+    async fn get_site(&self, req: Request<pb::GetRequest>) -> Result<Response<pb::Site>, Status> {
+        let name = req.into_inner().name;
+        self.controller
+            .read(|s, _| s.site(&name).map(|site| site_pb(site, s.nodes().filter(|n| n.site == site.name).count())))
+            .map(Response::new)
+            .ok_or_else(|| Status::not_found(format!("site {name:?} not found")))
+    }
+
+    async fn delete_site(&self, req: Request<pb::DeleteRequest>) -> Result<Response<pb::DeleteResponse>, Status> {
+        let name = req.into_inner().name;
+        let revision = self.controller.mutate("delete site", |s| s.delete_site(&name).map(|()| s.revision())).map_err(status)?;
+        info!(site = %name, "site deleted");
+        Ok(Response::new(pb::DeleteResponse { revision }))
+    }
+
+    async fn create_join_token(&self, req: Request<pb::CreateJoinTokenRequest>) -> Result<Response<pb::JoinToken>, Status> {
+        let r = req.into_inner();
+        let ttl = if r.ttl_seconds == 0 { DEFAULT_TOKEN_TTL_SECS } else { r.ttl_seconds };
+        let token = JoinToken { id: random_lower(6), secret: random_lower(16), ca_hash: self.ca.hash() };
+        let now = now_unix();
+        let mut out = self
+            .controller
+            .mutate("create join token", |s| {
+                s.create_token(&token.id, sha256(&token.secret), &r.site, now, ttl).map(token_pb)
+            })
+            .map_err(status)?;
+        info!(token = %token.id, site = %r.site, ttl_secs = ttl, "join token created");
+        out.token = token.to_string();
+        Ok(Response::new(out))
+    }
+
+    async fn list_join_tokens(&self, _req: Request<pb::ListJoinTokensRequest>) -> Result<Response<pb::ListJoinTokensResponse>, Status> {
+        let tokens = self.controller.read(|s, _| s.tokens().map(token_pb).collect());
+        Ok(Response::new(pb::ListJoinTokensResponse { tokens }))
+    }
+
+    async fn delete_join_token(&self, req: Request<pb::DeleteRequest>) -> Result<Response<pb::DeleteResponse>, Status> {
+        let id = req.into_inner().name;
+        let revision = self.controller.mutate("delete join token", |s| s.delete_token(&id).map(|()| s.revision())).map_err(status)?;
+        Ok(Response::new(pb::DeleteResponse { revision }))
+    }
+
+    async fn list_nodes(&self, req: Request<pb::ListNodesRequest>) -> Result<Response<pb::ListNodesResponse>, Status> {
+        let site = req.into_inner().site;
+        let (nodes, revision) = self.controller.read(|s, st| {
+            let nodes = s
+                .nodes()
+                .filter(|n| site.is_empty() || n.site == site)
+                .map(|n| node_pb(n, st.get(&n.id)))
+                .collect();
+            (nodes, s.revision())
+        });
+        Ok(Response::new(pb::ListNodesResponse { nodes, revision }))
+    }
+
+    async fn get_node(&self, req: Request<pb::GetRequest>) -> Result<Response<pb::Node>, Status> {
+        let name = req.into_inner().name;
+        self.controller
+            .read(|s, st| s.node(&name).map(|n| node_pb(n, st.get(&n.id))))
+            .map(Response::new)
+            .ok_or_else(|| Status::not_found(format!("node {name:?} not found")))
+    }
+
+    async fn delete_node(&self, req: Request<pb::DeleteRequest>) -> Result<Response<pb::DeleteResponse>, Status> {
+        let name = req.into_inner().name;
+        let (node, revision) = self
+            .controller
+            .mutate("delete node", |s| s.delete_node(&name).map(|n| (n, s.revision())))
+            .map_err(status)?;
+        info!(node = %node.id, name = %node.name, "node deleted");
+        Ok(Response::new(pb::DeleteResponse { revision }))
+    }
+
+    async fn create_external_peer(&self, req: Request<pb::CreateExternalPeerRequest>) -> Result<Response<pb::ExternalPeer>, Status> {
+        const M: &str = "CreateExternalPeerRequest";
+        let r = req.into_inner();
+        let key = parse_key(M, "public_key", &r.public_key).map_err(invalid)?;
+        let endpoint = parse_endpoint(M, "endpoint", &r.endpoint).map_err(invalid)?;
+        let now = now_unix();
+        let peer = self
+            .controller
+            .mutate("add external peer", |s| s.add_external_peer(&r.name, &r.site, key, endpoint, now).map(peer_pb))
+            .map_err(status)?;
+        info!(peer = %r.name, site = %r.site, "external peer added");
+        Ok(Response::new(peer))
+    }
+
+    async fn list_external_peers(&self, _req: Request<pb::ListExternalPeersRequest>) -> Result<Response<pb::ListExternalPeersResponse>, Status> {
+        let peers = self.controller.read(|s, _| s.external_peers().map(peer_pb).collect());
+        Ok(Response::new(pb::ListExternalPeersResponse { peers }))
+    }
+
+    async fn get_external_peer(&self, req: Request<pb::GetRequest>) -> Result<Response<pb::ExternalPeer>, Status> {
+        let name = req.into_inner().name;
+        self.controller
+            .read(|s, _| s.external_peer(&name).map(peer_pb))
+            .map(Response::new)
+            .ok_or_else(|| Status::not_found(format!("external peer {name:?} not found")))
+    }
+
+    async fn delete_external_peer(&self, req: Request<pb::DeleteRequest>) -> Result<Response<pb::DeleteResponse>, Status> {
+        let name = req.into_inner().name;
+        let revision = self
+            .controller
+            .mutate("delete external peer", |s| s.delete_external_peer(&name).map(|()| s.revision()))
+            .map_err(status)?;
+        info!(peer = %name, "external peer deleted");
+        Ok(Response::new(pb::DeleteResponse { revision }))
+    }
+
+    async fn get_external_peer_config(&self, req: Request<pb::GetRequest>) -> Result<Response<pb::NodeConfig>, Status> {
+        let name = req.into_inner().name;
+        self.controller
+            .read(|s, _| netmap::external_peer_config(s, &name).map(|c| pb::NodeConfig::from(&c)))
+            .map(Response::new)
+            .ok_or_else(|| Status::not_found(format!("external peer {name:?} not found")))
+    }
+}

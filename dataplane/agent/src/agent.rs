@@ -1,0 +1,278 @@
+//! Agent mode: enrol once, then keep the tunnel and interface in line with
+//! the config the controller streams; keep forwarding with the last applied
+//! config while the controller is away.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, UNIX_EPOCH};
+
+use anyhow::{Context, Result, bail};
+use tracing::{error, info, warn};
+use weft_dataplane_core::plan::{apply_peer_actions, plan_peers};
+use weft_dataplane_core::{Key, NodeConfig, PeerConfig};
+use weft_proto::client::connect;
+use weft_proto::pb::{self, agent_service_client::AgentServiceClient};
+
+use crate::enrol::{Enrolment, enrol};
+use crate::netlink::Netlink;
+use crate::state::{Identity, StateDir};
+use crate::tunnel::{self, TunnelHandle, TunnelSettings};
+
+/// How often the agent reports peer status to the controller.
+const REPORT_INTERVAL: Duration = Duration::from_secs(10);
+/// Reconnect backoff bounds.
+const BACKOFF_MIN: Duration = Duration::from_millis(500);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Flags of agent mode.
+#[derive(Debug, clap::Args)]
+pub(crate) struct AgentArgs {
+    /// Directory for the node's private key (0600), identity and last
+    /// applied config. Keep it across restarts: it is the node's identity.
+    #[arg(long, env = "WEFT_STATE_DIR", default_value = "/var/lib/weft-agent")]
+    state_dir: PathBuf,
+
+    /// Controller URL, https://HOST:PORT. Needed only to enrol; afterwards
+    /// the URL stored in the state dir is used.
+    #[arg(long, env = "WEFT_CONTROLLER")]
+    controller: Option<String>,
+
+    /// Single-use join token from `weftctl token create`. Needed only to
+    /// enrol; ignored once the node is enrolled.
+    #[arg(long, env = "WEFT_JOIN_TOKEN", hide_env_values = true)]
+    join_token: Option<String>,
+
+    /// Node name, unique in the network (default: the host name).
+    #[arg(long, env = "WEFT_NODE_NAME")]
+    name: Option<String>,
+
+    /// Name of the TUN interface to create (at most 15 characters; must be
+    /// unique per machine, since the UAPI socket directory is shared by all
+    /// network namespaces).
+    #[arg(long, env = "WEFT_INTERFACE", default_value = "weft0")]
+    interface: String,
+
+    /// UDP port for WireGuard.
+    #[arg(long, env = "WEFT_LISTEN_PORT", default_value_t = 51820)]
+    listen_port: u16,
+
+    /// Underlay endpoint IP:PORT to advertise to peers (default: the address
+    /// the controller sees this agent connect from, with --listen-port).
+    #[arg(long, env = "WEFT_ENDPOINT")]
+    endpoint: Option<SocketAddr>,
+
+    /// Directory of the WireGuard UAPI socket `<dir>/<interface>.sock`,
+    /// where `wg show` looks.
+    #[arg(long, env = "WEFT_UAPI_DIR", default_value = tunnel::DEFAULT_UAPI_DIR)]
+    uapi_dir: PathBuf,
+}
+
+pub(crate) fn main(args: AgentArgs) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(run(args))
+}
+
+async fn run(args: AgentArgs) -> Result<()> {
+    let state = StateDir::open(&args.state_dir)?;
+    let enrolled = state.has_identity();
+    let private_key = state.load_or_create_key(!enrolled)?;
+    let identity = match state.load_identity()? {
+        Some(id) => {
+            if args.join_token.is_some() {
+                info!(node = %id.node_id, "already enrolled; ignoring --join-token");
+            }
+            id
+        }
+        None => {
+            let (Some(url), Some(token)) = (args.controller.as_deref(), args.join_token.as_deref()) else {
+                bail!(
+                    "this node is not enrolled yet ({} has no identity): pass --controller https://HOST:PORT \
+                     and --join-token TOKEN (from `weftctl token create --site SITE`)",
+                    args.state_dir.display()
+                );
+            };
+            let name = match &args.name {
+                Some(n) => n.clone(),
+                None => hostname()?,
+            };
+            let public_key = public_key(&private_key);
+            info!(controller = url, name = %name, public_key = %public_key, "enrolling");
+            let id = enrol(Enrolment {
+                controller_url: url,
+                token,
+                name: &name,
+                public_key,
+                endpoint: args.endpoint,
+                listen_port: args.listen_port,
+            })
+            .await?;
+            state.save_identity(&id)?;
+            info!(node = %id.node_id, name = %id.name, "enrolled");
+            id
+        }
+    };
+
+    let tunnel = tunnel::start(TunnelSettings {
+        ifname: args.interface.clone(),
+        listen_port: args.listen_port,
+        private_key: Some(private_key),
+        mtu: weft_dataplane_core::config::DEFAULT_MTU,
+        uapi_dir: args.uapi_dir.clone(),
+    })
+    .await?;
+    let mut applier = Applier { tunnel: tunnel.clone(), netlink: Netlink::open()?, ifname: args.interface.clone(), peers: BTreeMap::new(), applied: None, state };
+    if let Some(cfg) = applier.state.load_config()? {
+        info!(revision = cfg.revision, peers = cfg.peers.len(), "re-applying the persisted config");
+        if let Err(e) = applier.apply(cfg, false).await {
+            error!(error = %format!("{e:#}"), "re-applying the persisted config failed");
+        }
+    }
+
+    let result = tokio::select! {
+        r = controller_loop(&mut applier, &identity, &args) => r,
+        () = shutdown_signal() => Ok(()),
+        () = tunnel.closed() => Err(anyhow::anyhow!("the tunnel stopped unexpectedly")),
+    };
+    tunnel.shutdown().await;
+    result
+}
+
+fn public_key(private: &Key) -> Key {
+    let secret = x25519_dalek::StaticSecret::from(private.0);
+    Key(x25519_dalek::PublicKey::from(&secret).to_bytes())
+}
+
+fn hostname() -> Result<String> {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname").context("reading the host name")?;
+    Ok(name.trim().to_ascii_lowercase())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        warn!("cannot install signal handlers");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM: shutting down"),
+        _ = int.recv() => info!("SIGINT: shutting down"),
+    }
+}
+
+/// Applies configs by diff and remembers what it applied.
+struct Applier {
+    tunnel: TunnelHandle,
+    netlink: Netlink,
+    ifname: String,
+    /// Peers as last applied to the tunnel.
+    peers: BTreeMap<Key, PeerConfig>,
+    applied: Option<NodeConfig>,
+    state: StateDir,
+}
+
+impl Applier {
+    async fn apply(&mut self, cfg: NodeConfig, persist: bool) -> Result<()> {
+        self.netlink.apply_interface(&self.ifname, &cfg.addresses, cfg.mtu).await?;
+        let actions = plan_peers(&cfg.peers, &self.peers);
+        if !actions.is_empty() {
+            info!(revision = cfg.revision, changes = actions.len(), "applying peer changes");
+        }
+        self.tunnel.apply(actions.clone()).await?;
+        apply_peer_actions(&mut self.peers, &actions);
+        if persist {
+            self.state.save_config(&cfg)?;
+        }
+        self.applied = Some(cfg);
+        Ok(())
+    }
+
+    fn revision(&self) -> u64 {
+        self.applied.as_ref().map(|c| c.revision).unwrap_or(0)
+    }
+}
+
+/// Connects, watches and reports forever, reconnecting with backoff.
+async fn controller_loop(applier: &mut Applier, id: &Identity, args: &AgentArgs) -> Result<()> {
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        let mut connected = false;
+        match session(applier, id, args, &mut connected).await {
+            Ok(()) => warn!("controller closed the config stream; reconnecting"),
+            Err(e) => warn!(
+                error = %format!("{e:#}"),
+                retry_in_ms = u64::try_from(backoff.as_millis()).unwrap_or(u64::MAX),
+                "controller unreachable; still forwarding with the last applied config"
+            ),
+        }
+        if connected {
+            backoff = BACKOFF_MIN;
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+async fn session(applier: &mut Applier, id: &Identity, args: &AgentArgs, connected: &mut bool) -> Result<()> {
+    let channel = connect(&id.controller_url, &id.ca_pem, Some((&id.cert_pem, &id.key_pem))).await?;
+    let mut client = AgentServiceClient::new(channel);
+    let mut stream = client
+        .watch(pb::WatchRequest {
+            known_revision: applier.revision(),
+            endpoint: args.endpoint.map(|e| e.to_string()).unwrap_or_default(),
+            listen_port: u32::from(args.listen_port),
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("watch refused: {}", s.message()))?
+        .into_inner();
+    *connected = true;
+    info!(controller = %id.controller_url, "connected to the controller");
+    let mut report_tick = tokio::time::interval(REPORT_INTERVAL);
+    loop {
+        tokio::select! {
+            msg = stream.message() => {
+                let Some(wire) = msg.context("config stream broke")? else { return Ok(()) };
+                let apply_error = match NodeConfig::try_from(wire) {
+                    Ok(cfg) => {
+                        let rev = cfg.revision;
+                        match applier.apply(cfg, true).await {
+                            Ok(()) => { info!(revision = rev, "config applied"); String::new() }
+                            Err(e) => { error!(revision = rev, error = %format!("{e:#}"), "applying config failed"); format!("{e:#}") }
+                        }
+                    }
+                    Err(e) => { error!(error = %e, "controller sent an invalid config; keeping the current one"); e.to_string() }
+                };
+                report(&mut client, applier, apply_error).await?;
+            }
+            _ = report_tick.tick() => report(&mut client, applier, String::new()).await?,
+        }
+    }
+}
+
+async fn report(client: &mut AgentServiceClient<tonic::transport::Channel>, applier: &Applier, apply_error: String) -> Result<()> {
+    let peers = applier
+        .tunnel
+        .peers()
+        .await?
+        .into_iter()
+        .map(|p| pb::PeerStatus {
+            public_key: p.public_key.0.to_vec(),
+            last_handshake_unix: p
+                .last_handshake
+                .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            rx_bytes: p.rx_bytes,
+            tx_bytes: p.tx_bytes,
+            endpoint: p.endpoint.map(|e| e.to_string()).unwrap_or_default(),
+        })
+        .collect();
+    client
+        .report(pb::ReportRequest { applied_revision: applier.revision(), apply_error, peers })
+        .await
+        .map_err(|s| anyhow::anyhow!("report refused: {}", s.message()))?;
+    Ok(())
+}
