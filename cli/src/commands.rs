@@ -1,0 +1,262 @@
+//! Carrying out each command: the RPCs, then the text or JSON to print.
+//! Nothing is printed here; output is returned so that a failing command
+//! prints nothing on stdout.
+
+use std::collections::BTreeMap;
+
+use anyhow::{Context as _, Result};
+use serde::Serialize;
+use weft_proto::pb;
+
+use crate::api::Api;
+use crate::cli::{
+    Command, NodeCommand, Output, PeerAdd, PeerCommand, SiteCommand, TokenCommand, TokenCreate,
+};
+use crate::duration::format_secs;
+use crate::output::utc;
+use crate::view::{
+    CreatedTokenView, DeletedView, ExternalPeerView, NodeView, PeerConfigView, SiteView, TokenView,
+};
+use crate::{render, wgquick};
+
+/// What a successful command prints.
+#[derive(Debug, Default)]
+pub(crate) struct Printed {
+    pub(crate) stdout: String,
+    /// Hints for people; never needed by scripts.
+    pub(crate) stderr: String,
+}
+
+impl Printed {
+    fn out(stdout: String) -> Self {
+        Printed {
+            stdout,
+            stderr: String::new(),
+        }
+    }
+}
+
+/// Runs `command` against the controller; `now` is the Unix time for
+/// relative times ("3s ago").
+pub(crate) async fn run(api: &Api, command: Command, output: Output, now: u64) -> Result<Printed> {
+    match command {
+        Command::Site(c) => site(api, c, output, now).await,
+        Command::Token(c) => token(api, c, output, now).await,
+        Command::Node(c) => node(api, c, output, now).await,
+        Command::Peer(c) => peer(api, c, output, now).await,
+    }
+}
+
+async fn site(api: &Api, command: SiteCommand, output: Output, now: u64) -> Result<Printed> {
+    let mut c = api.client();
+    match command {
+        SiteCommand::Add { name } => {
+            let s = api.check(c.create_site(pb::CreateSiteRequest { name }).await)?;
+            emit(output, &SiteView::from(&s), || {
+                format!("site {:?} created\n", s.name)
+            })
+        }
+        SiteCommand::List => {
+            let r = api.check(c.list_sites(pb::ListSitesRequest {}).await)?;
+            let views: Vec<SiteView> = r.sites.iter().map(SiteView::from).collect();
+            emit(output, &views, || render::sites(&r.sites, now))
+        }
+        SiteCommand::Get { name } => {
+            let s = api.check(c.get_site(pb::GetRequest { name }).await)?;
+            emit(output, &SiteView::from(&s), || render::site(&s, now))
+        }
+        SiteCommand::Delete { name } => {
+            let r = api.check(
+                c.delete_site(pb::DeleteRequest { name: name.clone() })
+                    .await,
+            )?;
+            deleted(output, "site", name, r.revision)
+        }
+    }
+}
+
+async fn token(api: &Api, command: TokenCommand, output: Output, now: u64) -> Result<Printed> {
+    let mut c = api.client();
+    match command {
+        TokenCommand::Create(TokenCreate { site, ttl }) => {
+            let req = pb::CreateJoinTokenRequest {
+                site,
+                ttl_seconds: ttl.as_secs(),
+            };
+            let t = api.check(c.create_join_token(req).await)?;
+            match output {
+                Output::Json => Ok(Printed::out(json(&CreatedTokenView::from(&t))?)),
+                // Only the token on stdout: `TOKEN=$(weftctl token create ...)`.
+                Output::Table => Ok(Printed {
+                    stdout: format!("{}\n", t.token),
+                    stderr: format!(
+                        "join token {} for site {}: single use, expires at {} ({})\n",
+                        t.id,
+                        t.site,
+                        utc(t.expires_unix),
+                        match t.expires_unix.checked_sub(now) {
+                            Some(secs) if secs > 0 => format!("in {}", format_secs(secs)),
+                            _ => "already expired: check this machine's clock".to_string(),
+                        },
+                    ),
+                }),
+            }
+        }
+        TokenCommand::List => {
+            let r = api.check(c.list_join_tokens(pb::ListJoinTokensRequest {}).await)?;
+            let views: Vec<TokenView> = r.tokens.iter().map(TokenView::from).collect();
+            emit(output, &views, || render::tokens(&r.tokens, now))
+        }
+        TokenCommand::Delete { id } => {
+            let r = api.check(
+                c.delete_join_token(pb::DeleteRequest { name: id.clone() })
+                    .await,
+            )?;
+            deleted(output, "token", id, r.revision)
+        }
+    }
+}
+
+async fn node(api: &Api, command: NodeCommand, output: Output, now: u64) -> Result<Printed> {
+    let mut c = api.client();
+    match command {
+        NodeCommand::List { site } => {
+            let req = pb::ListNodesRequest {
+                site: site.unwrap_or_default(),
+            };
+            let r = api.check(c.list_nodes(req).await)?;
+            let views: Vec<NodeView> = r.nodes.iter().map(NodeView::from).collect();
+            emit(output, &views, || render::nodes(&r.nodes, r.revision, now))
+        }
+        NodeCommand::Get { node } => {
+            let n = api.check(c.get_node(pb::GetRequest { name: node }).await)?;
+            if output == Output::Json {
+                return Ok(Printed::out(json(&NodeView::from(&n))?));
+            }
+            let (names, revision) = peer_names(api).await;
+            Ok(Printed::out(render::node(&n, &names, revision, now)))
+        }
+        NodeCommand::Delete { node } => {
+            let r = api.check(
+                c.delete_node(pb::DeleteRequest { name: node.clone() })
+                    .await,
+            )?;
+            deleted(output, "node", node, r.revision)
+        }
+    }
+}
+
+/// Names for public keys (nodes and external peers) and the current
+/// revision, to make `node get` readable. Best effort: a failed lookup only
+/// costs the names.
+async fn peer_names(api: &Api) -> (BTreeMap<Vec<u8>, String>, Option<u64>) {
+    let mut c = api.client();
+    let mut names = BTreeMap::new();
+    let mut revision = None;
+    if let Ok(r) = c.list_nodes(pb::ListNodesRequest::default()).await {
+        let r = r.into_inner();
+        revision = Some(r.revision);
+        names.extend(r.nodes.into_iter().map(|n| (n.public_key, n.name)));
+    }
+    if let Ok(r) = c.list_external_peers(pb::ListExternalPeersRequest {}).await {
+        names.extend(
+            r.into_inner()
+                .peers
+                .into_iter()
+                .map(|p| (p.public_key, p.name)),
+        );
+    }
+    (names, revision)
+}
+
+async fn peer(api: &Api, command: PeerCommand, output: Output, now: u64) -> Result<Printed> {
+    let mut c = api.client();
+    match command {
+        PeerCommand::Add(PeerAdd {
+            name,
+            site,
+            public_key,
+            endpoint,
+        }) => {
+            let req = pb::CreateExternalPeerRequest {
+                name,
+                site,
+                public_key: public_key.0.to_vec(),
+                endpoint: endpoint.map(|e| e.to_string()).unwrap_or_default(),
+            };
+            let p = api.check(c.create_external_peer(req).await)?;
+            let mut printed = emit(output, &ExternalPeerView::from(&p), || {
+                format!(
+                    "external peer {:?} created in site {}: {}\n",
+                    p.name,
+                    p.site,
+                    p.addresses.join(", ")
+                )
+            })?;
+            if output == Output::Table {
+                printed.stderr = format!("its wg-quick config: weftctl peer config {}\n", p.name);
+            }
+            Ok(printed)
+        }
+        PeerCommand::List => {
+            let r = api.check(c.list_external_peers(pb::ListExternalPeersRequest {}).await)?;
+            let views: Vec<ExternalPeerView> = r.peers.iter().map(ExternalPeerView::from).collect();
+            emit(output, &views, || render::external_peers(&r.peers, now))
+        }
+        PeerCommand::Get { name } => {
+            let p = api.check(c.get_external_peer(pb::GetRequest { name }).await)?;
+            emit(output, &ExternalPeerView::from(&p), || {
+                render::external_peer(&p, now)
+            })
+        }
+        PeerCommand::Delete { name } => {
+            let r = api.check(
+                c.delete_external_peer(pb::DeleteRequest { name: name.clone() })
+                    .await,
+            )?;
+            deleted(output, "external peer", name, r.revision)
+        }
+        PeerCommand::Config { name } => {
+            let p = api.check(
+                c.get_external_peer(pb::GetRequest { name: name.clone() })
+                    .await,
+            )?;
+            let cfg = api.check(c.get_external_peer_config(pb::GetRequest { name }).await)?;
+            match output {
+                Output::Json => Ok(Printed::out(json(&PeerConfigView::new(&p, &cfg))?)),
+                Output::Table => Ok(Printed::out(wgquick::render(&p.site, &p.endpoint, &cfg)?)),
+            }
+        }
+    }
+}
+
+/// JSON of `value` in JSON mode, else the text `table` makes.
+fn emit<T: Serialize>(
+    output: Output,
+    value: &T,
+    table: impl FnOnce() -> String,
+) -> Result<Printed> {
+    match output {
+        Output::Json => Ok(Printed::out(json(value)?)),
+        Output::Table => Ok(Printed::out(table())),
+    }
+}
+
+fn deleted(output: Output, kind: &'static str, name: String, revision: u64) -> Result<Printed> {
+    let text = format!("{kind} {name:?} deleted (revision {revision})\n");
+    emit(
+        output,
+        &DeletedView {
+            kind,
+            name,
+            revision,
+        },
+        || text,
+    )
+}
+
+fn json<T: Serialize>(value: &T) -> Result<String> {
+    let mut s = serde_json::to_string_pretty(value).context("cannot encode JSON output")?;
+    s.push('\n');
+    Ok(s)
+}

@@ -1,0 +1,292 @@
+//! What `-o json` prints: serde structs of our own, built from the wire
+//! types (the generated protobuf types stay free of serde). Field names are
+//! a stable interface: scripts and tests parse them.
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use serde::Serialize;
+use weft_proto::pb;
+
+/// A node with its live status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub(crate) struct NodeView {
+    pub(crate) id: String,
+    pub(crate) name: String,
+    pub(crate) site: String,
+    pub(crate) public_key: String,
+    pub(crate) endpoint: String,
+    pub(crate) addresses: Vec<String>,
+    pub(crate) connected: bool,
+    pub(crate) applied_revision: u64,
+    pub(crate) last_report_unix: u64,
+    pub(crate) apply_error: String,
+    pub(crate) peers: Vec<PeerStatusView>,
+}
+
+/// A node's view of one of its WireGuard peers, from the agent's report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub(crate) struct PeerStatusView {
+    pub(crate) public_key: String,
+    pub(crate) last_handshake_unix: u64,
+    pub(crate) rx_bytes: u64,
+    pub(crate) tx_bytes: u64,
+    pub(crate) endpoint: String,
+}
+
+/// An external (non-agent) WireGuard peer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub(crate) struct ExternalPeerView {
+    pub(crate) name: String,
+    pub(crate) site: String,
+    pub(crate) public_key: String,
+    pub(crate) endpoint: String,
+    pub(crate) addresses: Vec<String>,
+    pub(crate) created_unix: u64,
+}
+
+/// A site.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub(crate) struct SiteView {
+    pub(crate) name: String,
+    pub(crate) created_unix: u64,
+    pub(crate) node_count: u32,
+}
+
+/// A join token as listed: never the secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub(crate) struct TokenView {
+    pub(crate) id: String,
+    pub(crate) site: String,
+    pub(crate) created_unix: u64,
+    pub(crate) expires_unix: u64,
+    pub(crate) used_by_node: String,
+}
+
+/// A freshly created join token, with its secret (shown once).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub(crate) struct CreatedTokenView {
+    pub(crate) id: String,
+    pub(crate) site: String,
+    pub(crate) expires_unix: u64,
+    pub(crate) token: String,
+}
+
+/// Result of a delete.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub(crate) struct DeletedView {
+    pub(crate) kind: &'static str,
+    pub(crate) name: String,
+    pub(crate) revision: u64,
+}
+
+/// An external peer's computed configuration (`peer config -o json`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub(crate) struct PeerConfigView {
+    pub(crate) name: String,
+    pub(crate) site: String,
+    pub(crate) revision: u64,
+    pub(crate) addresses: Vec<String>,
+    pub(crate) listen_endpoint: String,
+    pub(crate) mtu: u32,
+    pub(crate) peers: Vec<ConfigPeerView>,
+}
+
+/// One peer in a [`PeerConfigView`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub(crate) struct ConfigPeerView {
+    pub(crate) name: String,
+    pub(crate) public_key: String,
+    pub(crate) endpoint: String,
+    pub(crate) allowed_ips: Vec<String>,
+    pub(crate) persistent_keepalive: u32,
+}
+
+/// Base64 of a key as `wg` shows it. Any length is encoded so that a bad
+/// key from the server is still visible rather than hidden.
+pub(crate) fn key_b64(bytes: &[u8]) -> String {
+    STANDARD.encode(bytes)
+}
+
+impl From<&pb::Node> for NodeView {
+    fn from(n: &pb::Node) -> Self {
+        NodeView {
+            id: n.id.clone(),
+            name: n.name.clone(),
+            site: n.site.clone(),
+            public_key: key_b64(&n.public_key),
+            endpoint: n.endpoint.clone(),
+            addresses: n.addresses.clone(),
+            connected: n.connected,
+            applied_revision: n.applied_revision,
+            last_report_unix: n.last_report_unix,
+            apply_error: n.apply_error.clone(),
+            peers: n.peers.iter().map(PeerStatusView::from).collect(),
+        }
+    }
+}
+
+impl From<&pb::PeerStatus> for PeerStatusView {
+    fn from(p: &pb::PeerStatus) -> Self {
+        PeerStatusView {
+            public_key: key_b64(&p.public_key),
+            last_handshake_unix: p.last_handshake_unix,
+            rx_bytes: p.rx_bytes,
+            tx_bytes: p.tx_bytes,
+            endpoint: p.endpoint.clone(),
+        }
+    }
+}
+
+impl From<&pb::ExternalPeer> for ExternalPeerView {
+    fn from(p: &pb::ExternalPeer) -> Self {
+        ExternalPeerView {
+            name: p.name.clone(),
+            site: p.site.clone(),
+            public_key: key_b64(&p.public_key),
+            endpoint: p.endpoint.clone(),
+            addresses: p.addresses.clone(),
+            created_unix: p.created_unix,
+        }
+    }
+}
+
+impl From<&pb::Site> for SiteView {
+    fn from(s: &pb::Site) -> Self {
+        SiteView {
+            name: s.name.clone(),
+            created_unix: s.created_unix,
+            node_count: s.node_count,
+        }
+    }
+}
+
+impl From<&pb::JoinToken> for TokenView {
+    fn from(t: &pb::JoinToken) -> Self {
+        TokenView {
+            id: t.id.clone(),
+            site: t.site.clone(),
+            created_unix: t.created_unix,
+            expires_unix: t.expires_unix,
+            used_by_node: t.used_by_node.clone(),
+        }
+    }
+}
+
+impl From<&pb::JoinToken> for CreatedTokenView {
+    fn from(t: &pb::JoinToken) -> Self {
+        CreatedTokenView {
+            id: t.id.clone(),
+            site: t.site.clone(),
+            expires_unix: t.expires_unix,
+            token: t.token.clone(),
+        }
+    }
+}
+
+impl PeerConfigView {
+    /// Combines the external peer object and its computed config.
+    pub(crate) fn new(peer: &pb::ExternalPeer, cfg: &pb::NodeConfig) -> Self {
+        PeerConfigView {
+            name: cfg.node_name.clone(),
+            site: peer.site.clone(),
+            revision: cfg.revision,
+            addresses: cfg.addresses.clone(),
+            listen_endpoint: peer.endpoint.clone(),
+            mtu: cfg.mtu,
+            peers: cfg
+                .peers
+                .iter()
+                .map(|p| ConfigPeerView {
+                    name: p.name.clone(),
+                    public_key: key_b64(&p.public_key),
+                    endpoint: p.endpoint.clone(),
+                    allowed_ips: p.allowed_ips.clone(),
+                    persistent_keepalive: p.persistent_keepalive,
+                })
+                .collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_json_has_the_documented_fields() {
+        let node = pb::Node {
+            id: "n1".into(),
+            name: "a1".into(),
+            site: "a".into(),
+            public_key: vec![1; 32],
+            endpoint: "198.19.1.11:51820".into(),
+            addresses: vec!["100.64.0.1/10".into()],
+            created_unix: 5,
+            connected: true,
+            applied_revision: 7,
+            last_report_unix: 100,
+            apply_error: String::new(),
+            peers: vec![pb::PeerStatus {
+                public_key: vec![2; 32],
+                last_handshake_unix: 90,
+                rx_bytes: 10,
+                tx_bytes: 20,
+                endpoint: "198.19.1.12:51820".into(),
+            }],
+        };
+        let json = serde_json::to_value(NodeView::from(&node)).expect("node view serialises");
+        let want = serde_json::json!({
+            "id": "n1", "name": "a1", "site": "a",
+            "public_key": "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=",
+            "endpoint": "198.19.1.11:51820", "addresses": ["100.64.0.1/10"],
+            "connected": true, "applied_revision": 7, "last_report_unix": 100, "apply_error": "",
+            "peers": [{
+                "public_key": "AgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgI=",
+                "last_handshake_unix": 90, "rx_bytes": 10, "tx_bytes": 20, "endpoint": "198.19.1.12:51820"
+            }]
+        });
+        assert_eq!(json, want);
+    }
+
+    #[test]
+    fn external_peer_json_has_the_documented_fields() {
+        let peer = pb::ExternalPeer {
+            name: "x1".into(),
+            site: "a".into(),
+            public_key: vec![1; 32],
+            endpoint: String::new(),
+            addresses: vec!["100.64.0.9/10".into()],
+            created_unix: 42,
+        };
+        let json =
+            serde_json::to_value(ExternalPeerView::from(&peer)).expect("peer view serialises");
+        let want = serde_json::json!({
+            "name": "x1", "site": "a",
+            "public_key": "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=",
+            "endpoint": "", "addresses": ["100.64.0.9/10"], "created_unix": 42
+        });
+        assert_eq!(json, want);
+    }
+
+    #[test]
+    fn created_token_json_has_exactly_four_fields() {
+        let t = pb::JoinToken {
+            id: "t1".into(),
+            site: "a".into(),
+            created_unix: 1,
+            expires_unix: 3601,
+            used_by_node: String::new(),
+            token: "weft1.secret".into(),
+        };
+        let json = serde_json::to_value(CreatedTokenView::from(&t)).expect("token view serialises");
+        assert_eq!(
+            json,
+            serde_json::json!({"id": "t1", "site": "a", "expires_unix": 3601, "token": "weft1.secret"})
+        );
+        let listed = serde_json::to_string(&TokenView::from(&t)).expect("token view serialises");
+        assert!(
+            !listed.contains("secret"),
+            "a listed token must not carry its secret: {listed}"
+        );
+    }
+}
