@@ -1,1 +1,18 @@
 //! Pure core of the Weft controller.
+//!
+//! The desired state of the network ([`State`]: sites, nodes, external
+//! peers, join tokens, address allocations), its validated mutations, and
+//! the per-node WireGuard configs computed from it ([`netmap`]). No clock,
+//! randomness or I/O: times and generated ids are arguments.
+
+pub mod error;
+pub mod ipam;
+pub mod model;
+pub mod netmap;
+pub mod state;
+pub mod time;
+
+pub use error::{Error, ErrorKind};
+pub use model::{ExternalPeer, JoinToken, Member, NetworkSettings, Node, Registration, Site};
+pub use netmap::{all_node_configs, external_peer_config, node_config};
+pub use state::State;

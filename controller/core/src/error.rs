@@ -1,0 +1,139 @@
+//! Errors of the controller core, worded for an operator to act on as-is.
+
+use crate::model::Member;
+use crate::time::rfc3339;
+
+/// Why a state mutation (or a consistency check) was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    /// A site, node or external peer name is not a DNS label.
+    #[error(
+        "invalid {kind} name {name:?}: use 1 to 63 characters from a-z, 0-9 and '-', not starting or ending with '-'"
+    )]
+    InvalidName { kind: &'static str, name: String },
+    /// A node id or join token id is malformed.
+    #[error("invalid {kind} {id:?}: use 1 to 64 characters from A-Z, a-z, 0-9, '-' and '_'")]
+    InvalidId { kind: &'static str, id: String },
+    /// The network settings cannot work.
+    #[error("invalid network settings: {0}")]
+    InvalidSettings(String),
+    /// A public key is all zeros (WireGuard's "no key").
+    #[error("public key must not be all zeros")]
+    ZeroKey,
+
+    /// No site has this name.
+    #[error("site {0:?} not found")]
+    SiteNotFound(String),
+    /// A site with this name already exists.
+    #[error("site {0:?} already exists")]
+    SiteExists(String),
+    /// The site still has members.
+    #[error(
+        "site {name:?} still has {nodes} node(s) and {external_peers} external peer(s); delete them first"
+    )]
+    SiteNotEmpty {
+        name: String,
+        nodes: usize,
+        external_peers: usize,
+    },
+
+    /// A join token with this id already exists.
+    #[error("join token {0} already exists")]
+    TokenExists(String),
+    /// No join token has this id (admin operations only; see `TokenInvalid`).
+    #[error("join token {0} not found")]
+    TokenNotFound(String),
+    /// Registration with an unknown token or a wrong secret (one message for
+    /// both, so a caller without the secret learns nothing).
+    #[error("join token {0} is unknown or its secret does not match")]
+    TokenInvalid(String),
+    /// The single-use token was already used.
+    #[error("join token {id} was already used by node {node}")]
+    TokenUsed { id: String, node: String },
+    /// The token's lifetime is over.
+    #[error("join token {id} expired at {}", rfc3339(*.expires_unix))]
+    TokenExpired { id: String, expires_unix: u64 },
+    /// The requested token lifetime is out of range.
+    #[error("join token lifetime must be between 1 second and 30 days (2592000 s), got {0} s")]
+    InvalidTokenTtl(u64),
+
+    /// No node has this id or name.
+    #[error("node {0:?} not found")]
+    NodeNotFound(String),
+    /// The node id collides with an existing node id or member name.
+    #[error("node id {id} is already taken by {holder}")]
+    NodeIdTaken { id: String, holder: Member },
+    /// The name collides with an existing node id or member name.
+    #[error("{kind} name {name:?} is already taken by {holder}")]
+    NameTaken {
+        kind: &'static str,
+        name: String,
+        holder: Member,
+    },
+    /// The WireGuard public key is already in use.
+    #[error("public key {key} is already used by {holder}")]
+    KeyInUse { key: String, holder: Member },
+    /// The client certificate is already bound to another node.
+    #[error("client certificate {fingerprint} is already bound to {holder}")]
+    CertInUse { fingerprint: String, holder: Member },
+
+    /// No external peer has this name.
+    #[error("external peer {0:?} not found")]
+    ExternalPeerNotFound(String),
+
+    /// No overlay address is left.
+    #[error("address pool {pool} is exhausted ({in_use} addresses in use)")]
+    PoolExhausted { pool: String, in_use: usize },
+
+    /// The state violates an invariant (found by `State::validate`).
+    #[error("state is inconsistent: {0}")]
+    Inconsistent(String),
+}
+
+/// Coarse class of an [`Error`], for mapping to gRPC status codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorKind {
+    /// The named object does not exist.
+    NotFound,
+    /// An object with this name, id or key exists already.
+    AlreadyExists,
+    /// The request itself is malformed.
+    InvalidArgument,
+    /// The caller's credentials (join token) do not allow this.
+    PermissionDenied,
+    /// The request is valid but the state does not allow it now.
+    FailedPrecondition,
+    /// The address pool is full.
+    ResourceExhausted,
+    /// The stored state is broken: a bug or a damaged store.
+    Internal,
+}
+
+impl Error {
+    /// The class of this error.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::InvalidName { .. }
+            | Error::InvalidId { .. }
+            | Error::InvalidSettings(_)
+            | Error::ZeroKey
+            | Error::InvalidTokenTtl(_) => ErrorKind::InvalidArgument,
+            Error::SiteNotFound(_)
+            | Error::TokenNotFound(_)
+            | Error::NodeNotFound(_)
+            | Error::ExternalPeerNotFound(_) => ErrorKind::NotFound,
+            Error::SiteExists(_)
+            | Error::TokenExists(_)
+            | Error::NodeIdTaken { .. }
+            | Error::NameTaken { .. }
+            | Error::KeyInUse { .. }
+            | Error::CertInUse { .. } => ErrorKind::AlreadyExists,
+            Error::TokenInvalid(_) | Error::TokenUsed { .. } | Error::TokenExpired { .. } => {
+                ErrorKind::PermissionDenied
+            }
+            Error::SiteNotEmpty { .. } => ErrorKind::FailedPrecondition,
+            Error::PoolExhausted { .. } => ErrorKind::ResourceExhausted,
+            Error::Inconsistent(_) => ErrorKind::Internal,
+        }
+    }
+}

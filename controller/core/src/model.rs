@@ -1,0 +1,277 @@
+//! The objects of the network: sites, nodes, external peers, join tokens.
+
+use std::fmt;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use ipnet::{Ipv4Net, Ipv6Net};
+use serde::{Deserialize, Serialize};
+use weft_dataplane_core::Key;
+use weft_dataplane_core::config::DEFAULT_MTU;
+
+use crate::error::Error;
+
+/// Network-wide settings, fixed when the network is created.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkSettings {
+    /// IPv4 overlay pool, by default [`DEFAULT_IPV4_POOL`].
+    pub ipv4_pool: Ipv4Net,
+    /// IPv6 ULA prefix (a /48 chosen at random by the caller); every member
+    /// gets prefix + its host index, on-link as the first /64.
+    pub ipv6_prefix: Ipv6Net,
+    /// Overlay MTU.
+    pub mtu: u16,
+    /// WireGuard persistent keepalive in seconds, 0 = off.
+    pub persistent_keepalive: u16,
+}
+
+/// The default IPv4 overlay pool (RFC 6598 shared address space).
+pub const DEFAULT_IPV4_POOL: Ipv4Net = Ipv4Net::new_assert(Ipv4Addr::new(100, 64, 0, 0), 10);
+
+/// The default persistent keepalive, in seconds (survives common NAT timeouts).
+pub const DEFAULT_PERSISTENT_KEEPALIVE: u16 = 25;
+
+/// Smallest MTU accepted: the IPv6 minimum.
+pub const MIN_MTU: u16 = 1280;
+
+impl NetworkSettings {
+    /// Default settings around a caller-chosen IPv6 prefix.
+    pub fn with_ipv6_prefix(ipv6_prefix: Ipv6Net) -> Self {
+        NetworkSettings {
+            ipv4_pool: DEFAULT_IPV4_POOL,
+            ipv6_prefix,
+            mtu: DEFAULT_MTU,
+            persistent_keepalive: DEFAULT_PERSISTENT_KEEPALIVE,
+        }
+    }
+
+    /// Checks that the settings can work.
+    pub fn validate(&self) -> Result<(), Error> {
+        let v4 = self.ipv4_pool;
+        if v4 != v4.trunc() {
+            return Err(Error::InvalidSettings(format!(
+                "IPv4 pool {v4} has host bits set; did you mean {}?",
+                v4.trunc()
+            )));
+        }
+        if v4.prefix_len() > 30 {
+            return Err(Error::InvalidSettings(format!(
+                "IPv4 pool {v4} is too small; use a /30 or larger"
+            )));
+        }
+        let v6 = self.ipv6_prefix;
+        if v6 != v6.trunc() {
+            return Err(Error::InvalidSettings(format!(
+                "IPv6 prefix {v6} has host bits set; did you mean {}?",
+                v6.trunc()
+            )));
+        }
+        if v6.prefix_len() > 64 {
+            return Err(Error::InvalidSettings(format!(
+                "IPv6 prefix {v6} is too small; use a /64 or larger (a /48 is usual)"
+            )));
+        }
+        if self.mtu < MIN_MTU {
+            return Err(Error::InvalidSettings(format!(
+                "MTU {} is below the IPv6 minimum of {MIN_MTU}",
+                self.mtu
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// A location: region, data centre, edge.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Site {
+    /// Unique name, a DNS label.
+    pub name: String,
+    /// When the site was created (unix seconds).
+    pub created_unix: u64,
+}
+
+/// A machine running `weft-agent`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Node {
+    /// Unique id, chosen by the controller at registration.
+    pub id: String,
+    /// Unique name (among nodes and external peers), a DNS label.
+    pub name: String,
+    /// Name of the node's site.
+    pub site: String,
+    /// WireGuard public key (the private key never leaves the node).
+    pub public_key: Key,
+    /// Underlay endpoint other members send to, if known.
+    pub endpoint: Option<SocketAddr>,
+    /// Overlay IPv4 address.
+    pub ipv4: Ipv4Addr,
+    /// Overlay IPv6 address.
+    pub ipv6: Ipv6Addr,
+    /// When the node registered (unix seconds).
+    pub created_unix: u64,
+    /// SHA-256 of the node's mTLS client certificate (DER).
+    #[serde(with = "hex32")]
+    pub cert_fingerprint: [u8; 32],
+}
+
+/// A plain WireGuard peer (no agent), configured by hand by an operator.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExternalPeer {
+    /// Unique name (among nodes and external peers), a DNS label.
+    pub name: String,
+    /// Name of the peer's site.
+    pub site: String,
+    /// WireGuard public key.
+    pub public_key: Key,
+    /// Underlay endpoint, if it has a reachable one.
+    pub endpoint: Option<SocketAddr>,
+    /// Overlay IPv4 address.
+    pub ipv4: Ipv4Addr,
+    /// Overlay IPv6 address.
+    pub ipv6: Ipv6Addr,
+    /// When the peer was added (unix seconds).
+    pub created_unix: u64,
+}
+
+/// A single-use, expiring credential with which a node enrols in a site.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JoinToken {
+    /// Public id, part of the token string.
+    pub id: String,
+    /// Site the node joins.
+    pub site: String,
+    /// SHA-256 of the token's secret (the secret itself is never stored).
+    #[serde(with = "hex32")]
+    pub secret_hash: [u8; 32],
+    /// When the token was created (unix seconds).
+    pub created_unix: u64,
+    /// First second at which the token is no longer accepted (unix seconds).
+    pub expires_unix: u64,
+    /// Id of the node that used the token, once used.
+    pub used_by: Option<String>,
+}
+
+/// A node's registration request, as the API edge has authenticated it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registration {
+    /// Id for the new node, generated by the caller.
+    pub node_id: String,
+    /// Join token id.
+    pub token_id: String,
+    /// SHA-256 of the secret the node presented.
+    pub secret_hash: [u8; 32],
+    /// Requested node name.
+    pub name: String,
+    /// The node's WireGuard public key.
+    pub public_key: Key,
+    /// The node's underlay endpoint, if known.
+    pub endpoint: Option<SocketAddr>,
+    /// SHA-256 of the client certificate issued to the node.
+    pub cert_fingerprint: [u8; 32],
+}
+
+/// Something holding an overlay address, a name and a key.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Member {
+    /// A node, by id.
+    Node(String),
+    /// An external peer, by name.
+    ExternalPeer(String),
+}
+
+impl fmt::Display for Member {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Member::Node(id) => write!(f, "node {id}"),
+            Member::ExternalPeer(name) => write!(f, "external peer {name:?}"),
+        }
+    }
+}
+
+/// Checks a site, node or external peer name: a DNS label.
+pub fn check_name(kind: &'static str, name: &str) -> Result<(), Error> {
+    let ok = (1..=63).contains(&name.len())
+        && name
+            .bytes()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidName {
+            kind,
+            name: name.to_owned(),
+        })
+    }
+}
+
+/// Checks a node id or join token id.
+pub fn check_id(kind: &'static str, id: &str) -> Result<(), Error> {
+    let ok = (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidId {
+            kind,
+            id: id.to_owned(),
+        })
+    }
+}
+
+/// Serde for 32-byte hashes as lower-case hex.
+mod hex32 {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use weft_dataplane_core::Key;
+
+    pub(super) fn serialize<S: Serializer>(bytes: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&Key(*bytes).to_hex())
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 32], D::Error> {
+        let s = String::deserialize(d)?;
+        Key::from_hex(&s)
+            .map(|k| k.0)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_dns_labels() {
+        for good in ["a", "eu-west-1", "0", &"a".repeat(63)] {
+            assert!(check_name("site", good).is_ok(), "{good:?} should be valid");
+        }
+        for bad in ["", "-a", "a-", "EU", "a_b", "a.b", "é", &"a".repeat(64)] {
+            assert!(
+                check_name("site", bad).is_err(),
+                "{bad:?} should be invalid"
+            );
+        }
+    }
+
+    #[test]
+    fn default_settings_are_valid_and_bad_ones_are_named() {
+        let prefix: Ipv6Net = "fd7e:4a1:1234::/48".parse().expect("valid prefix");
+        let mut s = NetworkSettings::with_ipv6_prefix(prefix);
+        assert_eq!(s.validate(), Ok(()));
+        assert_eq!(s.ipv4_pool.to_string(), "100.64.0.0/10");
+        s.ipv4_pool = "100.64.0.5/10".parse().expect("valid net");
+        let err = s
+            .validate()
+            .expect_err("host bits must be refused")
+            .to_string();
+        assert!(err.contains("did you mean 100.64.0.0/10"), "{err}");
+    }
+}

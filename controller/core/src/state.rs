@@ -1,0 +1,586 @@
+//! The desired state of the whole network and its validated mutations.
+//!
+//! Every mutation checks everything before it changes anything, so a
+//! refused mutation leaves the state exactly as it was; a successful one
+//! bumps the revision.
+
+use std::collections::BTreeMap;
+use std::collections::btree_map::Entry;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use serde::{Deserialize, Serialize};
+use weft_dataplane_core::Key;
+
+use crate::error::Error;
+use crate::ipam::{self, Ipam};
+use crate::model::{
+    ExternalPeer, JoinToken, Member, NetworkSettings, Node, Registration, Site, check_id,
+    check_name,
+};
+
+/// Longest join token lifetime: 30 days.
+pub const MAX_TOKEN_TTL_SECS: u64 = 30 * 86_400;
+
+/// The desired state of the network, persisted as a whole by the store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct State {
+    revision: u64,
+    settings: NetworkSettings,
+    sites: BTreeMap<String, Site>,
+    /// By node id.
+    nodes: BTreeMap<String, Node>,
+    /// By name.
+    external_peers: BTreeMap<String, ExternalPeer>,
+    /// By token id.
+    tokens: BTreeMap<String, JoinToken>,
+    ipam: Ipam,
+}
+
+impl State {
+    /// An empty network at revision 0; refuses settings that cannot work.
+    pub fn new(settings: NetworkSettings) -> Result<Self, Error> {
+        settings.validate()?;
+        Ok(State {
+            revision: 0,
+            settings,
+            sites: BTreeMap::new(),
+            nodes: BTreeMap::new(),
+            external_peers: BTreeMap::new(),
+            tokens: BTreeMap::new(),
+            ipam: Ipam::default(),
+        })
+    }
+
+    /// The revision, bumped by every successful mutation.
+    pub fn revision(&self) -> u64 {
+        self.revision
+    }
+
+    /// The network-wide settings.
+    pub fn settings(&self) -> &NetworkSettings {
+        &self.settings
+    }
+
+    /// The address allocations.
+    pub fn ipam(&self) -> &Ipam {
+        &self.ipam
+    }
+
+    // ---- sites ----
+
+    /// Creates an empty site.
+    pub fn create_site(&mut self, name: &str, now: u64) -> Result<&Site, Error> {
+        check_name("site", name)?;
+        match self.sites.entry(name.to_owned()) {
+            Entry::Occupied(_) => Err(Error::SiteExists(name.to_owned())),
+            Entry::Vacant(slot) => {
+                self.revision += 1;
+                Ok(slot.insert(Site {
+                    name: name.to_owned(),
+                    created_unix: now,
+                }))
+            }
+        }
+    }
+
+    /// Deletes an empty site and all its join tokens (a used token of an
+    /// empty site has no member left to account for).
+    pub fn delete_site(&mut self, name: &str) -> Result<(), Error> {
+        if !self.sites.contains_key(name) {
+            return Err(Error::SiteNotFound(name.to_owned()));
+        }
+        let nodes = self.nodes.values().filter(|n| n.site == name).count();
+        let external_peers = self
+            .external_peers
+            .values()
+            .filter(|p| p.site == name)
+            .count();
+        if nodes > 0 || external_peers > 0 {
+            return Err(Error::SiteNotEmpty {
+                name: name.to_owned(),
+                nodes,
+                external_peers,
+            });
+        }
+        self.sites.remove(name);
+        self.tokens.retain(|_, t| t.site != name);
+        self.revision += 1;
+        Ok(())
+    }
+
+    /// All sites, by name.
+    pub fn sites(&self) -> impl Iterator<Item = &Site> {
+        self.sites.values()
+    }
+
+    /// The site with this name.
+    pub fn site(&self, name: &str) -> Option<&Site> {
+        self.sites.get(name)
+    }
+
+    // ---- join tokens ----
+
+    /// Creates a join token for `site`, valid for `ttl_secs` from `now`.
+    pub fn create_token(
+        &mut self,
+        id: &str,
+        secret_hash: [u8; 32],
+        site: &str,
+        now: u64,
+        ttl_secs: u64,
+    ) -> Result<&JoinToken, Error> {
+        check_id("join token id", id)?;
+        if !self.sites.contains_key(site) {
+            return Err(Error::SiteNotFound(site.to_owned()));
+        }
+        if !(1..=MAX_TOKEN_TTL_SECS).contains(&ttl_secs) {
+            return Err(Error::InvalidTokenTtl(ttl_secs));
+        }
+        match self.tokens.entry(id.to_owned()) {
+            Entry::Occupied(_) => Err(Error::TokenExists(id.to_owned())),
+            Entry::Vacant(slot) => {
+                self.revision += 1;
+                Ok(slot.insert(JoinToken {
+                    id: id.to_owned(),
+                    site: site.to_owned(),
+                    secret_hash,
+                    created_unix: now,
+                    expires_unix: now.saturating_add(ttl_secs),
+                    used_by: None,
+                }))
+            }
+        }
+    }
+
+    /// Deletes a join token, used or not.
+    pub fn delete_token(&mut self, id: &str) -> Result<(), Error> {
+        self.tokens
+            .remove(id)
+            .ok_or_else(|| Error::TokenNotFound(id.to_owned()))?;
+        self.revision += 1;
+        Ok(())
+    }
+
+    /// All join tokens, by id.
+    pub fn tokens(&self) -> impl Iterator<Item = &JoinToken> {
+        self.tokens.values()
+    }
+
+    /// The join token with this id.
+    pub fn token(&self, id: &str) -> Option<&JoinToken> {
+        self.tokens.get(id)
+    }
+
+    // ---- nodes ----
+
+    /// Enrols a node with a join token: checks the token (single use, not
+    /// expired, secret matches), the name, key and certificate, then
+    /// allocates its addresses. All or nothing.
+    pub fn register_node(&mut self, reg: Registration, now: u64) -> Result<&Node, Error> {
+        let token = self
+            .tokens
+            .get(&reg.token_id)
+            .filter(|t| hashes_equal(&t.secret_hash, &reg.secret_hash))
+            .ok_or_else(|| Error::TokenInvalid(reg.token_id.clone()))?;
+        if let Some(node) = &token.used_by {
+            return Err(Error::TokenUsed {
+                id: token.id.clone(),
+                node: node.clone(),
+            });
+        }
+        if now >= token.expires_unix {
+            return Err(Error::TokenExpired {
+                id: token.id.clone(),
+                expires_unix: token.expires_unix,
+            });
+        }
+        let site = token.site.clone();
+        if !self.sites.contains_key(&site) {
+            return Err(Error::SiteNotFound(site));
+        }
+        check_id("node id", &reg.node_id)?;
+        if let Some(holder) = self.name_holder(&reg.node_id) {
+            return Err(Error::NodeIdTaken {
+                id: reg.node_id,
+                holder,
+            });
+        }
+        check_name("node", &reg.name)?;
+        if let Some(holder) = self.name_holder(&reg.name) {
+            return Err(Error::NameTaken {
+                kind: "node",
+                name: reg.name,
+                holder,
+            });
+        }
+        self.check_key_free(&reg.public_key)?;
+        if let Some(holder) = self.node_by_cert(&reg.cert_fingerprint) {
+            return Err(Error::CertInUse {
+                fingerprint: Key(reg.cert_fingerprint).to_hex(),
+                holder: Member::Node(holder.id.clone()),
+            });
+        }
+        let index = self.ipam.next_free(&self.settings)?;
+
+        // Nothing can fail from here on.
+        self.ipam.assign(index, Member::Node(reg.node_id.clone()));
+        if let Some(token) = self.tokens.get_mut(&reg.token_id) {
+            token.used_by = Some(reg.node_id.clone());
+        }
+        self.revision += 1;
+        let node = Node {
+            id: reg.node_id.clone(),
+            name: reg.name,
+            site,
+            public_key: reg.public_key,
+            endpoint: reg.endpoint,
+            ipv4: ipam::ipv4_at(self.settings.ipv4_pool, index),
+            ipv6: ipam::ipv6_at(self.settings.ipv6_prefix, index),
+            created_unix: now,
+            cert_fingerprint: reg.cert_fingerprint,
+        };
+        Ok(self.nodes.entry(reg.node_id).or_insert(node))
+    }
+
+    /// Sets a node's underlay endpoint; returns whether it changed (the
+    /// revision is bumped only then).
+    pub fn set_node_endpoint(
+        &mut self,
+        node_id: &str,
+        endpoint: Option<SocketAddr>,
+    ) -> Result<bool, Error> {
+        let node = self
+            .nodes
+            .get_mut(node_id)
+            .ok_or_else(|| Error::NodeNotFound(node_id.to_owned()))?;
+        if node.endpoint == endpoint {
+            return Ok(false);
+        }
+        node.endpoint = endpoint;
+        self.revision += 1;
+        Ok(true)
+    }
+
+    /// Deletes a node by id or name and releases its addresses.
+    pub fn delete_node(&mut self, id_or_name: &str) -> Result<Node, Error> {
+        let id = self
+            .node(id_or_name)
+            .map(|n| n.id.clone())
+            .ok_or_else(|| Error::NodeNotFound(id_or_name.to_owned()))?;
+        let node = self
+            .nodes
+            .remove(&id)
+            .ok_or_else(|| Error::NodeNotFound(id_or_name.to_owned()))?;
+        if let Some(index) = ipam::ipv4_index(self.settings.ipv4_pool, node.ipv4) {
+            self.ipam.release(index);
+        }
+        self.revision += 1;
+        Ok(node)
+    }
+
+    /// The node with this id, or else with this name.
+    pub fn node(&self, id_or_name: &str) -> Option<&Node> {
+        self.nodes
+            .get(id_or_name)
+            .or_else(|| self.nodes.values().find(|n| n.name == id_or_name))
+    }
+
+    /// The node with this id (names are not considered).
+    pub fn node_by_id(&self, id: &str) -> Option<&Node> {
+        self.nodes.get(id)
+    }
+
+    /// All nodes, by id.
+    pub fn nodes(&self) -> impl Iterator<Item = &Node> {
+        self.nodes.values()
+    }
+
+    /// The node whose client certificate has this SHA-256 fingerprint.
+    pub fn node_by_cert(&self, fingerprint: &[u8; 32]) -> Option<&Node> {
+        self.nodes
+            .values()
+            .find(|n| n.cert_fingerprint == *fingerprint)
+    }
+
+    // ---- external peers ----
+
+    /// Adds a plain WireGuard peer to `site` and allocates its addresses.
+    pub fn add_external_peer(
+        &mut self,
+        name: &str,
+        site: &str,
+        public_key: Key,
+        endpoint: Option<SocketAddr>,
+        now: u64,
+    ) -> Result<&ExternalPeer, Error> {
+        check_name("external peer", name)?;
+        if let Some(holder) = self.name_holder(name) {
+            return Err(Error::NameTaken {
+                kind: "external peer",
+                name: name.to_owned(),
+                holder,
+            });
+        }
+        if !self.sites.contains_key(site) {
+            return Err(Error::SiteNotFound(site.to_owned()));
+        }
+        self.check_key_free(&public_key)?;
+        let index = self.ipam.next_free(&self.settings)?;
+
+        self.ipam
+            .assign(index, Member::ExternalPeer(name.to_owned()));
+        self.revision += 1;
+        let peer = ExternalPeer {
+            name: name.to_owned(),
+            site: site.to_owned(),
+            public_key,
+            endpoint,
+            ipv4: ipam::ipv4_at(self.settings.ipv4_pool, index),
+            ipv6: ipam::ipv6_at(self.settings.ipv6_prefix, index),
+            created_unix: now,
+        };
+        Ok(self.external_peers.entry(name.to_owned()).or_insert(peer))
+    }
+
+    /// Deletes an external peer and releases its addresses.
+    pub fn delete_external_peer(&mut self, name: &str) -> Result<(), Error> {
+        let peer = self
+            .external_peers
+            .remove(name)
+            .ok_or_else(|| Error::ExternalPeerNotFound(name.to_owned()))?;
+        if let Some(index) = ipam::ipv4_index(self.settings.ipv4_pool, peer.ipv4) {
+            self.ipam.release(index);
+        }
+        self.revision += 1;
+        Ok(())
+    }
+
+    /// The external peer with this name.
+    pub fn external_peer(&self, name: &str) -> Option<&ExternalPeer> {
+        self.external_peers.get(name)
+    }
+
+    /// All external peers, by name.
+    pub fn external_peers(&self) -> impl Iterator<Item = &ExternalPeer> {
+        self.external_peers.values()
+    }
+
+    // ---- consistency ----
+
+    /// Full consistency check, for a state loaded from disk: settings,
+    /// names, unique keys, addresses and certificates, addresses inside the
+    /// pools and matching IPAM, references to existing sites.
+    pub fn validate(&self) -> Result<(), Error> {
+        // A bad name in a stored state is an inconsistency, not a bad request.
+        self.check_consistency().map_err(|e| {
+            if let Error::Inconsistent(_) = e {
+                e
+            } else {
+                Error::Inconsistent(e.to_string())
+            }
+        })
+    }
+
+    fn check_consistency(&self) -> Result<(), Error> {
+        self.settings.validate()?;
+        let bad = |msg: String| Err(Error::Inconsistent(msg));
+
+        for (key, site) in &self.sites {
+            if *key != site.name {
+                return bad(format!("site {:?} is stored under {key:?}", site.name));
+            }
+            check_name("site", &site.name)?;
+        }
+
+        // Every member with its name, key and index; uniqueness checked below.
+        let mut names: BTreeMap<&str, Member> = BTreeMap::new();
+        let mut seen = Seen::default();
+        let mut certs: BTreeMap<[u8; 32], Member> = BTreeMap::new();
+        // Node ids first: node(id_or_name) must be unambiguous.
+        for (key, node) in &self.nodes {
+            if *key != node.id {
+                return bad(format!("node {} is stored under {key:?}", node.id));
+            }
+            check_id("node id", &node.id)?;
+        }
+        for node in self.nodes.values() {
+            let member = Member::Node(node.id.clone());
+            claim(&mut names, node.id.as_str(), &member, "id")?;
+        }
+        for node in self.nodes.values() {
+            let member = Member::Node(node.id.clone());
+            check_name("node", &node.name)?;
+            claim(&mut names, node.name.as_str(), &member, "name")?;
+            self.check_member(
+                &member,
+                &node.site,
+                &node.public_key,
+                node.ipv4,
+                node.ipv6,
+                &mut seen,
+            )?;
+            if let Some(other) = certs.insert(node.cert_fingerprint, member.clone()) {
+                return bad(format!(
+                    "client certificate {} is bound to both {other} and {member}",
+                    Key(node.cert_fingerprint).to_hex()
+                ));
+            }
+        }
+        for (key, peer) in &self.external_peers {
+            if *key != peer.name {
+                return bad(format!(
+                    "external peer {:?} is stored under {key:?}",
+                    peer.name
+                ));
+            }
+            let member = Member::ExternalPeer(peer.name.clone());
+            check_name("external peer", &peer.name)?;
+            claim(&mut names, peer.name.as_str(), &member, "name")?;
+            self.check_member(
+                &member,
+                &peer.site,
+                &peer.public_key,
+                peer.ipv4,
+                peer.ipv6,
+                &mut seen,
+            )?;
+        }
+        for (index, owner) in self.ipam.allocations() {
+            if seen.indices.get(&index) != Some(owner) {
+                return bad(format!(
+                    "IPAM records {} as held by {owner}, which does not hold it",
+                    ipam::ipv4_at(self.settings.ipv4_pool, index)
+                ));
+            }
+        }
+
+        for (key, token) in &self.tokens {
+            if *key != token.id {
+                return bad(format!("join token {} is stored under {key:?}", token.id));
+            }
+            check_id("join token id", &token.id)?;
+            if !self.sites.contains_key(&token.site) {
+                return bad(format!(
+                    "join token {} is for site {:?}, which does not exist",
+                    token.id, token.site
+                ));
+            }
+            if token.expires_unix <= token.created_unix {
+                return bad(format!(
+                    "join token {} expires before it was created",
+                    token.id
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks one member's site, key and addresses, recording key and index.
+    fn check_member(
+        &self,
+        member: &Member,
+        site: &str,
+        key: &Key,
+        v4: Ipv4Addr,
+        v6: Ipv6Addr,
+        seen: &mut Seen,
+    ) -> Result<(), Error> {
+        let bad = |msg: String| Err(Error::Inconsistent(msg));
+        if !self.sites.contains_key(site) {
+            return bad(format!(
+                "{member} is in site {site:?}, which does not exist"
+            ));
+        }
+        if key.is_zero() {
+            return bad(format!("{member} has an all-zero public key"));
+        }
+        if let Some(other) = seen.keys.insert(*key, member.clone()) {
+            return bad(format!(
+                "public key {key} is used by both {other} and {member}"
+            ));
+        }
+        let Some(index) = ipam::ipv4_index(self.settings.ipv4_pool, v4) else {
+            return bad(format!(
+                "{member} has address {v4}, which is not a host address of the pool {}",
+                self.settings.ipv4_pool
+            ));
+        };
+        let expected_v6 = ipam::ipv6_at(self.settings.ipv6_prefix, index);
+        if v6 != expected_v6 {
+            return bad(format!(
+                "{member} has IPv6 address {v6}, expected {expected_v6} to match its IPv4 address {v4}"
+            ));
+        }
+        if let Some(other) = seen.indices.insert(index, member.clone()) {
+            return bad(format!("address {v4} is held by both {other} and {member}"));
+        }
+        if self.ipam.owner(index) != Some(member) {
+            return bad(format!(
+                "address {v4} of {member} is not recorded for it in IPAM"
+            ));
+        }
+        Ok(())
+    }
+
+    // ---- helpers ----
+
+    /// Who already uses `name` as a node id, node name or external peer name.
+    fn name_holder(&self, name: &str) -> Option<Member> {
+        if self.nodes.contains_key(name) {
+            return Some(Member::Node(name.to_owned()));
+        }
+        if let Some(n) = self.nodes.values().find(|n| n.name == name) {
+            return Some(Member::Node(n.id.clone()));
+        }
+        self.external_peers
+            .contains_key(name)
+            .then(|| Member::ExternalPeer(name.to_owned()))
+    }
+
+    /// Refuses the all-zero key and keys already in use.
+    fn check_key_free(&self, key: &Key) -> Result<(), Error> {
+        if key.is_zero() {
+            return Err(Error::ZeroKey);
+        }
+        let holder = if let Some(n) = self.nodes.values().find(|n| n.public_key == *key) {
+            Member::Node(n.id.clone())
+        } else if let Some(p) = self.external_peers.values().find(|p| p.public_key == *key) {
+            Member::ExternalPeer(p.name.clone())
+        } else {
+            return Ok(());
+        };
+        Err(Error::KeyInUse {
+            key: key.to_base64(),
+            holder,
+        })
+    }
+}
+
+/// Keys and address indices met so far by `State::validate`.
+#[derive(Default)]
+struct Seen {
+    keys: BTreeMap<Key, Member>,
+    indices: BTreeMap<u32, Member>,
+}
+
+/// Records that `member` uses `value` as a name or id; a second member
+/// using the same string makes the state inconsistent.
+fn claim<'a>(
+    names: &mut BTreeMap<&'a str, Member>,
+    value: &'a str,
+    member: &Member,
+    what: &str,
+) -> Result<(), Error> {
+    match names.insert(value, member.clone()) {
+        Some(other) if other != *member => Err(Error::Inconsistent(format!(
+            "{what} {value:?} of {member} is also used by {other}"
+        ))),
+        Some(_) | None => Ok(()),
+    }
+}
+
+/// Compares two hashes in time independent of where they differ.
+fn hashes_equal(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

@@ -1,0 +1,270 @@
+//! Property tests: random operation sequences keep the state consistent,
+//! IPAM never hands out a live address twice, refused operations change
+//! nothing, and the netmap is a symmetric full mesh.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use proptest::prelude::*;
+use weft_controller_core::{
+    Error, NetworkSettings, Registration, State, all_node_configs, external_peer_config,
+    node_config,
+};
+use weft_dataplane_core::{Key, NodeConfig};
+
+#[derive(Debug, Clone)]
+enum Op {
+    CreateSite(u8),
+    DeleteSite(u8),
+    CreateToken {
+        token: u8,
+        site: u8,
+        ttl: u64,
+    },
+    DeleteToken(u8),
+    Register {
+        id: u8,
+        token: u8,
+        secret_ok: bool,
+        name: u8,
+        key: u8,
+        cert: u8,
+    },
+    SetEndpoint {
+        id: u8,
+        port: Option<u16>,
+    },
+    DeleteNode {
+        name_or_id: u8,
+        by_name: bool,
+    },
+    AddPeer {
+        name: u8,
+        site: u8,
+        key: u8,
+    },
+    DeletePeer(u8),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        2 => (0..2u8).prop_map(Op::CreateSite),
+        1 => (0..3u8).prop_map(Op::DeleteSite),
+        4 => (0..5u8, 0..3u8, prop_oneof![1 => Just(0u64), 6 => 1..200u64, 1 => Just(30 * 86_400 + 1)])
+            .prop_map(|(token, site, ttl)| Op::CreateToken { token, site, ttl }),
+        1 => (0..5u8).prop_map(Op::DeleteToken),
+        6 => (0..12u8, 0..5u8, prop::bool::weighted(0.9), 0..12u8, 0..16u8, 0..16u8).prop_map(
+            |(id, token, secret_ok, name, key, cert)| Op::Register { id, token, secret_ok, name, key, cert }
+        ),
+        1 => (0..12u8, prop::option::of(51820..51823u16)).prop_map(|(id, port)| Op::SetEndpoint { id, port }),
+        2 => (0..12u8, any::<bool>()).prop_map(|(name_or_id, by_name)| Op::DeleteNode { name_or_id, by_name }),
+        3 => (0..12u8, 0..3u8, 0..16u8).prop_map(|(name, site, key)| Op::AddPeer { name, site, key }),
+        2 => (0..12u8).prop_map(Op::DeletePeer),
+    ]
+}
+
+fn site(i: u8) -> String {
+    format!("site-{i}")
+}
+
+fn token_secret(i: u8) -> [u8; 32] {
+    [i + 1; 32]
+}
+
+/// Applies `op` at time `now`; `Ok(changed)`.
+fn apply(s: &mut State, op: &Op, now: u64) -> Result<bool, Error> {
+    match *op {
+        Op::CreateSite(i) => s.create_site(&site(i), now).map(|_| true),
+        Op::DeleteSite(i) => s.delete_site(&site(i)).map(|()| true),
+        Op::CreateToken {
+            token,
+            site: i,
+            ttl,
+        } => s
+            .create_token(
+                &format!("t{token}"),
+                token_secret(token),
+                &site(i),
+                now,
+                ttl,
+            )
+            .map(|_| true),
+        Op::DeleteToken(t) => s.delete_token(&format!("t{t}")).map(|()| true),
+        Op::Register {
+            id,
+            token,
+            secret_ok,
+            name,
+            key,
+            cert,
+        } => {
+            let reg = Registration {
+                node_id: format!("n-{id}"),
+                token_id: format!("t{token}"),
+                secret_hash: if secret_ok {
+                    token_secret(token)
+                } else {
+                    [0xee; 32]
+                },
+                name: format!("m{name}"),
+                public_key: Key([key + 1; 32]),
+                endpoint: None,
+                cert_fingerprint: [cert; 32],
+            };
+            s.register_node(reg, now).map(|_| true)
+        }
+        Op::SetEndpoint { id, port } => {
+            let endpoint = port.map(|p| ([198, 18, 0, id], p).into());
+            s.set_node_endpoint(&format!("n-{id}"), endpoint)
+        }
+        Op::DeleteNode {
+            name_or_id,
+            by_name,
+        } => {
+            let target = if by_name {
+                format!("m{name_or_id}")
+            } else {
+                format!("n-{name_or_id}")
+            };
+            s.delete_node(&target).map(|_| true)
+        }
+        Op::AddPeer { name, site: i, key } => s
+            .add_external_peer(&format!("m{name}"), &site(i), Key([key + 1; 32]), None, now)
+            .map(|_| true),
+        Op::DeletePeer(name) => s.delete_external_peer(&format!("m{name}")).map(|()| true),
+    }
+}
+
+fn live_addresses(s: &State) -> Vec<IpAddr> {
+    let nodes = s
+        .nodes()
+        .flat_map(|n| [IpAddr::V4(n.ipv4), IpAddr::V6(n.ipv6)]);
+    let peers = s
+        .external_peers()
+        .flat_map(|p| [IpAddr::V4(p.ipv4), IpAddr::V6(p.ipv6)]);
+    nodes.chain(peers).collect()
+}
+
+fn assert_netmap_invariants(s: &State) {
+    let mut configs: BTreeMap<Key, NodeConfig> = BTreeMap::new();
+    let node_configs = all_node_configs(s);
+    assert_eq!(node_configs.len(), s.nodes().count());
+    for node in s.nodes() {
+        let config = node_config(s, &node.id).expect("every node has a config");
+        assert_eq!(
+            node_configs.get(&node.id),
+            Some(&config),
+            "all_node_configs agrees with node_config"
+        );
+        assert_eq!(config.revision, s.revision());
+        let addrs: Vec<IpAddr> = config.addresses.iter().map(IpNet::addr).collect();
+        assert_eq!(
+            addrs,
+            vec![IpAddr::V4(node.ipv4), IpAddr::V6(node.ipv6)],
+            "addresses match the node"
+        );
+        assert_eq!(
+            config.addresses[0].prefix_len(),
+            s.settings().ipv4_pool.prefix_len()
+        );
+        assert_eq!(config.addresses[1].prefix_len(), 64);
+        configs.insert(node.public_key, config);
+    }
+    for peer in s.external_peers() {
+        let config = external_peer_config(s, &peer.name).expect("every peer has a config");
+        let addrs: Vec<IpAddr> = config.addresses.iter().map(IpNet::addr).collect();
+        assert_eq!(addrs, vec![IpAddr::V4(peer.ipv4), IpAddr::V6(peer.ipv6)]);
+        configs.insert(peer.public_key, config);
+    }
+    let members = configs.len();
+    for (key, config) in &configs {
+        assert!(
+            !config.peers.contains_key(key),
+            "{} has itself as a peer",
+            config.node_name
+        );
+        assert_eq!(
+            config.peers.len(),
+            members - 1,
+            "{} is not in a full mesh",
+            config.node_name
+        );
+        let mut seen = BTreeSet::new();
+        for (peer_key, peer) in &config.peers {
+            assert_eq!(*peer_key, peer.public_key);
+            let other = configs.get(peer_key).expect("every peer is a member");
+            assert!(
+                other.peers.contains_key(key),
+                "{} has {} as peer but not back",
+                config.node_name,
+                other.node_name
+            );
+            let other_addrs: Vec<IpAddr> = other.addresses.iter().map(IpNet::addr).collect();
+            let allowed: Vec<IpAddr> = peer.allowed_ips.iter().map(IpNet::addr).collect();
+            assert_eq!(
+                allowed, other_addrs,
+                "allowed IPs of {} are its addresses",
+                peer.name
+            );
+            for net in &peer.allowed_ips {
+                assert!(net.prefix_len() == net.max_prefix_len(), "host routes only");
+                assert!(
+                    seen.insert(*net),
+                    "allowed IP {net} appears twice in {}",
+                    config.node_name
+                );
+            }
+        }
+    }
+}
+
+fn small_pool_settings() -> NetworkSettings {
+    let mut settings =
+        NetworkSettings::with_ipv6_prefix("fd7e:4a1:1234::/48".parse().expect("valid prefix"));
+    // 6 hosts for up to 12 members (names are shared): exhaustion happens too.
+    settings.ipv4_pool = "100.64.0.0/29".parse().expect("valid pool");
+    settings
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn random_operations_keep_the_state_consistent(
+        ops in prop::collection::vec((op(), 0..5u64), 1..120),
+    ) {
+        let mut s = State::new(small_pool_settings()).expect("valid settings");
+        let mut now = 1_000u64;
+        for (op, dt) in &ops {
+            now += dt;
+            let before = serde_json::to_string(&s).expect("serializes");
+            let before_rev = s.revision();
+            let live_before: BTreeSet<IpAddr> = live_addresses(&s).into_iter().collect();
+            match apply(&mut s, op, now) {
+                Err(e) => {
+                    let after = serde_json::to_string(&s).expect("serializes");
+                    prop_assert_eq!(after, before, "{:?} failed ({}) but changed the state", op, e);
+                }
+                Ok(changed) => {
+                    prop_assert_eq!(s.revision(), before_rev + u64::from(changed));
+                    let live = live_addresses(&s);
+                    let unique: BTreeSet<IpAddr> = live.iter().copied().collect();
+                    prop_assert_eq!(unique.len(), live.len(), "duplicate live address after {:?}", op);
+                    if matches!(op, Op::Register { .. } | Op::AddPeer { .. }) {
+                        let new: Vec<_> = unique.difference(&live_before).collect();
+                        prop_assert_eq!(new.len(), 2, "one IPv4 and one IPv6 address are new");
+                    }
+                    prop_assert_eq!(s.ipam().len() * 2, live.len());
+                }
+            }
+            if let Err(e) = s.validate() {
+                return Err(TestCaseError::fail(format!("invalid after {op:?}: {e}")));
+            }
+            assert_netmap_invariants(&s);
+        }
+        let back: State = serde_json::from_str(&serde_json::to_string(&s).expect("serializes"))
+            .expect("deserializes");
+        prop_assert_eq!(back, s);
+    }
+}

@@ -1,0 +1,411 @@
+//! Unit tests of `State` mutations and their errors.
+
+use weft_controller_core::{Error, ErrorKind, NetworkSettings, Registration, State};
+use weft_dataplane_core::Key;
+
+const NOW: u64 = 1_795_834_800; // 2026-11-28T03:00:00Z
+const HOUR: u64 = 3600;
+
+fn settings() -> NetworkSettings {
+    NetworkSettings::with_ipv6_prefix("fd7e:4a1:1234::/48".parse().expect("valid prefix"))
+}
+
+/// A state with site "eu-west" and token "abc123" (secret hash [7; 32]).
+fn state() -> State {
+    let mut s = State::new(settings()).expect("default settings are valid");
+    s.create_site("eu-west", NOW).expect("site can be created");
+    s.create_token("abc123", [7; 32], "eu-west", NOW, HOUR)
+        .expect("token can be created");
+    s
+}
+
+fn reg(node_id: &str, name: &str, key: u8) -> Registration {
+    Registration {
+        node_id: node_id.to_owned(),
+        token_id: "abc123".to_owned(),
+        secret_hash: [7; 32],
+        name: name.to_owned(),
+        public_key: Key([key; 32]),
+        endpoint: Some("198.18.0.1:51820".parse().expect("valid addr")),
+        cert_fingerprint: [key; 32],
+    }
+}
+
+fn json(s: &State) -> String {
+    serde_json::to_string(s).expect("state serializes")
+}
+
+/// Asserts `op` fails with `expected` and leaves the state unchanged.
+fn assert_refused(s: &mut State, expected: &str, op: impl FnOnce(&mut State) -> Result<(), Error>) {
+    let before = json(s);
+    let err = op(s).expect_err("operation should be refused");
+    assert_eq!(err.to_string(), expected);
+    assert_eq!(
+        json(s),
+        before,
+        "a refused operation must not change the state"
+    );
+}
+
+#[test]
+fn register_allocates_addresses_and_uses_the_token() {
+    let mut s = state();
+    let rev = s.revision();
+    let node = s
+        .register_node(reg("n-1f2e", "a1", 1), NOW)
+        .expect("registers");
+    assert_eq!(node.ipv4.to_string(), "100.64.0.1");
+    assert_eq!(node.ipv6.to_string(), "fd7e:4a1:1234::1");
+    assert_eq!(node.site, "eu-west");
+    assert_eq!(s.revision(), rev + 1);
+    assert_eq!(
+        s.token("abc123").and_then(|t| t.used_by.as_deref()),
+        Some("n-1f2e")
+    );
+    assert_eq!(
+        s.node("a1").map(|n| n.id.as_str()),
+        Some("n-1f2e"),
+        "lookup by name"
+    );
+    assert_eq!(
+        s.node_by_cert(&[1; 32]).map(|n| n.name.as_str()),
+        Some("a1")
+    );
+    assert_eq!(s.validate(), Ok(()));
+}
+
+#[test]
+fn unknown_token_is_refused() {
+    let mut s = state();
+    assert_refused(
+        &mut s,
+        "join token nope is unknown or its secret does not match",
+        |s| {
+            let mut r = reg("n-1", "a1", 1);
+            r.token_id = "nope".to_owned();
+            s.register_node(r, NOW).map(drop)
+        },
+    );
+}
+
+#[test]
+fn wrong_secret_reads_like_unknown_token() {
+    let mut s = state();
+    let mut r = reg("n-1", "a1", 1);
+    r.secret_hash = [8; 32];
+    let err = s.register_node(r, NOW).expect_err("wrong secret");
+    assert_eq!(err, Error::TokenInvalid("abc123".to_owned()));
+    assert_eq!(
+        err.to_string(),
+        "join token abc123 is unknown or its secret does not match"
+    );
+    assert_eq!(err.kind(), ErrorKind::PermissionDenied);
+}
+
+#[test]
+fn used_token_is_refused_naming_the_node() {
+    let mut s = state();
+    s.register_node(reg("n-1f2e", "a1", 1), NOW)
+        .expect("first use");
+    assert_refused(
+        &mut s,
+        "join token abc123 was already used by node n-1f2e",
+        |s| s.register_node(reg("n-2", "a2", 2), NOW).map(drop),
+    );
+}
+
+#[test]
+fn expired_token_is_refused_with_the_time() {
+    let mut s = state();
+    assert_refused(
+        &mut s,
+        "join token abc123 expired at 2026-11-28T04:00:00Z",
+        |s| s.register_node(reg("n-1", "a1", 1), NOW + HOUR).map(drop),
+    );
+    assert!(
+        s.register_node(reg("n-1", "a1", 1), NOW + HOUR - 1).is_ok(),
+        "last valid second"
+    );
+}
+
+#[test]
+fn token_creation_checks_site_ttl_and_duplicates() {
+    let mut s = state();
+    assert_refused(&mut s, "site \"nowhere\" not found", |s| {
+        s.create_token("t2", [1; 32], "nowhere", NOW, HOUR)
+            .map(drop)
+    });
+    for ttl in [0, 30 * 86_400 + 1] {
+        let msg = format!(
+            "join token lifetime must be between 1 second and 30 days (2592000 s), got {ttl} s"
+        );
+        assert_refused(&mut s, &msg, |s| {
+            s.create_token("t2", [1; 32], "eu-west", NOW, ttl).map(drop)
+        });
+    }
+    assert_refused(&mut s, "join token abc123 already exists", |s| {
+        s.create_token("abc123", [1; 32], "eu-west", NOW, HOUR)
+            .map(drop)
+    });
+    assert_refused(&mut s, "join token t9 not found", |s| s.delete_token("t9"));
+    s.delete_token("abc123").expect("token deleted");
+    assert_eq!(s.tokens().count(), 0);
+}
+
+#[test]
+fn names_and_keys_must_be_unique_across_nodes_and_peers() {
+    let mut s = state();
+    s.create_token("t2", [9; 32], "eu-west", NOW, HOUR)
+        .expect("token");
+    s.register_node(reg("n-1f2e", "a1", 1), NOW)
+        .expect("registers");
+    let mut r2 = reg("n-2", "a1", 2);
+    r2.token_id = "t2".to_owned();
+    r2.secret_hash = [9; 32];
+    assert_refused(
+        &mut s,
+        "node name \"a1\" is already taken by node n-1f2e",
+        |s| s.register_node(r2.clone(), NOW).map(drop),
+    );
+    assert_refused(
+        &mut s,
+        "invalid node name \"A1\": use 1 to 63 characters from a-z, 0-9 and '-', not starting or ending with '-'",
+        |s| {
+            s.register_node(
+                Registration {
+                    name: "A1".to_owned(),
+                    ..r2.clone()
+                },
+                NOW,
+            )
+            .map(drop)
+        },
+    );
+    assert_refused(
+        &mut s,
+        "node id n-1f2e is already taken by node n-1f2e",
+        |s| {
+            s.register_node(
+                Registration {
+                    node_id: "n-1f2e".to_owned(),
+                    name: "b".to_owned(),
+                    ..r2.clone()
+                },
+                NOW,
+            )
+            .map(drop)
+        },
+    );
+    let key1 = Key([1; 32]);
+    assert_refused(
+        &mut s,
+        &format!("public key {key1} is already used by node n-1f2e"),
+        |s| {
+            s.register_node(
+                Registration {
+                    name: "b".to_owned(),
+                    public_key: key1,
+                    ..r2.clone()
+                },
+                NOW,
+            )
+            .map(drop)
+        },
+    );
+    assert_refused(
+        &mut s,
+        &format!(
+            "client certificate {} is already bound to node n-1f2e",
+            "01".repeat(32)
+        ),
+        |s| {
+            s.register_node(
+                Registration {
+                    name: "b".to_owned(),
+                    cert_fingerprint: [1; 32],
+                    ..r2.clone()
+                },
+                NOW,
+            )
+            .map(drop)
+        },
+    );
+    assert_refused(
+        &mut s,
+        "external peer name \"a1\" is already taken by node n-1f2e",
+        |s| {
+            s.add_external_peer("a1", "eu-west", Key([5; 32]), None, NOW)
+                .map(drop)
+        },
+    );
+    assert_refused(
+        &mut s,
+        &format!("public key {key1} is already used by node n-1f2e"),
+        |s| {
+            s.add_external_peer("laptop", "eu-west", key1, None, NOW)
+                .map(drop)
+        },
+    );
+    assert_refused(&mut s, "public key must not be all zeros", |s| {
+        s.add_external_peer("laptop", "eu-west", Key([0; 32]), None, NOW)
+            .map(drop)
+    });
+    s.add_external_peer("laptop", "eu-west", Key([5; 32]), None, NOW)
+        .expect("peer added");
+    assert_refused(
+        &mut s,
+        "node name \"laptop\" is already taken by external peer \"laptop\"",
+        |s| {
+            s.register_node(
+                Registration {
+                    name: "laptop".to_owned(),
+                    ..r2.clone()
+                },
+                NOW,
+            )
+            .map(drop)
+        },
+    );
+    assert_eq!(s.validate(), Ok(()));
+}
+
+#[test]
+fn site_deletion_is_refused_while_in_use_and_drops_its_tokens() {
+    let mut s = state();
+    s.register_node(reg("n-1", "a1", 1), NOW)
+        .expect("registers");
+    s.add_external_peer("laptop", "eu-west", Key([5; 32]), None, NOW)
+        .expect("peer added");
+    assert_refused(
+        &mut s,
+        "site \"eu-west\" still has 1 node(s) and 1 external peer(s); delete them first",
+        |s| s.delete_site("eu-west"),
+    );
+    s.create_token("t2", [1; 32], "eu-west", NOW, HOUR)
+        .expect("token");
+    s.delete_node("a1").expect("deleted by name");
+    s.delete_external_peer("laptop").expect("peer deleted");
+    s.delete_site("eu-west").expect("empty site deleted");
+    assert_eq!(s.tokens().count(), 0, "the site's tokens go with it");
+    assert_eq!(s.validate(), Ok(()));
+    assert_refused(&mut s, "site \"eu-west\" not found", |s| {
+        s.delete_site("eu-west")
+    });
+    assert_refused(
+        &mut s,
+        "invalid site name \"EU\": use 1 to 63 characters from a-z, 0-9 and '-', not starting or ending with '-'",
+        |s| s.create_site("EU", NOW).map(drop),
+    );
+}
+
+#[test]
+fn endpoint_changes_bump_the_revision_only_when_different() {
+    let mut s = state();
+    s.register_node(reg("n-1", "a1", 1), NOW)
+        .expect("registers");
+    let rev = s.revision();
+    let same = Some("198.18.0.1:51820".parse().expect("valid addr"));
+    assert_eq!(s.set_node_endpoint("n-1", same), Ok(false));
+    assert_eq!(s.revision(), rev);
+    assert_eq!(s.set_node_endpoint("n-1", None), Ok(true));
+    assert_eq!(s.revision(), rev + 1);
+    assert_eq!(
+        s.set_node_endpoint("n-9", None),
+        Err(Error::NodeNotFound("n-9".to_owned()))
+    );
+}
+
+#[test]
+fn deleted_addresses_are_reused_lowest_first() {
+    let mut s = state();
+    for i in 1..=3u8 {
+        let id = format!("t{i}");
+        s.create_token(&id, [i; 32], "eu-west", NOW, HOUR)
+            .expect("token");
+        let r = Registration {
+            token_id: id,
+            secret_hash: [i; 32],
+            ..reg(&format!("n-{i}"), &format!("a{i}"), i)
+        };
+        s.register_node(r, NOW).expect("registers");
+    }
+    s.delete_node("n-2").expect("deleted");
+    let peer = s
+        .add_external_peer("laptop", "eu-west", Key([9; 32]), None, NOW)
+        .expect("added");
+    assert_eq!(peer.ipv4.to_string(), "100.64.0.2");
+    assert_eq!(s.validate(), Ok(()));
+}
+
+#[test]
+fn pool_exhaustion_is_a_clear_error() {
+    let mut settings = settings();
+    settings.ipv4_pool = "100.64.0.0/30".parse().expect("valid pool");
+    let mut s = State::new(settings).expect("valid settings");
+    s.create_site("edge", NOW).expect("site");
+    s.add_external_peer("p1", "edge", Key([1; 32]), None, NOW)
+        .expect("room for 2");
+    s.add_external_peer("p2", "edge", Key([2; 32]), None, NOW)
+        .expect("room for 2");
+    assert_refused(
+        &mut s,
+        "address pool 100.64.0.0/30 is exhausted (2 addresses in use)",
+        |s| {
+            s.add_external_peer("p3", "edge", Key([3; 32]), None, NOW)
+                .map(drop)
+        },
+    );
+    let err = s
+        .add_external_peer("p3", "edge", Key([3; 32]), None, NOW)
+        .expect_err("full");
+    assert_eq!(err.kind(), ErrorKind::ResourceExhausted);
+}
+
+#[test]
+fn bad_settings_are_refused() {
+    let mut settings = settings();
+    settings.ipv6_prefix = "fd00::/96".parse().expect("valid prefix");
+    let err = State::new(settings).expect_err("a /96 cannot hold a /64");
+    assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+}
+
+#[test]
+fn validate_names_what_is_inconsistent() {
+    let mut s = state();
+    s.register_node(reg("n-1", "a1", 1), NOW)
+        .expect("registers");
+    let mut v: serde_json::Value = serde_json::from_str(&json(&s)).expect("json");
+    v["nodes"]["n-1"]["ipv4"] = "100.64.0.9".into();
+    let broken: State = serde_json::from_value(v).expect("still well-formed");
+    let err = broken.validate().expect_err("address does not match IPAM");
+    assert_eq!(err.kind(), ErrorKind::Internal);
+    assert!(err.to_string().contains("100.64.0.9"), "{err}");
+
+    let mut v: serde_json::Value = serde_json::from_str(&json(&s)).expect("json");
+    v["tokens"]["abc123"]["site"] = "gone".into();
+    let broken: State = serde_json::from_value(v).expect("still well-formed");
+    assert_eq!(
+        broken.validate().map_err(|e| e.to_string()),
+        Err(
+            "state is inconsistent: join token abc123 is for site \"gone\", which does not exist"
+                .to_owned()
+        )
+    );
+}
+
+#[test]
+fn state_round_trips_through_json() {
+    let mut s = state();
+    s.register_node(reg("n-1", "a1", 1), NOW)
+        .expect("registers");
+    s.add_external_peer("laptop", "eu-west", Key([5; 32]), None, NOW)
+        .expect("added");
+    let text = json(&s);
+    assert!(
+        text.contains(&"01".repeat(32)),
+        "fingerprint is hex: {text}"
+    );
+    let back: State = serde_json::from_str(&text).expect("deserializes");
+    assert_eq!(back, s);
+    assert_eq!(back.validate(), Ok(()));
+}
