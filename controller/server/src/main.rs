@@ -73,6 +73,7 @@ fn main() -> Result<()> {
 async fn run(args: Args) -> Result<()> {
     let dir = &args.data_dir;
     create_private_dir(dir)?;
+    let _lock = lock_data_dir(dir)?;
     let mut store = FileStore::new(dir);
     let (state, fresh) = match store.load()? {
         Some(state) => {
@@ -134,6 +135,25 @@ fn create_private_dir(dir: &Path) -> Result<()> {
         .mode(0o700)
         .create(dir)
         .with_context(|| format!("creating data dir {}", dir.display()))
+}
+
+/// Holds an exclusive lock on `<data-dir>/lock` for the process lifetime,
+/// so two controllers never write one store.
+fn lock_data_dir(dir: &Path) -> Result<std::fs::File> {
+    let path = dir.join("lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => {
+            bail!("another weft-controller is already running with data dir {}", dir.display())
+        }
+        Err(std::fs::TryLockError::Error(e)) => Err(e).with_context(|| format!("locking {}", path.display())),
+    }
 }
 
 /// A random /48 from fd00::/8 (RFC 4193 unique local addresses).
