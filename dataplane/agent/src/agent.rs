@@ -88,7 +88,8 @@ async fn run(args: AgentArgs) -> Result<()> {
             id
         }
         None => {
-            let (Some(url), Some(token)) = (args.controller.as_deref(), args.join_token.as_deref()) else {
+            let (Some(url), Some(token)) = (args.controller.as_deref(), args.join_token.as_deref())
+            else {
                 bail!(
                     "this node is not enrolled yet ({} has no identity): pass --controller https://HOST:PORT \
                      and --join-token TOKEN (from `weftctl token create --site SITE`)",
@@ -124,9 +125,20 @@ async fn run(args: AgentArgs) -> Result<()> {
         uapi_dir: args.uapi_dir.clone(),
     })
     .await?;
-    let mut applier = Applier { tunnel: tunnel.clone(), netlink: Netlink::open()?, ifname: args.interface.clone(), peers: BTreeMap::new(), applied: None, state };
+    let mut applier = Applier {
+        tunnel: tunnel.clone(),
+        netlink: Netlink::open()?,
+        ifname: args.interface.clone(),
+        peers: BTreeMap::new(),
+        applied: None,
+        state,
+    };
     if let Some(cfg) = applier.state.load_config()? {
-        info!(revision = cfg.revision, peers = cfg.peers.len(), "re-applying the persisted config");
+        info!(
+            revision = cfg.revision,
+            peers = cfg.peers.len(),
+            "re-applying the persisted config"
+        );
         if let Err(e) = applier.apply(cfg, false).await {
             error!(error = %format!("{e:#}"), "re-applying the persisted config failed");
         }
@@ -147,13 +159,17 @@ fn public_key(private: &Key) -> Key {
 }
 
 fn hostname() -> Result<String> {
-    let name = std::fs::read_to_string("/proc/sys/kernel/hostname").context("reading the host name")?;
+    let name =
+        std::fs::read_to_string("/proc/sys/kernel/hostname").context("reading the host name")?;
     Ok(name.trim().to_ascii_lowercase())
 }
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         warn!("cannot install signal handlers");
         return std::future::pending().await;
     };
@@ -176,10 +192,16 @@ struct Applier {
 
 impl Applier {
     async fn apply(&mut self, cfg: NodeConfig, persist: bool) -> Result<()> {
-        self.netlink.apply_interface(&self.ifname, &cfg.addresses, cfg.mtu).await?;
+        self.netlink
+            .apply_interface(&self.ifname, &cfg.addresses, cfg.mtu)
+            .await?;
         let actions = plan_peers(&cfg.peers, &self.peers);
         if !actions.is_empty() {
-            info!(revision = cfg.revision, changes = actions.len(), "applying peer changes");
+            info!(
+                revision = cfg.revision,
+                changes = actions.len(),
+                "applying peer changes"
+            );
         }
         self.tunnel.apply(actions.clone()).await?;
         apply_peer_actions(&mut self.peers, &actions);
@@ -216,8 +238,18 @@ async fn controller_loop(applier: &mut Applier, id: &Identity, args: &AgentArgs)
     }
 }
 
-async fn session(applier: &mut Applier, id: &Identity, args: &AgentArgs, connected: &mut bool) -> Result<()> {
-    let channel = connect(&id.controller_url, &id.ca_pem, Some((&id.cert_pem, &id.key_pem))).await?;
+async fn session(
+    applier: &mut Applier,
+    id: &Identity,
+    args: &AgentArgs,
+    connected: &mut bool,
+) -> Result<()> {
+    let channel = connect(
+        &id.controller_url,
+        &id.ca_pem,
+        Some((&id.cert_pem, &id.key_pem)),
+    )
+    .await?;
     let mut client = AgentServiceClient::new(channel);
     let mut stream = client
         .watch(pb::WatchRequest {
@@ -252,7 +284,11 @@ async fn session(applier: &mut Applier, id: &Identity, args: &AgentArgs, connect
     }
 }
 
-async fn report(client: &mut AgentServiceClient<tonic::transport::Channel>, applier: &Applier, apply_error: String) -> Result<()> {
+async fn report(
+    client: &mut AgentServiceClient<tonic::transport::Channel>,
+    applier: &Applier,
+    apply_error: String,
+) -> Result<()> {
     let peers = applier
         .tunnel
         .peers()
@@ -271,7 +307,11 @@ async fn report(client: &mut AgentServiceClient<tonic::transport::Channel>, appl
         })
         .collect();
     client
-        .report(pb::ReportRequest { applied_revision: applier.revision(), apply_error, peers })
+        .report(pb::ReportRequest {
+            applied_revision: applier.revision(),
+            apply_error,
+            peers,
+        })
         .await
         .map_err(|s| anyhow::anyhow!("report refused: {}", s.message()))?;
     Ok(())

@@ -20,7 +20,13 @@ use clap::{Parser, Subcommand};
 /// and the agent keeps forwarding with its last config when the controller
 /// is unreachable. `wg show IFNAME` works through the standard UAPI socket.
 #[derive(Debug, Parser)]
-#[command(name = "weft-agent", version, about, long_about, args_conflicts_with_subcommands = true)]
+#[command(
+    name = "weft-agent",
+    version,
+    about,
+    long_about,
+    args_conflicts_with_subcommands = true
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,

@@ -27,7 +27,12 @@ impl Netlink {
     }
 
     async fn link_index(&self, ifname: &str) -> Result<u32> {
-        let mut links = self.handle.link().get().match_name(ifname.to_string()).execute();
+        let mut links = self
+            .handle
+            .link()
+            .get()
+            .match_name(ifname.to_string())
+            .execute();
         let link = links
             .try_next()
             .await
@@ -39,20 +44,26 @@ impl Netlink {
     /// Addresses currently on the interface.
     pub(crate) async fn addresses(&self, ifname: &str) -> Result<Vec<IpNet>> {
         let index = self.link_index(ifname).await?;
-        let mut stream = self.handle.address().get().set_link_index_filter(index).execute();
+        let mut stream = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute();
         let mut out = Vec::new();
         while let Some(msg) = stream.try_next().await.context("listing addresses")? {
             if msg.header.index != index {
                 continue;
             }
-            let addr = msg.attributes.iter().find_map(|a| match a {
-                AddressAttribute::Address(ip) => Some(*ip),
-                _ => None,
-            });
-            if let Some(ip) = addr {
-                if let Ok(net) = IpNet::new(ip, msg.header.prefix_len) {
-                    out.push(net);
+            let addr = msg.attributes.iter().find_map(|a| {
+                if let AddressAttribute::Address(ip) = a {
+                    Some(*ip)
+                } else {
+                    None
                 }
+            });
+            if let Some(net) = addr.and_then(|ip| IpNet::new(ip, msg.header.prefix_len).ok()) {
+                out.push(net);
             }
         }
         Ok(out)
@@ -60,11 +71,21 @@ impl Netlink {
 
     /// Brings the interface to exactly `desired` addresses (link-local ones
     /// stay), sets the MTU and brings it up. Idempotent.
-    pub(crate) async fn apply_interface(&self, ifname: &str, desired: &[IpNet], mtu: u16) -> Result<()> {
+    pub(crate) async fn apply_interface(
+        &self,
+        ifname: &str,
+        desired: &[IpNet],
+        mtu: u16,
+    ) -> Result<()> {
         let index = self.link_index(ifname).await?;
         self.handle
             .link()
-            .set(LinkUnspec::new_with_index(index).mtu(u32::from(mtu)).up().build())
+            .set(
+                LinkUnspec::new_with_index(index)
+                    .mtu(u32::from(mtu))
+                    .up()
+                    .build(),
+            )
             .execute()
             .await
             .with_context(|| format!("setting {ifname} up with MTU {mtu}"))?;
@@ -72,22 +93,38 @@ impl Netlink {
         for action in plan_addresses(desired, &observed) {
             match action {
                 AddressAction::Add(net) => {
-                    let r = self.handle.address().add(index, net.addr(), net.prefix_len()).execute().await;
+                    let r = self
+                        .handle
+                        .address()
+                        .add(index, net.addr(), net.prefix_len())
+                        .execute()
+                        .await;
                     match r {
                         Ok(()) => info!(interface = ifname, address = %net, "address added"),
                         Err(e) if is_errno(&e, libc::EEXIST) => {}
-                        Err(e) => return Err(e).with_context(|| format!("adding {net} to {ifname}")),
+                        Err(e) => {
+                            return Err(e).with_context(|| format!("adding {net} to {ifname}"));
+                        }
                     }
                 }
                 AddressAction::Remove(net) => {
                     let msg = match net.addr() {
-                        IpAddr::V4(a) => AddressMessageBuilder::<Ipv4Addr>::new().index(index).address(a, net.prefix_len()).build(),
-                        IpAddr::V6(a) => AddressMessageBuilder::<Ipv6Addr>::new().index(index).address(a, net.prefix_len()).build(),
+                        IpAddr::V4(a) => AddressMessageBuilder::<Ipv4Addr>::new()
+                            .index(index)
+                            .address(a, net.prefix_len())
+                            .build(),
+                        IpAddr::V6(a) => AddressMessageBuilder::<Ipv6Addr>::new()
+                            .index(index)
+                            .address(a, net.prefix_len())
+                            .build(),
                     };
                     match self.handle.address().del(msg).execute().await {
                         Ok(()) => info!(interface = ifname, address = %net, "address removed"),
-                        Err(e) if is_errno(&e, libc::EADDRNOTAVAIL) || is_errno(&e, libc::ENOENT) => {}
-                        Err(e) => return Err(e).with_context(|| format!("removing {net} from {ifname}")),
+                        Err(e)
+                            if is_errno(&e, libc::EADDRNOTAVAIL) || is_errno(&e, libc::ENOENT) => {}
+                        Err(e) => {
+                            return Err(e).with_context(|| format!("removing {net} from {ifname}"));
+                        }
                     }
                 }
             }
@@ -97,8 +134,9 @@ impl Netlink {
 }
 
 fn is_errno(e: &rtnetlink::Error, errno: i32) -> bool {
-    match e {
-        rtnetlink::Error::NetlinkError(m) => m.code.map(|c| c.get().abs()) == Some(errno),
-        _ => false,
+    if let rtnetlink::Error::NetlinkError(m) = e {
+        m.code.map(|c| c.get().abs()) == Some(errno)
+    } else {
+        false
     }
 }

@@ -58,7 +58,9 @@ impl StateDir {
             .mode(0o700)
             .create(dir)
             .with_context(|| format!("creating state dir {}", dir.display()))?;
-        Ok(StateDir { dir: dir.to_path_buf() })
+        Ok(StateDir {
+            dir: dir.to_path_buf(),
+        })
     }
 
     fn path(&self, name: &str) -> PathBuf {
@@ -112,7 +114,12 @@ impl StateDir {
     }
 
     pub(crate) fn save_config(&self, config: &NodeConfig) -> Result<()> {
-        save_json(&self.path(CONFIG), &PersistedConfig { config: config.clone() })
+        save_json(
+            &self.path(CONFIG),
+            &PersistedConfig {
+                config: config.clone(),
+            },
+        )
     }
 
     /// True when the dir holds an identity (the node enrolled before).
@@ -151,11 +158,15 @@ fn write_private(path: &Path, data: &[u8]) -> Result<()> {
         .mode(0o600)
         .open(&tmp)
         .with_context(|| format!("creating {}", tmp.display()))?;
-    f.write_all(data).and_then(|()| f.sync_all()).with_context(|| format!("writing {}", tmp.display()))?;
+    f.write_all(data)
+        .and_then(|()| f.sync_all())
+        .with_context(|| format!("writing {}", tmp.display()))?;
     drop(f);
     std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
     if let Some(dir) = path.parent() {
-        std::fs::File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("syncing {}", dir.display()))?;
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .with_context(|| format!("syncing {}", dir.display()))?;
     }
     Ok(())
 }
@@ -171,8 +182,13 @@ mod tests {
         let k1 = s.load_or_create_key(true).expect("create");
         let k2 = s.load_or_create_key(true).expect("load");
         assert_eq!(k1, k2, "a restarted agent must keep its key");
-        let mode = std::fs::metadata(dir.path().join(PRIVATE_KEY)).expect("stat").permissions();
-        assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777, 0o600);
+        let mode = std::fs::metadata(dir.path().join(PRIVATE_KEY))
+            .expect("stat")
+            .permissions();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+            0o600
+        );
     }
 
     #[test]
@@ -181,9 +197,14 @@ mod tests {
         let s = StateDir::open(dir.path()).expect("open");
         let k = s.load_or_create_key(true).expect("create");
         std::fs::write(dir.path().join(PRIVATE_KEY), "garbage").expect("write");
-        let e = s.load_or_create_key(true).expect_err("corrupt key must fail");
+        let e = s
+            .load_or_create_key(true)
+            .expect_err("corrupt key must fail");
         assert!(format!("{e:#}").contains("private.key"), "{e:#}");
-        assert_ne!(std::fs::read_to_string(dir.path().join(PRIVATE_KEY)).expect("read"), format!("{k}\n"));
+        assert_ne!(
+            std::fs::read_to_string(dir.path().join(PRIVATE_KEY)).expect("read"),
+            format!("{k}\n")
+        );
         std::fs::write(dir.path().join(IDENTITY), "{ not json").expect("write");
         let e = s.load_identity().expect_err("corrupt identity must fail");
         assert!(format!("{e:#}").contains("identity.json"), "{e:#}");

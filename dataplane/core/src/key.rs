@@ -25,7 +25,9 @@ pub enum KeyError {
 impl Key {
     /// Parses a key from raw bytes (must be exactly 32).
     pub fn from_slice(bytes: &[u8]) -> Result<Self, KeyError> {
-        let arr: [u8; 32] = bytes.try_into().map_err(|_| KeyError::Length(bytes.len()))?;
+        let arr: [u8; 32] = bytes
+            .try_into()
+            .map_err(|_| KeyError::Length(bytes.len()))?;
         Ok(Key(arr))
     }
 

@@ -91,22 +91,28 @@ mod tests {
         PeerConfig {
             name: format!("p{seed}"),
             public_key: Key([seed; 32]),
-            endpoint: Some(SocketAddr::new(IpAddr::V4(Ipv4Addr::new(198, 18, 0, seed)), port)),
+            endpoint: Some(SocketAddr::new(
+                IpAddr::V4(Ipv4Addr::new(198, 18, 0, seed)),
+                port,
+            )),
             allowed_ips: vec![IpNet::from(IpAddr::V4(Ipv4Addr::new(100, 64, 0, seed)))],
             persistent_keepalive: keepalive,
         }
     }
 
     fn peers_strategy() -> impl Strategy<Value = BTreeMap<Key, PeerConfig>> {
-        proptest::collection::vec((0u8..12, 51820u16..51823, proptest::option::of(0u16..3)), 0..10)
-            .prop_map(|v| {
-                v.into_iter()
-                    .map(|(s, p, k)| {
-                        let pc = peer(s, p, k);
-                        (pc.public_key, pc)
-                    })
-                    .collect()
-            })
+        proptest::collection::vec(
+            (0u8..12, 51820u16..51823, proptest::option::of(0u16..3)),
+            0..10,
+        )
+        .prop_map(|v| {
+            v.into_iter()
+                .map(|(s, p, k)| {
+                    let pc = peer(s, p, k);
+                    (pc.public_key, pc)
+                })
+                .collect()
+        })
     }
 
     proptest! {

@@ -1,1 +1,0 @@
-//! Userspace WireGuard tunnel.

@@ -1,0 +1,184 @@
+//! Userspace WireGuard tunnel: boringtun's `noise::Tunn` per peer over a TUN
+//! device and one dual-stack UDP socket, driven by our own event loop.
+//!
+//! [`start`] creates the TUN device, binds the UDP socket and the UAPI
+//! socket, and spawns one task that owns all tunnel state (no locks on the
+//! packet path). The returned [`TunnelHandle`] talks to that task through a
+//! command channel:
+//!
+//! - [`TunnelHandle::apply`] adds, updates in place, or removes peers;
+//! - [`TunnelHandle::peers`] reports endpoints, handshakes and transfer;
+//! - [`TunnelHandle::shutdown`] stops the task, deletes the TUN device and
+//!   removes the UAPI socket.
+//!
+//! Packet path: TUN → longest-prefix match of the destination over the
+//! peers' allowed IPs → encapsulate → UDP to the peer's endpoint. UDP →
+//! peer by handshake identity or receiver index → decapsulate → source
+//! address must route back to that peer → TUN.
+
+mod eventloop;
+mod peers;
+mod tun;
+pub(crate) mod uapi;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::SystemTime;
+
+use anyhow::Context as _;
+use ipnet::IpNet;
+use tokio::sync::{mpsc, oneshot};
+use weft_dataplane_core::Key;
+use weft_dataplane_core::plan::PeerAction;
+
+/// Default directory of UAPI sockets, where `wg` looks for them.
+pub(crate) const DEFAULT_UAPI_DIR: &str = "/var/run/wireguard";
+
+/// How a tunnel is created.
+#[derive(Debug, Clone)]
+pub(crate) struct TunnelSettings {
+    /// TUN interface name (1-15 characters).
+    pub(crate) ifname: String,
+    /// UDP port; 0 picks a random free port.
+    pub(crate) listen_port: u16,
+    /// Our static private key; `None` until set through the UAPI.
+    pub(crate) private_key: Option<Key>,
+    /// TUN MTU in bytes (1420 fits WireGuard over IPv6 on a 1500 underlay).
+    pub(crate) mtu: u16,
+    /// Directory of the UAPI socket `<uapi_dir>/<ifname>.sock`.
+    pub(crate) uapi_dir: PathBuf,
+}
+
+/// What the tunnel knows about one peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct PeerStats {
+    /// Name from the last `Upsert` (empty for peers added through the UAPI).
+    pub(crate) name: String,
+    pub(crate) public_key: Key,
+    /// Current endpoint: configured, or learnt from the peer's packets.
+    pub(crate) endpoint: Option<SocketAddr>,
+    pub(crate) allowed_ips: Vec<IpNet>,
+    pub(crate) persistent_keepalive: Option<u16>,
+    /// Time of the latest completed handshake.
+    pub(crate) last_handshake: Option<SystemTime>,
+    /// WireGuard bytes (UDP payload, handshakes included) received and sent.
+    pub(crate) rx_bytes: u64,
+    pub(crate) tx_bytes: u64,
+}
+
+/// Requests to the tunnel task.
+#[derive(Debug)]
+pub(crate) enum Command {
+    Apply(Vec<PeerAction>, oneshot::Sender<()>),
+    Peers(oneshot::Sender<Vec<PeerStats>>),
+    /// A parsed UAPI request; the reply is the UAPI answer text.
+    Uapi(uapi::Request, oneshot::Sender<String>),
+    /// Stop; the sender fires once the TUN device and socket are closed.
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// A cheap, cloneable handle on a running tunnel.
+#[derive(Debug, Clone)]
+pub(crate) struct TunnelHandle {
+    commands: mpsc::Sender<Command>,
+    uapi_path: PathBuf,
+    ifname: String,
+}
+
+/// Creates the TUN device, binds the UDP and UAPI sockets and spawns the
+/// tunnel task. Must run inside a tokio runtime.
+pub(crate) async fn start(settings: TunnelSettings) -> anyhow::Result<TunnelHandle> {
+    tun::validate_ifname(&settings.ifname)?;
+    // The UAPI socket first: it tells us whether another daemon already
+    // runs this interface, before we attach to its TUN device.
+    let (listener, uapi_path) = uapi::bind(&settings.uapi_dir, &settings.ifname).await?;
+    let mut guard = RemoveOnDrop(Some(uapi_path.clone()));
+    let tun = tun::Tun::open(&settings.ifname, settings.mtu)
+        .with_context(|| format!("creating TUN device {}", settings.ifname))?;
+    let ifname = tun.name().to_owned();
+    let udp = eventloop::Udp::bind(settings.listen_port)
+        .with_context(|| format!("binding UDP port {}", settings.listen_port))?;
+    tracing::info!(
+        interface = %ifname,
+        listen_port = udp.port(),
+        uapi = %uapi_path.display(),
+        "tunnel up"
+    );
+    let (tx, rx) = mpsc::channel(64);
+    let engine = eventloop::Engine::new(tun, udp, settings.private_key);
+    tokio::spawn(engine.run(rx));
+    tokio::spawn(uapi::serve(listener, tx.clone()));
+    guard.disarm();
+    Ok(TunnelHandle {
+        commands: tx,
+        uapi_path,
+        ifname,
+    })
+}
+
+impl TunnelHandle {
+    /// Adds peers, updates known ones in place (sessions kept; the `Tunn` is
+    /// recreated only when the keepalive changes; an `endpoint` of `None`
+    /// keeps the learnt one), removes peers and their sessions at once.
+    pub(crate) async fn apply(&self, actions: Vec<PeerAction>) -> anyhow::Result<()> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::Apply(actions, tx)).await?;
+        rx.await.context("tunnel task stopped")
+    }
+
+    /// All peers with their current endpoint, latest handshake and transfer,
+    /// ordered by public key.
+    pub(crate) async fn peers(&self) -> anyhow::Result<Vec<PeerStats>> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::Peers(tx)).await?;
+        rx.await.context("tunnel task stopped")
+    }
+
+    /// Stops the tunnel: deletes the TUN device, closes the sockets and
+    /// removes the UAPI socket file. Idempotent.
+    pub(crate) async fn shutdown(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.commands.send(Command::Shutdown(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+        if let Err(e) = std::fs::remove_file(&self.uapi_path)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(path = %self.uapi_path.display(), error = %e, "removing UAPI socket");
+        }
+    }
+
+    /// Resolves when the tunnel task has stopped (shutdown or fatal error).
+    pub(crate) async fn closed(&self) {
+        self.commands.closed().await;
+    }
+
+    /// Interface name.
+    pub(crate) fn ifname(&self) -> &str {
+        &self.ifname
+    }
+
+    async fn send(&self, cmd: Command) -> anyhow::Result<()> {
+        self.commands
+            .send(cmd)
+            .await
+            .map_err(|_| anyhow::anyhow!("tunnel {} is stopped", self.ifname))
+    }
+}
+
+/// Removes a file when dropped (start-up failed half-way).
+struct RemoveOnDrop(Option<PathBuf>);
+
+impl RemoveOnDrop {
+    fn disarm(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}

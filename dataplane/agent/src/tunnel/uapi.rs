@@ -1,0 +1,476 @@
+//! The WireGuard cross-platform userspace API
+//! (<https://www.wireguard.com/xplatform/>): `key=value` lines on a unix
+//! socket `<dir>/<ifname>.sock`, so `wg show`, `wg set`, `wg setconf` and
+//! `wg showconf` work against our tunnel.
+//!
+//! [`parse_request`] and [`format_get`] are pure; [`serve`] runs the socket
+//! and hands requests to the tunnel's event loop.
+
+use std::fmt::Write as _;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+use std::path::{Path, PathBuf};
+use std::time::UNIX_EPOCH;
+
+use anyhow::Context as _;
+use ipnet::IpNet;
+use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, oneshot};
+use weft_dataplane_core::Key;
+
+use super::{Command, PeerStats};
+
+/// `EINVAL`: the answer to any malformed request.
+pub(crate) const EINVAL: i32 = 22;
+/// Longest line we accept (a line holds one key or one prefix).
+const MAX_LINE: u64 = 4096;
+/// Most lines in one request (a big `wg setconf`).
+const MAX_LINES: usize = 1 << 20;
+
+/// A parsed UAPI request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Request {
+    Get,
+    Set(SetRequest),
+}
+
+/// A validated `set=1` request; applying it cannot fail half-way (except
+/// for binding the listen port, which is done first).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct SetRequest {
+    /// `Some(None)`: remove the private key (all-zero key).
+    pub(crate) private_key: Option<Option<Key>>,
+    pub(crate) listen_port: Option<u16>,
+    pub(crate) fwmark: Option<u32>,
+    pub(crate) replace_peers: bool,
+    pub(crate) peers: Vec<PeerSet>,
+}
+
+/// The changes to one peer in a `set` request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct PeerSet {
+    pub(crate) public_key: Key,
+    pub(crate) remove: bool,
+    pub(crate) update_only: bool,
+    /// `Some(None)`: remove the preshared key.
+    pub(crate) preshared_key: Option<Option<Key>>,
+    pub(crate) endpoint: Option<SocketAddr>,
+    /// `Some(0)`: keepalive off.
+    pub(crate) persistent_keepalive: Option<u16>,
+    pub(crate) replace_allowed_ips: bool,
+    pub(crate) allowed_ips: Vec<IpNet>,
+}
+
+impl PeerSet {
+    /// A peer section that changes nothing yet.
+    pub(crate) fn new(public_key: Key) -> Self {
+        PeerSet {
+            public_key,
+            remove: false,
+            update_only: false,
+            preshared_key: None,
+            endpoint: None,
+            persistent_keepalive: None,
+            replace_allowed_ips: false,
+            allowed_ips: Vec::new(),
+        }
+    }
+}
+
+/// Why a request was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum UapiError {
+    #[error("invalid UAPI request: {0}")]
+    Invalid(String),
+}
+
+fn invalid(msg: impl Into<String>) -> UapiError {
+    UapiError::Invalid(msg.into())
+}
+
+/// Parses one request: its lines, without the blank line that ends it.
+pub(crate) fn parse_request(text: &str) -> Result<Request, UapiError> {
+    let mut lines = text.lines();
+    match lines.next() {
+        Some("get=1") => match lines.next() {
+            None => Ok(Request::Get),
+            Some(l) => Err(invalid(format!("unexpected line after get=1: {l:?}"))),
+        },
+        Some("set=1") => parse_set(lines).map(Request::Set),
+        Some(l) => Err(invalid(format!("unknown operation {l:?}"))),
+        None => Err(invalid("empty request")),
+    }
+}
+
+fn parse_set<'a>(lines: impl Iterator<Item = &'a str>) -> Result<SetRequest, UapiError> {
+    let mut req = SetRequest::default();
+    for line in lines {
+        let (key, value) = line
+            .split_once('=')
+            .ok_or_else(|| invalid(format!("line without '=': {line:?}")))?;
+        if key == "public_key" {
+            req.peers.push(PeerSet::new(parse_key(key, value)?));
+            continue;
+        }
+        match req.peers.last_mut() {
+            None => match key {
+                "private_key" => {
+                    let k = parse_key(key, value)?;
+                    req.private_key = Some((!k.is_zero()).then_some(k));
+                }
+                "listen_port" => req.listen_port = Some(parse_num(key, value)?),
+                "fwmark" => req.fwmark = Some(parse_num(key, value)?),
+                "replace_peers" => req.replace_peers = parse_true(key, value)?,
+                _ => return Err(invalid(format!("unknown interface key {key:?}"))),
+            },
+            Some(peer) => match key {
+                "remove" => peer.remove = parse_true(key, value)?,
+                "update_only" => peer.update_only = parse_true(key, value)?,
+                "preshared_key" => {
+                    let k = parse_key(key, value)?;
+                    peer.preshared_key = Some((!k.is_zero()).then_some(k));
+                }
+                "endpoint" => {
+                    peer.endpoint = Some(
+                        value
+                            .parse()
+                            .map_err(|_| invalid(format!("bad endpoint {value:?}")))?,
+                    );
+                }
+                "persistent_keepalive_interval" => {
+                    peer.persistent_keepalive = Some(parse_num(key, value)?);
+                }
+                "replace_allowed_ips" => peer.replace_allowed_ips = parse_true(key, value)?,
+                "allowed_ip" => peer.allowed_ips.push(parse_net(value)?),
+                "protocol_version" => {
+                    if value != "1" {
+                        return Err(invalid(format!("unsupported protocol_version {value:?}")));
+                    }
+                }
+                _ => return Err(invalid(format!("unknown peer key {key:?}"))),
+            },
+        }
+    }
+    Ok(req)
+}
+
+fn parse_key(key: &str, value: &str) -> Result<Key, UapiError> {
+    if value.len() != 64 {
+        return Err(invalid(format!("{key}: want 64 hex digits")));
+    }
+    Key::from_hex(value).map_err(|e| invalid(format!("{key}: {e}")))
+}
+
+fn parse_num<T: std::str::FromStr>(key: &str, value: &str) -> Result<T, UapiError> {
+    if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(invalid(format!("{key}: not a number: {value:?}")));
+    }
+    value
+        .parse()
+        .map_err(|_| invalid(format!("{key}: out of range: {value:?}")))
+}
+
+fn parse_true(key: &str, value: &str) -> Result<bool, UapiError> {
+    match value {
+        "true" => Ok(true),
+        "false" => Ok(false),
+        _ => Err(invalid(format!("{key}: want true or false, got {value:?}"))),
+    }
+}
+
+fn parse_net(value: &str) -> Result<IpNet, UapiError> {
+    let bad = || invalid(format!("bad allowed_ip {value:?}"));
+    let net = if value.contains('/') {
+        value.parse::<IpNet>().map_err(|_| bad())?
+    } else {
+        IpNet::from(value.parse::<IpAddr>().map_err(|_| bad())?)
+    };
+    Ok(net.trunc())
+}
+
+/// The answer to `get=1` (including the final `errno=0` and blank line).
+pub(crate) fn format_get(
+    private_key: Option<Key>,
+    listen_port: u16,
+    fwmark: u32,
+    peers: &[(PeerStats, Option<Key>)],
+) -> String {
+    let mut s = String::with_capacity(256 + peers.len() * 256);
+    // Writing to a String cannot fail.
+    let _ = (|| -> std::fmt::Result {
+        if let Some(k) = private_key {
+            writeln!(s, "private_key={}", k.to_hex())?;
+        }
+        writeln!(s, "listen_port={listen_port}")?;
+        if fwmark != 0 {
+            writeln!(s, "fwmark={fwmark}")?;
+        }
+        for (p, psk) in peers {
+            writeln!(s, "public_key={}", p.public_key.to_hex())?;
+            if let Some(psk) = psk {
+                writeln!(s, "preshared_key={}", psk.to_hex())?;
+            }
+            writeln!(s, "protocol_version=1")?;
+            if let Some(ep) = p.endpoint {
+                writeln!(s, "endpoint={ep}")?;
+            }
+            let since = p
+                .last_handshake
+                .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                .unwrap_or_default();
+            writeln!(s, "last_handshake_time_sec={}", since.as_secs())?;
+            writeln!(s, "last_handshake_time_nsec={}", since.subsec_nanos())?;
+            writeln!(s, "tx_bytes={}", p.tx_bytes)?;
+            writeln!(s, "rx_bytes={}", p.rx_bytes)?;
+            writeln!(
+                s,
+                "persistent_keepalive_interval={}",
+                p.persistent_keepalive.unwrap_or(0)
+            )?;
+            for net in &p.allowed_ips {
+                writeln!(s, "allowed_ip={net}")?;
+            }
+        }
+        writeln!(s, "errno=0")?;
+        writeln!(s)
+    })();
+    s
+}
+
+/// The answer to a `set` or a failed request.
+pub(crate) fn format_errno(errno: i32) -> String {
+    format!("errno={errno}\n\n")
+}
+
+/// Creates `<dir>/<ifname>.sock` (and `dir`, mode 0755). A stale socket is
+/// replaced; a live one (another daemon answers) is an error.
+pub(crate) async fn bind(dir: &Path, ifname: &str) -> anyhow::Result<(UnixListener, PathBuf)> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(dir)
+        .with_context(|| format!("creating UAPI directory {}", dir.display()))?;
+    let path = dir.join(format!("{ifname}.sock"));
+    if path.exists() {
+        if UnixStream::connect(&path).await.is_ok() {
+            anyhow::bail!(
+                "UAPI socket {} is in use: another daemon runs interface {ifname}",
+                path.display()
+            );
+        }
+        std::fs::remove_file(&path)
+            .with_context(|| format!("removing stale UAPI socket {}", path.display()))?;
+    }
+    let listener = UnixListener::bind(&path)
+        .with_context(|| format!("binding UAPI socket {}", path.display()))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("chmod {}", path.display()))?;
+    Ok((listener, path))
+}
+
+/// Accepts UAPI connections until the tunnel's command channel closes.
+pub(crate) async fn serve(listener: UnixListener, commands: mpsc::Sender<Command>) {
+    loop {
+        tokio::select! {
+            () = commands.closed() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let commands = commands.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = handle_connection(stream, commands).await {
+                            tracing::debug!(error = %e, "UAPI connection ended");
+                        }
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "UAPI accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            },
+        }
+    }
+}
+
+/// Serves requests on one connection until the client closes it.
+async fn handle_connection(stream: UnixStream, commands: mpsc::Sender<Command>) -> io::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut reader = BufReader::new(read);
+    let mut text = String::new();
+    let mut line = String::new();
+    loop {
+        text.clear();
+        let mut count = 0usize;
+        loop {
+            line.clear();
+            let n = (&mut reader).take(MAX_LINE).read_line(&mut line).await?;
+            if n == 0 {
+                return Ok(()); // EOF (mid-request too: nothing is applied)
+            }
+            if !line.ends_with('\n') || count >= MAX_LINES {
+                write.write_all(format_errno(EINVAL).as_bytes()).await?;
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "request too long",
+                ));
+            }
+            if line == "\n" {
+                break;
+            }
+            text.push_str(&line);
+            count += 1;
+        }
+        let reply = match parse_request(&text) {
+            Ok(req) => {
+                let (tx, rx) = oneshot::channel();
+                if commands.send(Command::Uapi(req, tx)).await.is_err() {
+                    return Ok(());
+                }
+                match rx.await {
+                    Ok(reply) => reply,
+                    Err(_) => return Ok(()),
+                }
+            }
+            Err(e) => {
+                tracing::info!(error = %e, "refused UAPI request");
+                format_errno(EINVAL)
+            }
+        };
+        write.write_all(reply.as_bytes()).await?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn hex(b: u8) -> String {
+        Key([b; 32]).to_hex()
+    }
+
+    #[test]
+    fn parses_get() {
+        assert_eq!(parse_request("get=1\n"), Ok(Request::Get));
+        assert!(parse_request("get=1\nlisten_port=1\n").is_err());
+    }
+
+    #[test]
+    fn parses_a_full_set() {
+        let text = format!(
+            "set=1\nprivate_key={}\nlisten_port=51820\nfwmark=0\nreplace_peers=true\n\
+             public_key={}\npreshared_key={}\nendpoint=198.18.0.2:51820\n\
+             persistent_keepalive_interval=25\nreplace_allowed_ips=true\n\
+             allowed_ip=100.64.0.2/32\nallowed_ip=fd00::2/128\nprotocol_version=1\n\
+             public_key={}\nremove=true\n\
+             public_key={}\nupdate_only=true\nendpoint=[fd00::3]:1\nallowed_ip=100.64.9.9/24\n",
+            hex(1),
+            hex(2),
+            hex(0),
+            hex(3),
+            hex(4)
+        );
+        let Ok(Request::Set(req)) = parse_request(&text) else {
+            panic!("expected a valid set request");
+        };
+        assert_eq!(req.private_key, Some(Some(Key([1; 32]))));
+        assert_eq!(req.listen_port, Some(51820));
+        assert_eq!(req.fwmark, Some(0));
+        assert!(req.replace_peers);
+        assert_eq!(req.peers.len(), 3);
+        let p = &req.peers[0];
+        assert_eq!(p.public_key, Key([2; 32]));
+        assert_eq!(p.preshared_key, Some(None));
+        assert_eq!(p.endpoint, Some("198.18.0.2:51820".parse().expect("addr")));
+        assert_eq!(p.persistent_keepalive, Some(25));
+        assert!(p.replace_allowed_ips);
+        assert_eq!(p.allowed_ips.len(), 2);
+        assert!(req.peers[1].remove);
+        assert!(req.peers[2].update_only);
+        assert_eq!(
+            req.peers[2].allowed_ips,
+            vec!["100.64.9.0/24".parse::<IpNet>().expect("net")]
+        );
+    }
+
+    #[test]
+    fn zero_private_key_means_remove() {
+        let Ok(Request::Set(req)) = parse_request(&format!("set=1\nprivate_key={}\n", hex(0)))
+        else {
+            panic!("expected a valid set request");
+        };
+        assert_eq!(req.private_key, Some(None));
+    }
+
+    #[test]
+    fn rejects_bad_input() {
+        let bad = [
+            String::new(),
+            "\n".into(),
+            "get=2\n".into(),
+            "set=1\nlisten_port=65536\n".into(),
+            "set=1\nlisten_port=-1\n".into(),
+            "set=1\nlisten_port=+1\n".into(),
+            "set=1\nprivate_key=abcd\n".into(),
+            format!("set=1\nprivate_key={}zz\n", &hex(1)[..62]),
+            "set=1\nendpoint=198.18.0.2:1\n".into(), // peer key before public_key
+            format!("set=1\npublic_key={}\nlisten_port=1\n", hex(1)),
+            format!("set=1\npublic_key={}\nendpoint=nowhere\n", hex(1)),
+            format!("set=1\npublic_key={}\nallowed_ip=100.64.0.0/33\n", hex(1)),
+            format!("set=1\npublic_key={}\nprotocol_version=2\n", hex(1)),
+            format!("set=1\npublic_key={}\nremove=yes\n", hex(1)),
+            format!("set=1\npublic_key={}\nno_equals\n", hex(1)),
+            "set=1\nfwmark=99999999999\n".into(),
+            "set=1\nbogus=1\n".into(),
+        ];
+        for text in bad {
+            assert!(parse_request(&text).is_err(), "accepted {text:?}");
+        }
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let alphabet = b"=\n0123456789abcdef:/[].set1getpublic_keyallowed_ip";
+        for _ in 0..5000 {
+            let len = usize::try_from(seed % 200).unwrap_or(0);
+            let mut s = String::new();
+            for _ in 0..len {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                let i = usize::try_from(seed % alphabet.len() as u64).unwrap_or(0);
+                s.push(char::from(alphabet[i]));
+            }
+            let _ = parse_request(&s);
+            let _ = parse_request(&format!("set=1\n{s}"));
+        }
+    }
+
+    #[test]
+    fn formats_get() {
+        let stats = PeerStats {
+            name: String::new(),
+            public_key: Key([2; 32]),
+            endpoint: Some("[fd00::2]:51820".parse().expect("addr")),
+            allowed_ips: vec!["100.64.0.2/32".parse().expect("net")],
+            persistent_keepalive: Some(25),
+            last_handshake: Some(UNIX_EPOCH + Duration::new(1_700_000_000, 5)),
+            rx_bytes: 10,
+            tx_bytes: 20,
+        };
+        let out = format_get(Some(Key([1; 32])), 51820, 0, &[(stats, None)]);
+        let want = format!(
+            "private_key={}\nlisten_port=51820\npublic_key={}\nprotocol_version=1\n\
+             endpoint=[fd00::2]:51820\nlast_handshake_time_sec=1700000000\n\
+             last_handshake_time_nsec=5\ntx_bytes=20\nrx_bytes=10\n\
+             persistent_keepalive_interval=25\nallowed_ip=100.64.0.2/32\nerrno=0\n\n",
+            hex(1),
+            hex(2)
+        );
+        assert_eq!(out, want);
+        let empty = format_get(None, 0, 7, &[]);
+        assert_eq!(empty, "listen_port=0\nfwmark=7\nerrno=0\n\n");
+    }
+}
