@@ -5,10 +5,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protoc = protoc_bin_vendored::protoc_bin_path()?;
     // SAFETY-free: build scripts are single-threaded; prost-build reads PROTOC.
     unsafe_set_protoc(&protoc);
-    tonic_prost_build::configure().compile_protos(
-        &["weft/v1/agent.proto", "weft/v1/admin.proto"],
-        &["."],
-    )?;
+    tonic_prost_build::configure()
+        .compile_protos(&["weft/v1/agent.proto", "weft/v1/admin.proto"], &["."])?;
     println!("cargo:rerun-if-changed=weft");
     Ok(())
 }

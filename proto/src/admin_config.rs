@@ -21,7 +21,9 @@ pub struct AdminConfig {
 
 impl std::fmt::Debug for AdminConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AdminConfig").field("url", &self.url).finish_non_exhaustive()
+        f.debug_struct("AdminConfig")
+            .field("url", &self.url)
+            .finish_non_exhaustive()
     }
 }
 
@@ -42,17 +44,32 @@ impl AdminConfig {
     /// Reads and checks an admin config file.
     pub fn load(path: &Path) -> Result<Self, AdminConfigError> {
         let p = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| AdminConfigError::Read { path: p.clone(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| AdminConfigError::Read {
+            path: p.clone(),
+            source,
+        })?;
         let cfg: AdminConfig =
-            serde_json::from_str(&text).map_err(|e| AdminConfigError::Invalid { path: p.clone(), reason: e.to_string() })?;
+            serde_json::from_str(&text).map_err(|e| AdminConfigError::Invalid {
+                path: p.clone(),
+                reason: e.to_string(),
+            })?;
         if !cfg.url.starts_with("https://") {
-            return Err(AdminConfigError::Invalid { path: p, reason: format!("url {:?} must start with https://", cfg.url) });
+            return Err(AdminConfigError::Invalid {
+                path: p,
+                reason: format!("url {:?} must start with https://", cfg.url),
+            });
         }
         if !cfg.ca_pem.contains("BEGIN CERTIFICATE") {
-            return Err(AdminConfigError::Invalid { path: p, reason: "ca_pem holds no PEM certificate".into() });
+            return Err(AdminConfigError::Invalid {
+                path: p,
+                reason: "ca_pem holds no PEM certificate".into(),
+            });
         }
         if cfg.token.is_empty() {
-            return Err(AdminConfigError::Invalid { path: p, reason: "token is empty".into() });
+            return Err(AdminConfigError::Invalid {
+                path: p,
+                reason: "token is empty".into(),
+            });
         }
         Ok(cfg)
     }

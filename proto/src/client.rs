@@ -52,7 +52,10 @@ pub async fn connect(
     endpoint
         .connect()
         .await
-        .map_err(|source| ConnectError::Transport { url: url.to_string(), source })
+        .map_err(|source| ConnectError::Transport {
+            url: url.to_string(),
+            source,
+        })
 }
 
 /// Like [`connect`], but connects lazily on first use (and reconnects).
@@ -64,8 +67,15 @@ pub fn connect_lazy(
     Ok(endpoint(url, ca_pem, identity)?.connect_lazy())
 }
 
-fn endpoint(url: &str, ca_pem: &str, identity: Option<(&str, &str)>) -> Result<Endpoint, ConnectError> {
-    let bad = |reason: String| ConnectError::BadUrl { url: url.to_string(), reason };
+fn endpoint(
+    url: &str,
+    ca_pem: &str,
+    identity: Option<(&str, &str)>,
+) -> Result<Endpoint, ConnectError> {
+    let bad = |reason: String| ConnectError::BadUrl {
+        url: url.to_string(),
+        reason,
+    };
     if !url.starts_with("https://") {
         return Err(bad("it must start with https://".into()));
     }
@@ -97,7 +107,10 @@ pub fn cert_hash(der: &[u8]) -> [u8; 32] {
 /// its SHA-256 equals `pin` and it signed the controller's certificate.
 /// Returns the CA as PEM.
 pub async fn fetch_pinned_ca(url: &str, pin: [u8; 32]) -> Result<String, ConnectError> {
-    let bad = |reason: String| ConnectError::BadUrl { url: url.to_string(), reason };
+    let bad = |reason: String| ConnectError::BadUrl {
+        url: url.to_string(),
+        reason,
+    };
     let uri: tonic::codegen::http::Uri = url.parse().map_err(|e| bad(format!("{e}")))?;
     if uri.scheme_str() != Some("https") {
         return Err(bad("it must start with https://".into()));
@@ -105,10 +118,17 @@ pub async fn fetch_pinned_ca(url: &str, pin: [u8; 32]) -> Result<String, Connect
     let host = uri.host().ok_or_else(|| bad("no host".into()))?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
     let port = uri.port_u16().unwrap_or(443);
-    let io_err = |source| ConnectError::Io { url: url.to_string(), source };
+    let io_err = |source| ConnectError::Io {
+        url: url.to_string(),
+        source,
+    };
 
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let verifier = Arc::new(PinnedCaVerifier { pin, provider: provider.clone(), found: Mutex::new(None) });
+    let verifier = Arc::new(PinnedCaVerifier {
+        pin,
+        provider: provider.clone(),
+        found: Mutex::new(None),
+    });
     let config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| bad(e.to_string()))?
@@ -116,18 +136,27 @@ pub async fn fetch_pinned_ca(url: &str, pin: [u8; 32]) -> Result<String, Connect
         .with_custom_certificate_verifier(verifier.clone())
         .with_no_client_auth();
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let tcp = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect((host, port)))
-        .await
-        .map_err(|_| io_err(std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out after 5 s")))?
-        .map_err(io_err)?;
+    let tcp = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::net::TcpStream::connect((host, port)),
+    )
+    .await
+    .map_err(|_| {
+        io_err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "connect timed out after 5 s",
+        ))
+    })?
+    .map_err(io_err)?;
     let name = ServerName::try_from(CONTROLLER_SERVER_NAME).map_err(|e| bad(e.to_string()))?;
     let handshake = connector.connect(name, tcp).await;
     let found = verifier.found.lock().ok().and_then(|mut f| f.take());
     match (handshake, found) {
         (Ok(_), Some(der)) => Ok(pem_encode("CERTIFICATE", &der)),
-        (Err(_), None) | (Ok(_), None) => {
-            Err(ConnectError::PinMismatch { url: url.to_string(), expected: hex(&pin) })
-        }
+        (Err(_), None) | (Ok(_), None) => Err(ConnectError::PinMismatch {
+            url: url.to_string(),
+            expected: hex(&pin),
+        }),
         (Err(e), Some(_)) => Err(io_err(e)),
     }
 }
@@ -170,13 +199,19 @@ impl ServerCertVerifier for PinnedCaVerifier {
         let ca = intermediates
             .iter()
             .find(|c| cert_hash(c.as_ref()) == self.pin)
-            .ok_or(rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer))?;
+            .ok_or(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::UnknownIssuer,
+            ))?;
         let mut roots = rustls::RootCertStore::empty();
         roots.add(ca.clone().into_owned())?;
-        let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
-            .build()
-            .map_err(|e| rustls::Error::General(e.to_string()))?;
-        let verified = inner.verify_server_cert(end_entity, &[], server_name, ocsp_response, now)?;
+        let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            self.provider.clone(),
+        )
+        .build()
+        .map_err(|e| rustls::Error::General(e.to_string()))?;
+        let verified =
+            inner.verify_server_cert(end_entity, &[], server_name, ocsp_response, now)?;
         if let Ok(mut f) = self.found.lock() {
             *f = Some(ca.as_ref().to_vec());
         }
@@ -189,7 +224,12 @@ impl ServerCertVerifier for PinnedCaVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -198,10 +238,17 @@ impl ServerCertVerifier for PinnedCaVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }

@@ -20,7 +20,11 @@ pub struct InvalidMessage {
 
 impl InvalidMessage {
     pub fn new(message: &'static str, field: impl Into<String>, reason: impl ToString) -> Self {
-        InvalidMessage { message, field: field.into(), reason: reason.to_string() }
+        InvalidMessage {
+            message,
+            field: field.into(),
+            reason: reason.to_string(),
+        }
     }
 }
 
@@ -43,12 +47,20 @@ pub fn parse_endpoint(
         .map_err(|e| InvalidMessage::new(message, field, format!("{s:?} is not IP:PORT ({e})")))
 }
 
-fn parse_nets(message: &'static str, field: &str, v: &[String]) -> Result<Vec<IpNet>, InvalidMessage> {
+fn parse_nets(
+    message: &'static str,
+    field: &str,
+    v: &[String],
+) -> Result<Vec<IpNet>, InvalidMessage> {
     v.iter()
         .enumerate()
         .map(|(i, s)| {
             s.parse::<IpNet>().map_err(|e| {
-                InvalidMessage::new(message, format!("{field}[{i}]"), format!("{s:?} is not a CIDR ({e})"))
+                InvalidMessage::new(
+                    message,
+                    format!("{field}[{i}]"),
+                    format!("{s:?} is not a CIDR ({e})"),
+                )
             })
         })
         .collect()
@@ -89,7 +101,9 @@ impl TryFrom<pb::NodeConfig> for NodeConfig {
         let mtu = u16::try_from(c.mtu)
             .ok()
             .filter(|m| (576..=9000).contains(m))
-            .ok_or_else(|| InvalidMessage::new(M, "mtu", format!("{} is outside 576..=9000", c.mtu)))?;
+            .ok_or_else(|| {
+                InvalidMessage::new(M, "mtu", format!("{} is outside 576..=9000", c.mtu))
+            })?;
         let mut peers = BTreeMap::new();
         for (i, p) in c.peers.into_iter().enumerate() {
             let peer = PeerConfig::try_from(p).map_err(|mut e| {
@@ -98,7 +112,11 @@ impl TryFrom<pb::NodeConfig> for NodeConfig {
                 e
             })?;
             if peers.insert(peer.public_key, peer).is_some() {
-                return Err(InvalidMessage::new(M, format!("peers[{i}].public_key"), "duplicate peer key"));
+                return Err(InvalidMessage::new(
+                    M,
+                    format!("peers[{i}].public_key"),
+                    "duplicate peer key",
+                ));
             }
         }
         Ok(NodeConfig {
@@ -135,7 +153,10 @@ mod tests {
             name: "b1".into(),
             public_key: key,
             endpoint: Some("198.18.2.2:51820".parse().expect("valid")),
-            allowed_ips: vec!["100.64.0.2/32".parse().expect("valid"), "fd00::2/128".parse().expect("valid")],
+            allowed_ips: vec![
+                "100.64.0.2/32".parse().expect("valid"),
+                "fd00::2/128".parse().expect("valid"),
+            ],
             persistent_keepalive: Some(25),
         };
         NodeConfig {

@@ -10,7 +10,12 @@ pub mod convert;
 pub mod token;
 
 /// Generated code for package `weft.v1`.
-#[allow(unreachable_pub, missing_debug_implementations, clippy::all, clippy::pedantic)]
+#[allow(
+    unreachable_pub,
+    missing_debug_implementations,
+    clippy::all,
+    clippy::pedantic
+)]
 pub mod pb {
     tonic::include_proto!("weft.v1");
 }

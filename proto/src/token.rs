@@ -25,7 +25,9 @@ pub struct JoinToken {
 
 /// Why a join token string is not a join token.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("join token is malformed: {0} (expected weft1.<id>.<secret>.<ca-sha256>, as printed by `weftctl token create`)")]
+#[error(
+    "join token is malformed: {0} (expected weft1.<id>.<secret>.<ca-sha256>, as printed by `weftctl token create`)"
+)]
 pub struct MalformedToken(&'static str);
 
 impl JoinToken {
@@ -36,7 +38,9 @@ impl JoinToken {
 
     /// Splits the `<id>.<secret>` credential the controller receives.
     pub fn parse_credential(s: &str) -> Result<(String, String), MalformedToken> {
-        let (id, secret) = s.split_once('.').ok_or(MalformedToken("missing '.' between id and secret"))?;
+        let (id, secret) = s
+            .split_once('.')
+            .ok_or(MalformedToken("missing '.' between id and secret"))?;
         check_part(id, 6, "id must be 6 characters [a-z0-9]")?;
         check_part(secret, 16, "secret must be 16 characters [a-z0-9]")?;
         Ok((id.to_string(), secret.to_string()))
@@ -44,7 +48,10 @@ impl JoinToken {
 }
 
 fn check_part(s: &str, len: usize, what: &'static str) -> Result<(), MalformedToken> {
-    if s.len() == len && s.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit()) {
+    if s.len() == len
+        && s.bytes()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+    {
         Ok(())
     } else {
         Err(MalformedToken(what))
@@ -66,8 +73,13 @@ impl FromStr for JoinToken {
         }
         check_part(id, 6, "id must be 6 characters [a-z0-9]")?;
         check_part(secret, 16, "secret must be 16 characters [a-z0-9]")?;
-        let ca_hash = parse_hash(hash).ok_or(MalformedToken("CA hash must be 64 hex characters"))?;
-        Ok(JoinToken { id: id.to_string(), secret: secret.to_string(), ca_hash })
+        let ca_hash =
+            parse_hash(hash).ok_or(MalformedToken("CA hash must be 64 hex characters"))?;
+        Ok(JoinToken {
+            id: id.to_string(),
+            secret: secret.to_string(),
+            ca_hash,
+        })
     }
 }
 
@@ -106,14 +118,27 @@ mod tests {
 
     #[test]
     fn round_trips() {
-        let t = JoinToken { id: "abc123".into(), secret: "0123456789abcdef".into(), ca_hash: [0xab; 32] };
+        let t = JoinToken {
+            id: "abc123".into(),
+            secret: "0123456789abcdef".into(),
+            ca_hash: [0xab; 32],
+        };
         assert_eq!(t.to_string().parse::<JoinToken>(), Ok(t.clone()));
-        assert_eq!(JoinToken::parse_credential(&t.credential()), Ok((t.id, t.secret)));
+        assert_eq!(
+            JoinToken::parse_credential(&t.credential()),
+            Ok((t.id, t.secret))
+        );
     }
 
     #[test]
     fn garbage_is_refused_with_a_reason() {
-        for bad in ["", "garbage", "weft1.abc", "weft1.ABC123.0123456789abcdef.00", "weft2.abc123.0123456789abcdef.aa"] {
+        for bad in [
+            "",
+            "garbage",
+            "weft1.abc",
+            "weft1.ABC123.0123456789abcdef.00",
+            "weft2.abc123.0123456789abcdef.aa",
+        ] {
             let e = bad.parse::<JoinToken>().expect_err(bad);
             assert!(e.to_string().contains("join token is malformed"), "{e}");
         }

@@ -15,7 +15,9 @@ use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 use weft_controller_core::{ErrorKind, Registration, netmap};
 use weft_proto::convert::{InvalidMessage, parse_endpoint, parse_key};
-use weft_proto::pb::{self, admin_service_server::AdminService, agent_service_server::AgentService};
+use weft_proto::pb::{
+    self, admin_service_server::AdminService, agent_service_server::AgentService,
+};
 use weft_proto::token::JoinToken;
 
 use crate::ca::Ca;
@@ -39,7 +41,9 @@ fn status(e: ApiError) -> Status {
                 ErrorKind::Internal => Status::internal(msg),
             }
         }
-        ApiError::Store(e) => Status::unavailable(format!("the change could not be stored, nothing was changed: {e}")),
+        ApiError::Store(e) => Status::unavailable(format!(
+            "the change could not be stored, nothing was changed: {e}"
+        )),
     }
 }
 
@@ -81,7 +85,11 @@ fn advertised_endpoint(
     let port = u16::try_from(listen_port)
         .ok()
         .filter(|p| *p != 0)
-        .ok_or_else(|| Status::invalid_argument(format!("invalid {msg}: field `listen_port`: {listen_port} is not a UDP port")))?;
+        .ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "invalid {msg}: field `listen_port`: {listen_port} is not a UDP port"
+            ))
+        })?;
     Ok(remote.map(|r| SocketAddr::new(canonical(r.ip()), port)))
 }
 
@@ -97,14 +105,20 @@ pub(crate) struct AgentApi {
 impl AgentApi {
     /// The node a request comes from, by its client certificate.
     fn caller<T>(&self, req: &Request<T>) -> Result<String, Status> {
-        let certs = req
-            .peer_certs()
-            .ok_or_else(|| Status::unauthenticated("no client certificate: enrol with a join token first"))?;
-        let leaf = certs.first().ok_or_else(|| Status::unauthenticated("empty client certificate chain"))?;
+        let certs = req.peer_certs().ok_or_else(|| {
+            Status::unauthenticated("no client certificate: enrol with a join token first")
+        })?;
+        let leaf = certs
+            .first()
+            .ok_or_else(|| Status::unauthenticated("empty client certificate chain"))?;
         let fp: [u8; 32] = Sha256::digest(leaf.as_ref()).into();
         self.controller
             .read(|s, _| s.node_by_cert(&fp).map(|n| n.id.clone()))
-            .ok_or_else(|| Status::unauthenticated("this node is not (or no longer) registered with the controller"))
+            .ok_or_else(|| {
+                Status::unauthenticated(
+                    "this node is not (or no longer) registered with the controller",
+                )
+            })
     }
 }
 
@@ -112,7 +126,10 @@ type ConfigStream = Pin<Box<dyn Stream<Item = Result<pb::NodeConfig, Status>> + 
 
 #[tonic::async_trait]
 impl AgentService for AgentApi {
-    async fn register(&self, req: Request<pb::RegisterRequest>) -> Result<Response<pb::RegisterResponse>, Status> {
+    async fn register(
+        &self,
+        req: Request<pb::RegisterRequest>,
+    ) -> Result<Response<pb::RegisterResponse>, Status> {
         const M: &str = "RegisterRequest";
         let remote = req.remote_addr();
         let r = req.into_inner();
@@ -121,10 +138,9 @@ impl AgentService for AgentApi {
         let public_key = parse_key(M, "public_key", &r.public_key).map_err(invalid)?;
         let endpoint = advertised_endpoint(&r.endpoint, r.listen_port, remote, M)?;
         let node_id = format!("n-{}", random_lower(8));
-        let (cert_pem, fingerprint) = self
-            .ca
-            .sign_node_csr(&r.csr_der, &node_id)
-            .map_err(|e| Status::invalid_argument(format!("invalid {M}: field `csr_der`: {e:#}")))?;
+        let (cert_pem, fingerprint) = self.ca.sign_node_csr(&r.csr_der, &node_id).map_err(|e| {
+            Status::invalid_argument(format!("invalid {M}: field `csr_der`: {e:#}"))
+        })?;
         let reg = Registration {
             node_id: node_id.clone(),
             token_id: token_id.clone(),
@@ -135,10 +151,15 @@ impl AgentService for AgentApi {
             cert_fingerprint: fingerprint,
         };
         let now = now_unix();
-        match self.controller.mutate("register node", |s| s.register_node(reg, now).map(|n| n.id.clone())) {
+        match self.controller.mutate("register node", |s| {
+            s.register_node(reg, now).map(|n| n.id.clone())
+        }) {
             Ok(id) => {
                 info!(node = %id, name = %r.name, token = %token_id, endpoint = ?endpoint, "node registered");
-                Ok(Response::new(pb::RegisterResponse { node_id: id, client_cert_pem: cert_pem }))
+                Ok(Response::new(pb::RegisterResponse {
+                    node_id: id,
+                    client_cert_pem: cert_pem,
+                }))
             }
             Err(e) => {
                 warn!(name = %r.name, token = %token_id, error = %e, "registration refused");
@@ -149,20 +170,28 @@ impl AgentService for AgentApi {
 
     type WatchStream = ConfigStream;
 
-    async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<ConfigStream>, Status> {
+    async fn watch(
+        &self,
+        req: Request<pb::WatchRequest>,
+    ) -> Result<Response<ConfigStream>, Status> {
         let node_id = self.caller(&req)?;
         let remote = req.remote_addr();
         let w = req.into_inner();
         let endpoint = advertised_endpoint(&w.endpoint, w.listen_port, remote, "WatchRequest")?;
         if endpoint.is_some() {
-            self.controller.set_endpoint(&node_id, endpoint).map_err(status)?;
+            self.controller
+                .set_endpoint(&node_id, endpoint)
+                .map_err(status)?;
         }
         let rx = self
             .controller
             .subscribe(&node_id)
             .ok_or_else(|| Status::unauthenticated("this node is no longer registered"))?;
         info!(node = %node_id, known_revision = w.known_revision, "agent watching its config");
-        let guard = StreamGuard { controller: self.controller.clone(), node_id };
+        let guard = StreamGuard {
+            controller: self.controller.clone(),
+            node_id,
+        };
         let stream = WatchStream::new(rx).map(move |cfg| {
             let _keep = &guard;
             Ok(pb::NodeConfig::from(cfg.as_ref()))
@@ -170,7 +199,10 @@ impl AgentService for AgentApi {
         Ok(Response::new(Box::pin(stream)))
     }
 
-    async fn report(&self, req: Request<pb::ReportRequest>) -> Result<Response<pb::ReportResponse>, Status> {
+    async fn report(
+        &self,
+        req: Request<pb::ReportRequest>,
+    ) -> Result<Response<pb::ReportResponse>, Status> {
         let node_id = self.caller(&req)?;
         self.controller.report(&node_id, req.into_inner());
         Ok(Response::new(pb::ReportResponse {}))
@@ -204,12 +236,16 @@ impl tonic::service::Interceptor for AdminAuth {
             .get(weft_proto::admin_config::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
-            .ok_or_else(|| Status::unauthenticated("missing admin token (authorization: Bearer ...)"))?;
+            .ok_or_else(|| {
+                Status::unauthenticated("missing admin token (authorization: Bearer ...)")
+            })?;
         // Compare hashes, so timing says nothing about the token.
         if sha256(given) == self.token_hash {
             Ok(req)
         } else {
-            Err(Status::unauthenticated("admin token is not valid for this controller"))
+            Err(Status::unauthenticated(
+                "admin token is not valid for this controller",
+            ))
         }
     }
 }
@@ -222,7 +258,11 @@ pub(crate) struct AdminApi {
 }
 
 fn site_pb(s: &weft_controller_core::Site, node_count: usize) -> pb::Site {
-    pb::Site { name: s.name.clone(), created_unix: s.created_unix, node_count: u32::try_from(node_count).unwrap_or(u32::MAX) }
+    pb::Site {
+        name: s.name.clone(),
+        created_unix: s.created_unix,
+        node_count: u32::try_from(node_count).unwrap_or(u32::MAX),
+    }
 }
 
 fn token_pb(t: &weft_controller_core::JoinToken) -> pb::JoinToken {
@@ -267,17 +307,30 @@ fn peer_pb(p: &weft_controller_core::ExternalPeer) -> pb::ExternalPeer {
 
 #[tonic::async_trait]
 impl AdminService for AdminApi {
-    async fn create_site(&self, req: Request<pb::CreateSiteRequest>) -> Result<Response<pb::Site>, Status> {
+    async fn create_site(
+        &self,
+        req: Request<pb::CreateSiteRequest>,
+    ) -> Result<Response<pb::Site>, Status> {
         let name = req.into_inner().name;
         let now = now_unix();
-        let site = self.controller.mutate("create site", |s| s.create_site(&name, now).map(|s| site_pb(s, 0))).map_err(status)?;
+        let site = self
+            .controller
+            .mutate("create site", |s| {
+                s.create_site(&name, now).map(|s| site_pb(s, 0))
+            })
+            .map_err(status)?;
         info!(site = %name, "site created");
         Ok(Response::new(site))
     }
 
-    async fn list_sites(&self, _req: Request<pb::ListSitesRequest>) -> Result<Response<pb::ListSitesResponse>, Status> {
+    async fn list_sites(
+        &self,
+        _req: Request<pb::ListSitesRequest>,
+    ) -> Result<Response<pb::ListSitesResponse>, Status> {
         let sites = self.controller.read(|s, _| {
-            s.sites().map(|site| site_pb(site, s.nodes().filter(|n| n.site == site.name).count())).collect()
+            s.sites()
+                .map(|site| site_pb(site, s.nodes().filter(|n| n.site == site.name).count()))
+                .collect()
         });
         Ok(Response::new(pb::ListSitesResponse { sites }))
     }
@@ -285,27 +338,50 @@ impl AdminService for AdminApi {
     async fn get_site(&self, req: Request<pb::GetRequest>) -> Result<Response<pb::Site>, Status> {
         let name = req.into_inner().name;
         self.controller
-            .read(|s, _| s.site(&name).map(|site| site_pb(site, s.nodes().filter(|n| n.site == site.name).count())))
+            .read(|s, _| {
+                s.site(&name)
+                    .map(|site| site_pb(site, s.nodes().filter(|n| n.site == site.name).count()))
+            })
             .map(Response::new)
             .ok_or_else(|| Status::not_found(format!("site {name:?} not found")))
     }
 
-    async fn delete_site(&self, req: Request<pb::DeleteRequest>) -> Result<Response<pb::DeleteResponse>, Status> {
+    async fn delete_site(
+        &self,
+        req: Request<pb::DeleteRequest>,
+    ) -> Result<Response<pb::DeleteResponse>, Status> {
         let name = req.into_inner().name;
-        let revision = self.controller.mutate("delete site", |s| s.delete_site(&name).map(|()| s.revision())).map_err(status)?;
+        let revision = self
+            .controller
+            .mutate("delete site", |s| {
+                s.delete_site(&name).map(|()| s.revision())
+            })
+            .map_err(status)?;
         info!(site = %name, "site deleted");
         Ok(Response::new(pb::DeleteResponse { revision }))
     }
 
-    async fn create_join_token(&self, req: Request<pb::CreateJoinTokenRequest>) -> Result<Response<pb::JoinToken>, Status> {
+    async fn create_join_token(
+        &self,
+        req: Request<pb::CreateJoinTokenRequest>,
+    ) -> Result<Response<pb::JoinToken>, Status> {
         let r = req.into_inner();
-        let ttl = if r.ttl_seconds == 0 { DEFAULT_TOKEN_TTL_SECS } else { r.ttl_seconds };
-        let token = JoinToken { id: random_lower(6), secret: random_lower(16), ca_hash: self.ca.hash() };
+        let ttl = if r.ttl_seconds == 0 {
+            DEFAULT_TOKEN_TTL_SECS
+        } else {
+            r.ttl_seconds
+        };
+        let token = JoinToken {
+            id: random_lower(6),
+            secret: random_lower(16),
+            ca_hash: self.ca.hash(),
+        };
         let now = now_unix();
         let mut out = self
             .controller
             .mutate("create join token", |s| {
-                s.create_token(&token.id, sha256(&token.secret), &r.site, now, ttl).map(token_pb)
+                s.create_token(&token.id, sha256(&token.secret), &r.site, now, ttl)
+                    .map(token_pb)
             })
             .map_err(status)?;
         info!(token = %token.id, site = %r.site, ttl_secs = ttl, "join token created");
@@ -313,18 +389,34 @@ impl AdminService for AdminApi {
         Ok(Response::new(out))
     }
 
-    async fn list_join_tokens(&self, _req: Request<pb::ListJoinTokensRequest>) -> Result<Response<pb::ListJoinTokensResponse>, Status> {
-        let tokens = self.controller.read(|s, _| s.tokens().map(token_pb).collect());
+    async fn list_join_tokens(
+        &self,
+        _req: Request<pb::ListJoinTokensRequest>,
+    ) -> Result<Response<pb::ListJoinTokensResponse>, Status> {
+        let tokens = self
+            .controller
+            .read(|s, _| s.tokens().map(token_pb).collect());
         Ok(Response::new(pb::ListJoinTokensResponse { tokens }))
     }
 
-    async fn delete_join_token(&self, req: Request<pb::DeleteRequest>) -> Result<Response<pb::DeleteResponse>, Status> {
+    async fn delete_join_token(
+        &self,
+        req: Request<pb::DeleteRequest>,
+    ) -> Result<Response<pb::DeleteResponse>, Status> {
         let id = req.into_inner().name;
-        let revision = self.controller.mutate("delete join token", |s| s.delete_token(&id).map(|()| s.revision())).map_err(status)?;
+        let revision = self
+            .controller
+            .mutate("delete join token", |s| {
+                s.delete_token(&id).map(|()| s.revision())
+            })
+            .map_err(status)?;
         Ok(Response::new(pb::DeleteResponse { revision }))
     }
 
-    async fn list_nodes(&self, req: Request<pb::ListNodesRequest>) -> Result<Response<pb::ListNodesResponse>, Status> {
+    async fn list_nodes(
+        &self,
+        req: Request<pb::ListNodesRequest>,
+    ) -> Result<Response<pb::ListNodesResponse>, Status> {
         let site = req.into_inner().site;
         let (nodes, revision) = self.controller.read(|s, st| {
             let nodes = s
@@ -345,17 +437,25 @@ impl AdminService for AdminApi {
             .ok_or_else(|| Status::not_found(format!("node {name:?} not found")))
     }
 
-    async fn delete_node(&self, req: Request<pb::DeleteRequest>) -> Result<Response<pb::DeleteResponse>, Status> {
+    async fn delete_node(
+        &self,
+        req: Request<pb::DeleteRequest>,
+    ) -> Result<Response<pb::DeleteResponse>, Status> {
         let name = req.into_inner().name;
         let (node, revision) = self
             .controller
-            .mutate("delete node", |s| s.delete_node(&name).map(|n| (n, s.revision())))
+            .mutate("delete node", |s| {
+                s.delete_node(&name).map(|n| (n, s.revision()))
+            })
             .map_err(status)?;
         info!(node = %node.id, name = %node.name, "node deleted");
         Ok(Response::new(pb::DeleteResponse { revision }))
     }
 
-    async fn create_external_peer(&self, req: Request<pb::CreateExternalPeerRequest>) -> Result<Response<pb::ExternalPeer>, Status> {
+    async fn create_external_peer(
+        &self,
+        req: Request<pb::CreateExternalPeerRequest>,
+    ) -> Result<Response<pb::ExternalPeer>, Status> {
         const M: &str = "CreateExternalPeerRequest";
         let r = req.into_inner();
         let key = parse_key(M, "public_key", &r.public_key).map_err(invalid)?;
@@ -363,18 +463,29 @@ impl AdminService for AdminApi {
         let now = now_unix();
         let peer = self
             .controller
-            .mutate("add external peer", |s| s.add_external_peer(&r.name, &r.site, key, endpoint, now).map(peer_pb))
+            .mutate("add external peer", |s| {
+                s.add_external_peer(&r.name, &r.site, key, endpoint, now)
+                    .map(peer_pb)
+            })
             .map_err(status)?;
         info!(peer = %r.name, site = %r.site, "external peer added");
         Ok(Response::new(peer))
     }
 
-    async fn list_external_peers(&self, _req: Request<pb::ListExternalPeersRequest>) -> Result<Response<pb::ListExternalPeersResponse>, Status> {
-        let peers = self.controller.read(|s, _| s.external_peers().map(peer_pb).collect());
+    async fn list_external_peers(
+        &self,
+        _req: Request<pb::ListExternalPeersRequest>,
+    ) -> Result<Response<pb::ListExternalPeersResponse>, Status> {
+        let peers = self
+            .controller
+            .read(|s, _| s.external_peers().map(peer_pb).collect());
         Ok(Response::new(pb::ListExternalPeersResponse { peers }))
     }
 
-    async fn get_external_peer(&self, req: Request<pb::GetRequest>) -> Result<Response<pb::ExternalPeer>, Status> {
+    async fn get_external_peer(
+        &self,
+        req: Request<pb::GetRequest>,
+    ) -> Result<Response<pb::ExternalPeer>, Status> {
         let name = req.into_inner().name;
         self.controller
             .read(|s, _| s.external_peer(&name).map(peer_pb))
@@ -382,17 +493,25 @@ impl AdminService for AdminApi {
             .ok_or_else(|| Status::not_found(format!("external peer {name:?} not found")))
     }
 
-    async fn delete_external_peer(&self, req: Request<pb::DeleteRequest>) -> Result<Response<pb::DeleteResponse>, Status> {
+    async fn delete_external_peer(
+        &self,
+        req: Request<pb::DeleteRequest>,
+    ) -> Result<Response<pb::DeleteResponse>, Status> {
         let name = req.into_inner().name;
         let revision = self
             .controller
-            .mutate("delete external peer", |s| s.delete_external_peer(&name).map(|()| s.revision()))
+            .mutate("delete external peer", |s| {
+                s.delete_external_peer(&name).map(|()| s.revision())
+            })
             .map_err(status)?;
         info!(peer = %name, "external peer deleted");
         Ok(Response::new(pb::DeleteResponse { revision }))
     }
 
-    async fn get_external_peer_config(&self, req: Request<pb::GetRequest>) -> Result<Response<pb::NodeConfig>, Status> {
+    async fn get_external_peer_config(
+        &self,
+        req: Request<pb::GetRequest>,
+    ) -> Result<Response<pb::NodeConfig>, Status> {
         let name = req.into_inner().name;
         self.controller
             .read(|s, _| netmap::external_peer_config(s, &name).map(|c| pb::NodeConfig::from(&c)))

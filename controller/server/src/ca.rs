@@ -6,8 +6,8 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType,
-    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 use rustls::pki_types::CertificateSigningRequestDer;
 use weft_proto::client::{CONTROLLER_SERVER_NAME, cert_hash};
@@ -26,7 +26,9 @@ pub(crate) struct Ca {
 
 impl std::fmt::Debug for Ca {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Ca").field("hash", &hex::encode(self.hash())).finish_non_exhaustive()
+        f.debug_struct("Ca")
+            .field("hash", &hex::encode(self.hash()))
+            .finish_non_exhaustive()
     }
 }
 
@@ -49,8 +51,13 @@ impl Ca {
                     .with_context(|| format!("reading {}", cert_path.display()))?;
                 let key_pem = std::fs::read_to_string(&key_path)
                     .with_context(|| format!("reading {}", key_path.display()))?;
-                Ca::from_pem(&cert_pem, &key_pem)
-                    .with_context(|| format!("loading the CA from {} and {}", cert_path.display(), key_path.display()))
+                Ca::from_pem(&cert_pem, &key_pem).with_context(|| {
+                    format!(
+                        "loading the CA from {} and {}",
+                        cert_path.display(),
+                        key_path.display()
+                    )
+                })
             }
             (false, false) if create => {
                 let ca = Ca::generate()?;
@@ -79,7 +86,11 @@ impl Ca {
         dn.push(DnType::CommonName, "Weft controller CA");
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
         let cert = params.self_signed(&key).context("self-signing the CA")?;
         let cert_pem = cert.pem();
         Ca::from_pem(&cert_pem, &key.serialize_pem())
@@ -88,8 +99,13 @@ impl Ca {
     fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Ca> {
         let key = KeyPair::from_pem(key_pem).context("parsing the CA key")?;
         let der = rustls_pemfile_cert(cert_pem)?;
-        let issuer = Issuer::from_ca_cert_der(&der.clone().into(), key).context("parsing the CA certificate")?;
-        Ok(Ca { cert_pem: cert_pem.to_string(), cert_der: der, issuer })
+        let issuer = Issuer::from_ca_cert_der(&der.clone().into(), key)
+            .context("parsing the CA certificate")?;
+        Ok(Ca {
+            cert_pem: cert_pem.to_string(),
+            cert_der: der,
+            issuer,
+        })
     }
 
     /// The CA certificate, PEM.
@@ -107,20 +123,30 @@ impl Ca {
     pub(crate) fn issue_server_cert(&self) -> Result<ServerCert> {
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::new(vec![CONTROLLER_SERVER_NAME.to_string()])?;
-        params.distinguished_name.push(DnType::CommonName, CONTROLLER_SERVER_NAME);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, CONTROLLER_SERVER_NAME);
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         let cert = params.signed_by(&key, &self.issuer)?;
-        Ok(ServerCert { chain_pem: format!("{}{}", cert.pem(), self.cert_pem), key_pem: key.serialize_pem() })
+        Ok(ServerCert {
+            chain_pem: format!("{}{}", cert.pem(), self.cert_pem),
+            key_pem: key.serialize_pem(),
+        })
     }
 
     /// Signs a node's certificate signing request. Whatever names the CSR
     /// asks for, the certificate names only the node (client auth only, so
     /// it can never pose as the controller). Returns the PEM and the SHA-256
     /// fingerprint of its DER, by which the controller recognises the node.
-    pub(crate) fn sign_node_csr(&self, csr_der: &[u8], node_id: &str) -> Result<(String, [u8; 32])> {
+    pub(crate) fn sign_node_csr(
+        &self,
+        csr_der: &[u8],
+        node_id: &str,
+    ) -> Result<(String, [u8; 32])> {
         let der = CertificateSigningRequestDer::from(csr_der);
-        let mut csr = CertificateSigningRequestParams::from_der(&der).context("the certificate signing request is invalid")?;
+        let mut csr = CertificateSigningRequestParams::from_der(&der)
+            .context("the certificate signing request is invalid")?;
         let name = format!("{node_id}.nodes.weft.internal");
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         params.subject_alt_names = vec![SanType::DnsName(name.clone().try_into()?)];
@@ -129,7 +155,9 @@ impl Ca {
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.is_ca = IsCa::ExplicitNoCa;
         csr.params = params;
-        let cert = csr.signed_by(&self.issuer).context("signing the node certificate")?;
+        let cert = csr
+            .signed_by(&self.issuer)
+            .context("signing the node certificate")?;
         Ok((cert.pem(), cert_hash(cert.der())))
     }
 }
@@ -145,7 +173,9 @@ fn rustls_pemfile_cert(pem: &str) -> Result<Vec<u8>> {
     if body.is_empty() {
         bail!("no PEM certificate found");
     }
-    base64::engine::general_purpose::STANDARD.decode(body.trim()).context("certificate PEM is not valid base64")
+    base64::engine::general_purpose::STANDARD
+        .decode(body.trim())
+        .context("certificate PEM is not valid base64")
 }
 
 #[cfg(test)]
@@ -163,7 +193,10 @@ mod tests {
         let (pem, fp) = ca.sign_node_csr(csr.der(), "n-1234").expect("sign");
         assert!(pem.contains("BEGIN CERTIFICATE"));
         assert_ne!(fp, [0; 32]);
-        assert!(ca.sign_node_csr(b"garbage", "n-1").is_err(), "garbage CSR must be refused");
+        assert!(
+            ca.sign_node_csr(b"garbage", "n-1").is_err(),
+            "garbage CSR must be refused"
+        );
     }
 
     #[test]

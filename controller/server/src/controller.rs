@@ -55,14 +55,24 @@ struct Inner {
 
 /// Unix time now, in seconds.
 pub(crate) fn now_unix() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 impl Controller {
     pub(crate) fn new(state: State, store: Box<dyn Store + Send>) -> Controller {
-        let mut inner = Inner { state, store, configs: BTreeMap::new(), status: BTreeMap::new() };
+        let mut inner = Inner {
+            state,
+            store,
+            configs: BTreeMap::new(),
+            status: BTreeMap::new(),
+        };
         inner.publish();
-        Controller { inner: Mutex::new(inner) }
+        Controller {
+            inner: Mutex::new(inner),
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -79,7 +89,11 @@ impl Controller {
 
     /// Applies `f` to a copy of the state, persists the copy, then makes it
     /// current and pushes changed configs to the agents.
-    pub(crate) fn mutate<T>(&self, what: &str, f: impl FnOnce(&mut State) -> Result<T, CoreError>) -> Result<T, ApiError> {
+    pub(crate) fn mutate<T>(
+        &self,
+        what: &str,
+        f: impl FnOnce(&mut State) -> Result<T, CoreError>,
+    ) -> Result<T, ApiError> {
         let mut inner = self.lock();
         let mut next = inner.state.clone();
         let out = f(&mut next)?;
@@ -88,7 +102,11 @@ impl Controller {
         }
         inner.store.save(&next)?;
         inner.state = next;
-        info!(revision = inner.state.revision(), change = what, "state changed");
+        info!(
+            revision = inner.state.revision(),
+            change = what,
+            "state changed"
+        );
         inner.publish();
         Ok(out)
     }
@@ -120,8 +138,14 @@ impl Controller {
     }
 
     /// Updates a node's endpoint if it changed (persisted).
-    pub(crate) fn set_endpoint(&self, node_id: &str, endpoint: Option<SocketAddr>) -> Result<(), ApiError> {
-        self.mutate("node endpoint", |s| s.set_node_endpoint(node_id, endpoint).map(|_| ()))
+    pub(crate) fn set_endpoint(
+        &self,
+        node_id: &str,
+        endpoint: Option<SocketAddr>,
+    ) -> Result<(), ApiError> {
+        self.mutate("node endpoint", |s| {
+            s.set_node_endpoint(node_id, endpoint).map(|_| ())
+        })
     }
 }
 
@@ -161,5 +185,9 @@ impl Inner {
 
 /// Equal but for the revision tag (a revision bump alone is not pushed).
 fn same_content(a: &NodeConfig, b: &NodeConfig) -> bool {
-    a.addresses == b.addresses && a.mtu == b.mtu && a.peers == b.peers && a.node_name == b.node_name && a.node_id == b.node_id
+    a.addresses == b.addresses
+        && a.mtu == b.mtu
+        && a.peers == b.peers
+        && a.node_name == b.node_name
+        && a.node_id == b.node_id
 }

@@ -40,7 +40,11 @@ use crate::store::{FileStore, Store};
 struct Args {
     /// Directory for the store (state.json), the CA (ca.pem, ca.key) and
     /// admin.conf. Created (mode 0700) if missing.
-    #[arg(long, env = "WEFT_DATA_DIR", default_value = "/var/lib/weft-controller")]
+    #[arg(
+        long,
+        env = "WEFT_DATA_DIR",
+        default_value = "/var/lib/weft-controller"
+    )]
     data_dir: PathBuf,
 
     /// Address and TCP port to serve the gRPC API on (TLS).
@@ -77,29 +81,48 @@ async fn run(args: Args) -> Result<()> {
     let mut store = FileStore::new(dir);
     let (state, fresh) = match store.load()? {
         Some(state) => {
-            info!(revision = state.revision(), nodes = state.nodes().count(), "loaded the store");
+            info!(
+                revision = state.revision(),
+                nodes = state.nodes().count(),
+                "loaded the store"
+            );
             (state, false)
         }
-        None => (State::new(NetworkSettings::with_ipv6_prefix(random_ula()))?, true),
+        None => (
+            State::new(NetworkSettings::with_ipv6_prefix(random_ula()))?,
+            true,
+        ),
     };
     let ca = Arc::new(Ca::load_or_create(dir, fresh)?);
     if fresh {
         store.save(&state).context("writing the initial store")?;
         info!(ipv4 = %state.settings().ipv4_pool, ipv6 = %state.settings().ipv6_prefix, "created a new network");
     }
-    let url = args.advertise_url.clone().unwrap_or_else(|| default_url(args.listen));
+    let url = args
+        .advertise_url
+        .clone()
+        .unwrap_or_else(|| default_url(args.listen));
     let admin = admin_config(dir, &url, ca.cert_pem())?;
     let token_hash: [u8; 32] = Sha256::digest(admin.token.as_bytes()).into();
 
     let server_cert = ca.issue_server_cert()?;
     let tls = ServerTlsConfig::new()
-        .identity(Identity::from_pem(server_cert.chain_pem, server_cert.key_pem))
+        .identity(Identity::from_pem(
+            server_cert.chain_pem,
+            server_cert.key_pem,
+        ))
         .client_ca_root(Certificate::from_pem(ca.cert_pem()))
         .client_auth_optional(true);
 
     let controller = Arc::new(Controller::new(state, Box::new(store)));
-    let agent = AgentApi { controller: controller.clone(), ca: ca.clone() };
-    let admin_api = AdminApi { controller, ca: ca.clone() };
+    let agent = AgentApi {
+        controller: controller.clone(),
+        ca: ca.clone(),
+    };
+    let admin_api = AdminApi {
+        controller,
+        ca: ca.clone(),
+    };
 
     info!(listen = %args.listen, url = %url, ca_sha256 = %hex::encode(ca.hash()), admin_conf = %dir.join(ADMIN_CONF).display(), "controller serving");
     Server::builder()
@@ -108,7 +131,10 @@ async fn run(args: Args) -> Result<()> {
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(5)))
         .add_service(AgentServiceServer::new(agent))
-        .add_service(AdminServiceServer::with_interceptor(admin_api, AdminAuth { token_hash }))
+        .add_service(AdminServiceServer::with_interceptor(
+            admin_api,
+            AdminAuth { token_hash },
+        ))
         .serve_with_shutdown(args.listen, shutdown_signal())
         .await
         .with_context(|| format!("serving on {}", args.listen))?;
@@ -118,7 +144,10 @@ async fn run(args: Args) -> Result<()> {
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         warn!("cannot install signal handlers; stop with SIGKILL");
         return std::future::pending().await;
     };
@@ -150,22 +179,35 @@ fn lock_data_dir(dir: &Path) -> Result<std::fs::File> {
     match file.try_lock() {
         Ok(()) => Ok(file),
         Err(std::fs::TryLockError::WouldBlock) => {
-            bail!("another weft-controller is already running with data dir {}", dir.display())
+            bail!(
+                "another weft-controller is already running with data dir {}",
+                dir.display()
+            )
         }
-        Err(std::fs::TryLockError::Error(e)) => Err(e).with_context(|| format!("locking {}", path.display())),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("locking {}", path.display()))
+        }
     }
 }
 
 /// A random /48 from fd00::/8 (RFC 4193 unique local addresses).
 fn random_ula() -> Ipv6Net {
     let mut rng = rand::rng();
-    let g: [u16; 3] = [0xfd00 | u16::from(rng.random::<u8>()), rng.random(), rng.random()];
+    let g: [u16; 3] = [
+        0xfd00 | u16::from(rng.random::<u8>()),
+        rng.random(),
+        rng.random(),
+    ];
     let addr = std::net::Ipv6Addr::new(g[0], g[1], g[2], 0, 0, 0, 0, 0);
     Ipv6Net::new_assert(addr, 48)
 }
 
 fn default_url(listen: SocketAddr) -> String {
-    let ip = if listen.ip().is_unspecified() { IpAddr::from([127, 0, 0, 1]) } else { listen.ip() };
+    let ip = if listen.ip().is_unspecified() {
+        IpAddr::from([127, 0, 0, 1])
+    } else {
+        listen.ip()
+    };
     format!("https://{}", SocketAddr::new(ip, listen.port()))
 }
 
@@ -179,8 +221,15 @@ fn admin_config(dir: &Path, url: &str, ca_pem: &str) -> Result<AdminConfig> {
         let bytes: [u8; 32] = rand::rng().random();
         hex::encode(bytes)
     };
-    let cfg = AdminConfig { url: url.to_string(), ca_pem: ca_pem.to_string(), token };
-    let current = path.exists().then(|| AdminConfig::load(&path).ok()).flatten();
+    let cfg = AdminConfig {
+        url: url.to_string(),
+        ca_pem: ca_pem.to_string(),
+        token,
+    };
+    let current = path
+        .exists()
+        .then(|| AdminConfig::load(&path).ok())
+        .flatten();
     if current.as_ref() != Some(&cfg) {
         if cfg.token.len() < 32 {
             bail!("the admin token in {} is too short", path.display());
