@@ -1,1 +1,273 @@
-fn main() {}
+//! `weft`: developer tool. `weft lab up|status|down|clean` manages a
+//! persistent network-namespace lab (3 sites × 2 nodes, a controller) on
+//! this machine.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+use weft_tests::lab::STATE_ROOT;
+use weft_tests::{Lab, LabState, Matrix, process};
+
+#[derive(Debug, Parser)]
+#[command(name = "weft", version, about = "Weft developer tools")]
+struct Cli {
+    #[command(subcommand)]
+    command: Top,
+}
+
+#[derive(Debug, Subcommand)]
+enum Top {
+    /// A persistent lab of network namespaces on this machine (needs root).
+    #[command(subcommand)]
+    Lab(LabCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum LabCmd {
+    /// Build the lab and leave it running, then print the connectivity matrix.
+    ///
+    /// Namespaces `<P>-wan` (WAN router), `<P>-ctl` (weft-controller at
+    /// 198.18.100.2:7443), `<P>-a|b|c` (site routers, uplinks 198.18.<i>.0/24,
+    /// LANs 198.19.<i>.0/24) and `<P>-a1` ... `<P>-c2` (nodes running
+    /// weft-agent, interface `wf<tag><node>`). WAN uplinks get netem delays of
+    /// 5/10/15 ms one way (half on each veth end) when the kernel has netem.
+    /// Binaries are taken from the directory of this executable (override
+    /// with WEFT_BIN_DIR). State: /run/weft-lab/lab.json.
+    Up {
+        /// Tear down an existing lab first.
+        #[arg(long)]
+        force: bool,
+        /// Sites, comma separated.
+        #[arg(long, value_delimiter = ',', default_value = "a,b,c")]
+        sites: Vec<String>,
+        /// Nodes per site.
+        #[arg(long, default_value_t = 2)]
+        nodes_per_site: usize,
+        /// Seconds to wait for the WireGuard mesh to form.
+        #[arg(long, default_value_t = 60)]
+        mesh_timeout_secs: u64,
+        /// Only namespaces and the underlay: no controller, no agents.
+        #[arg(long)]
+        topology_only: bool,
+    },
+    /// Show the lab's processes and reprint the connectivity matrix.
+    Status,
+    /// Kill the lab's processes (by recorded PID and start time) and delete
+    /// its namespaces and files.
+    Down,
+    /// Tear down labs left behind by test processes that died (e.g. killed
+    /// with Ctrl-C before their cleanup ran).
+    Clean,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let res = match cli.command {
+        Top::Lab(cmd) => lab(cmd),
+    };
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("weft: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn lab(cmd: LabCmd) -> Result<()> {
+    if !weft_tests::is_root() {
+        bail!("`weft lab` creates network namespaces and must run as root (try sudo)");
+    }
+    match cmd {
+        LabCmd::Up {
+            force,
+            sites,
+            nodes_per_site,
+            mesh_timeout_secs,
+            topology_only,
+        } => up(
+            force,
+            &sites,
+            nodes_per_site,
+            mesh_timeout_secs,
+            topology_only,
+        ),
+        LabCmd::Status => status(),
+        LabCmd::Down => down(),
+        LabCmd::Clean => clean(),
+    }
+}
+
+fn state_file() -> PathBuf {
+    Path::new(STATE_ROOT).join("lab.json")
+}
+
+fn load(path: &Path) -> Result<LabState> {
+    let bytes = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", path.display()))
+}
+
+fn up(
+    force: bool,
+    sites: &[String],
+    nodes_per_site: usize,
+    mesh_timeout_secs: u64,
+    topology_only: bool,
+) -> Result<()> {
+    let path = state_file();
+    if path.exists() {
+        if !force {
+            let prefix = load(&path).map(|s| s.prefix).unwrap_or_else(|_| "?".into());
+            bail!(
+                "a lab already exists (prefix {prefix}, {}): use `weft lab status`, \
+                 `weft lab down`, or `weft lab up --force` to rebuild it",
+                path.display()
+            );
+        }
+        down()?;
+    }
+    let sites: Vec<&str> = sites.iter().map(String::as_str).collect();
+    println!(
+        "building lab: sites {sites:?}, {nodes_per_site} nodes each (waiting up to {mesh_timeout_secs}s for the mesh)..."
+    );
+    let lab = Lab::builder()
+        .sites(&sites)
+        .nodes_per_site(nodes_per_site)
+        .mesh_timeout(Duration::from_secs(mesh_timeout_secs))
+        .persistent(true)
+        .topology_only(topology_only)
+        .try_build()?;
+    print_info(&lab);
+    if topology_only {
+        print!("{}", underlay_matrix(&lab));
+    } else {
+        let matrix = Matrix::measure(&lab, false, 3)?;
+        print!("{}", matrix.render());
+    }
+    let st = lab.detach();
+    println!(
+        "lab {} is up (state in {}).",
+        st.prefix,
+        state_file().display()
+    );
+    Ok(())
+}
+
+fn print_info(lab: &Lab) {
+    let st = lab.state();
+    let weftctl = weft_tests::bins::path("weftctl")
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "weftctl".into());
+    println!("\nlab {}: dir {}", st.prefix, st.dir.display());
+    if st.netem {
+        let delays: Vec<String> = st
+            .sites
+            .iter()
+            .map(|s| format!("{} {}ms", s.name, s.delay_ms))
+            .collect();
+        println!("WAN one-way delays: {}", delays.join(", "));
+    } else {
+        println!("WAN delays: none (kernel has no netem, or disabled)");
+    }
+    println!("\nnodes:");
+    for n in &st.nodes {
+        println!(
+            "  {:<4} ns {:<10} underlay {:<13} iface {}",
+            n.name, n.ns, n.underlay, n.iface
+        );
+    }
+    if let Some(first) = st.nodes.first() {
+        println!("\npoke around:");
+        println!("  ip netns exec {} wg show {}", first.ns, first.iface);
+        println!("  ip netns exec {} ip addr show {}", first.ns, first.iface);
+        println!(
+            "  ip netns exec {} {weftctl} --config {} node list",
+            lab.ns("ctl"),
+            lab.admin_conf().display()
+        );
+        println!("  logs: {}/logs/", st.dir.display());
+        println!("  weft lab status | weft lab down");
+    }
+    println!();
+}
+
+fn status() -> Result<()> {
+    let path = state_file();
+    if !path.exists() {
+        bail!(
+            "no lab is up ({} missing); run `weft lab up`",
+            path.display()
+        );
+    }
+    let lab = Lab::attach(load(&path)?, path, false);
+    println!("processes:");
+    for p in &lab.state().procs {
+        let alive = if process::is_alive(p) {
+            "running"
+        } else {
+            "DEAD"
+        };
+        println!("  {:<14} pid {:<8} {alive}", p.key, p.pid);
+    }
+    print_info(&lab);
+    if lab.state().procs.is_empty() {
+        print!("{}", underlay_matrix(&lab));
+    } else {
+        let matrix = Matrix::measure(&lab, false, 3)?;
+        print!("{}", matrix.render());
+    }
+    Ok(())
+}
+
+/// Underlay reachability (LAN addresses) between all nodes and the controller
+/// namespace, for a topology-only lab.
+fn underlay_matrix(lab: &Lab) -> String {
+    let st = lab.state();
+    let mut s = String::from("underlay reachability (one ping each):\n");
+    let mut ok = 0;
+    let mut all = 0;
+    for from in &st.nodes {
+        let mut row = format!("  {:<4}", from.name);
+        for to in &st.nodes {
+            if to.name == from.name {
+                row.push_str("    ·");
+                continue;
+            }
+            all += 1;
+            let reached = lab.ping_once(&from.ns, to.underlay.into(), 1000);
+            ok += usize::from(reached);
+            row.push_str(if reached { "   ok" } else { " FAIL" });
+        }
+        s.push_str(&row);
+        s.push('\n');
+    }
+    s.push_str(&format!("{ok}/{all} underlay pairs reachable\n"));
+    s
+}
+
+fn down() -> Result<()> {
+    let path = state_file();
+    if !path.exists() {
+        println!("no lab is up ({} missing); nothing to do", path.display());
+        return Ok(());
+    }
+    let st = load(&path)?;
+    let prefix = st.prefix.clone();
+    let mut lab = Lab::attach(st, path, true);
+    lab.teardown(false);
+    println!("lab {prefix} is down: processes stopped, namespaces deleted");
+    Ok(())
+}
+
+fn clean() -> Result<()> {
+    let cleaned = weft_tests::lab::clean_stale_test_labs();
+    for prefix in &cleaned {
+        println!("{prefix}: stale test lab torn down");
+    }
+    println!("{} stale lab(s) cleaned", cleaned.len());
+    Ok(())
+}
