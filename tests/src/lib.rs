@@ -10,6 +10,7 @@ pub mod lab;
 pub mod matrix;
 pub mod netns;
 pub mod process;
+pub mod wan_delay;
 
 use std::time::{Duration, Instant};
 

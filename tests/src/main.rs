@@ -33,8 +33,8 @@ enum LabCmd {
     /// Namespaces `<P>-wan` (WAN router), `<P>-ctl` (weft-controller at
     /// 198.18.100.2:7443), `<P>-a|b|c` (site routers, uplinks 198.18.<i>.0/24,
     /// LANs 198.19.<i>.0/24) and `<P>-a1` ... `<P>-c2` (nodes running
-    /// weft-agent, interface `wf<tag><node>`). WAN uplinks get netem delays of
-    /// 5/10/15 ms one way (half on each veth end) when the kernel has netem.
+    /// weft-agent, interface `wf<tag><node>`). Site uplinks get one-way WAN
+    /// delays of 5/10/15 ms from a userspace delay line in the WAN router.
     /// Binaries are taken from the directory of this executable (override
     /// with WEFT_BIN_DIR). State: /run/weft-lab/lab.json.
     Up {
@@ -62,6 +62,18 @@ enum LabCmd {
     /// Tear down labs left behind by test processes that died (e.g. killed
     /// with Ctrl-C before their cleanup ran).
     Clean,
+    /// (Internal) the WAN delay line the lab runs in its WAN router
+    /// namespace: holds packets read from TUN device --tun for the one-way
+    /// delays of their source and destination prefixes, then writes them back.
+    #[command(hide = true)]
+    WanDelay {
+        /// TUN device to create.
+        #[arg(long)]
+        tun: String,
+        /// PREFIX=MILLISECONDS, e.g. 198.19.1.0/24=5 (repeatable).
+        #[arg(long = "rule")]
+        rules: Vec<weft_tests::wan_delay::DelayRule>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -99,6 +111,7 @@ fn lab(cmd: LabCmd) -> Result<()> {
         LabCmd::Status => status(),
         LabCmd::Down => down(),
         LabCmd::Clean => clean(),
+        LabCmd::WanDelay { tun, rules } => weft_tests::wan_delay::run(&tun, &rules),
     }
 }
 
@@ -171,7 +184,7 @@ fn print_info(lab: &Lab) {
             .collect();
         println!("WAN one-way delays: {}", delays.join(", "));
     } else {
-        println!("WAN delays: none (kernel has no netem, or disabled)");
+        println!("WAN delays: none");
     }
     println!("\nnodes:");
     for n in &st.nodes {
