@@ -59,14 +59,9 @@ install_rust() {
   fi
 }
 
-# ---------------------------------------------------------------------------
-# eBPF toolchain (bpf-linker, nightly for ebpf/programs): NOT installed yet.
-# TODO(lead): fill in when ebpf/programs is wired into the build, e.g.
-#   rustup toolchain install nightly --component rust-src
-#   cargo install bpf-linker --locked
-# ---------------------------------------------------------------------------
+# eBPF toolchain: bpf-linker built against rustc's own LLVM (see setup-ebpf.sh).
 install_ebpf_toolchain() {
-  log "eBPF toolchain: skipped (stub in scripts/setup.sh, not needed yet)"
+  "$ROOT/scripts/setup-ebpf.sh"
 }
 
 install_packages

@@ -125,6 +125,10 @@ async fn run(args: AgentArgs) -> Result<()> {
         uapi_dir: args.uapi_dir.clone(),
     })
     .await?;
+    // Packet and byte counters on the TUN device (eBPF); the agent works without them.
+    let overlay_counters = crate::bpf::OverlayCounters::attach(tunnel.ifname())
+        .inspect_err(|e| warn!(error = %format!("{e:#}"), "eBPF overlay counters unavailable"))
+        .ok();
     let mut applier = Applier {
         tunnel: tunnel.clone(),
         netlink: Netlink::open()?,
@@ -149,6 +153,15 @@ async fn run(args: AgentArgs) -> Result<()> {
         () = shutdown_signal() => Ok(()),
         () = tunnel.closed() => Err(anyhow::anyhow!("the tunnel stopped unexpectedly")),
     };
+    if let Some(s) = overlay_counters.as_ref().and_then(|c| c.read().ok()) {
+        info!(
+            ingress_packets = s.ingress.packets,
+            ingress_bytes = s.ingress.bytes,
+            egress_packets = s.egress.packets,
+            egress_bytes = s.egress.bytes,
+            "overlay counters"
+        );
+    }
     tunnel.shutdown().await;
     result
 }

@@ -6,6 +6,7 @@
 //! plain WireGuard daemon configured through the UAPI socket (`wg set`).
 
 mod agent;
+mod bpf;
 mod enrol;
 mod netlink;
 mod state;
