@@ -9,6 +9,7 @@ pub mod error;
 pub mod ipam;
 pub mod model;
 pub mod netmap;
+pub mod policy;
 pub mod state;
 pub mod time;
 
