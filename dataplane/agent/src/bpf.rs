@@ -2,8 +2,9 @@
 //! compiled by build.rs and embedded in the binary) and attaches them to the
 //! TUN device with TC (tcx links on Linux >= 6.6, clsact filters before).
 //!
-//! For now they only count packets and bytes per direction; they never drop.
-//! Dropping [`OverlayCounters`] detaches them.
+//! [`OverlayCounters`] only counts packets and bytes per direction; it never
+//! drops. Dropping it detaches them. [`policy`] is the network-policy
+//! datapath (loaded and tested, not yet used by the agent's control loop).
 
 use anyhow::Context as _;
 use aya::Ebpf;
@@ -13,6 +14,12 @@ use aya::util::KernelVersion;
 use weft_ebpf_common::{
     COUNT_EGRESS_PROGRAM, COUNT_INGRESS_PROGRAM, COUNTERS_MAP, Counters, Direction,
 };
+
+#[allow(
+    dead_code,
+    reason = "the policy datapath is not wired into agent.rs yet; its tests use all of it"
+)]
+pub(crate) mod policy;
 
 /// Packet and byte counters of one interface, per direction, attached while
 /// this value lives.

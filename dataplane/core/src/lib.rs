@@ -7,6 +7,7 @@
 pub mod config;
 pub mod key;
 pub mod plan;
+pub mod policy_maps;
 
 pub use config::{NodeConfig, PeerConfig};
 pub use key::{Key, KeyError};

@@ -1,7 +1,9 @@
 //! Types shared between Weft's eBPF programs and the agent: `#[repr(C)]`,
 //! fixed-width, no implicit padding, so both sides agree on every byte.
-//! Policy maps arrive with eBPF policy.
+//! The policy datapath's maps are in [`policy`].
 #![no_std]
+
+pub mod policy;
 
 /// Name of the per-CPU array map of [`Counters`], indexed by [`Direction`].
 pub const COUNTERS_MAP: &str = "WEFT_COUNTERS";

@@ -1,6 +1,8 @@
 //! Weft's overlay classifiers, attached to the TUN device by the agent.
 //!
-//! For now they only count: packets and bytes per direction into the
+//! Network policy: [`policy`] (`weft_policy_ingress`, `weft_policy_egress`).
+//!
+//! The counting classifiers only count: packets and bytes per direction into the
 //! per-CPU array [`WEFT_COUNTERS`], and they never drop or redirect
 //! (`TC_ACT_PIPE`: "no verdict", the next program or the stack decides).
 //!
@@ -18,6 +20,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use weft_ebpf_common::{COUNTER_SLOTS, Counters, Direction};
+
+mod policy;
 
 /// Per-CPU [`Counters`], indexed by [`Direction::index`]; the agent sums the
 /// CPUs. Named as `weft_ebpf_common::COUNTERS_MAP` says.
