@@ -30,7 +30,8 @@ pub(crate) struct Cli {
     #[arg(long, global = true, env = "WEFT_CONFIG", value_name = "FILE")]
     pub(crate) config: Option<PathBuf>,
 
-    /// Output format: `table` for people, `json` for scripts.
+    /// Output format: `table` for people, `json` for scripts, `yaml` for
+    /// policies (`get policy`, `get policies`: the policy documents).
     #[arg(short, long, global = true, env = "WEFT_OUTPUT", value_enum, default_value_t = Output::Table)]
     pub(crate) output: Output,
 
@@ -45,6 +46,8 @@ pub(crate) enum Output {
     Table,
     /// JSON (one value: an object or an array).
     Json,
+    /// YAML documents (policies only).
+    Yaml,
 }
 
 #[derive(Debug, Subcommand)]
@@ -62,6 +65,139 @@ pub(crate) enum Command {
     /// routers) that join the overlay without running weft-agent.
     #[command(subcommand)]
     Peer(PeerCommand),
+    /// Create or replace network policies from YAML files, all or nothing.
+    /// With --dry-run, print which members would gain or lose access.
+    Apply(ApplyArgs),
+    /// Show resources: `get policies`, `get policy NAME`.
+    #[command(subcommand)]
+    Get(GetCommand),
+    /// Delete resources: `delete policy NAME`.
+    #[command(subcommand)]
+    Delete(DeleteCommand),
+    /// Network policy tools: `policy explain`.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ApplyArgs {
+    /// A policy file, or a directory whose *.yaml and *.yml files are all
+    /// applied (sorted by name, not recursive). Repeatable.
+    #[arg(
+        short = 'f',
+        long = "filename",
+        value_name = "FILE|DIR",
+        required = true
+    )]
+    pub(crate) files: Vec<PathBuf>,
+    /// Change nothing; print the reachability diff the apply would cause
+    /// (`+ FROM -> TO tcp/443`: gains access, `-`: loses it).
+    #[arg(long)]
+    pub(crate) dry_run: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum GetCommand {
+    /// List network policies (`-o yaml`: all their documents).
+    Policies,
+    /// Show one network policy (`-o yaml`: its document, as applied).
+    Policy {
+        /// Policy name.
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum DeleteCommand {
+    /// Delete a network policy; what it governed is open again unless
+    /// another policy selects it.
+    Policy {
+        /// Policy name.
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum PolicyCommand {
+    /// Say whether traffic from one member to another is allowed, and
+    /// which rule decided.
+    Explain(ExplainArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ExplainArgs {
+    /// Source: node name or id, or external peer name.
+    #[arg(long)]
+    pub(crate) from: String,
+    /// Destination: node name or id, or external peer name.
+    #[arg(long)]
+    pub(crate) to: String,
+    /// Destination port and protocol: PORT/tcp, PORT/udp, or icmp.
+    #[arg(long, value_name = "PORT/PROTO|icmp", value_parser = parse_port)]
+    pub(crate) port: PortSpec,
+}
+
+/// A packet's protocol and destination port, as `policy explain` takes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct PortSpec {
+    /// "tcp", "udp" or "icmp".
+    pub(crate) protocol: &'static str,
+    /// 0 for ICMP.
+    pub(crate) port: u16,
+}
+
+/// Parses `443/tcp`, `53/udp` or `icmp`.
+pub(crate) fn parse_port(s: &str) -> Result<PortSpec, String> {
+    let lower = s.trim().to_ascii_lowercase();
+    if lower == "icmp" {
+        return Ok(PortSpec {
+            protocol: "icmp",
+            port: 0,
+        });
+    }
+    let bad = || format!("{s:?} is not PORT/tcp, PORT/udp or icmp (e.g. 443/tcp)");
+    let (port, proto) = lower.split_once('/').ok_or_else(bad)?;
+    let protocol = match proto {
+        "tcp" => "tcp",
+        "udp" => "udp",
+        _ => return Err(bad()),
+    };
+    let port = port
+        .parse::<u16>()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| format!("{port:?} is not a port (1 to 65535)"))?;
+    Ok(PortSpec { protocol, port })
+}
+
+/// One `node label` argument.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum LabelChange {
+    /// `KEY=VALUE`.
+    Set(String, String),
+    /// `KEY-`.
+    Remove(String),
+}
+
+/// Parses `KEY=VALUE` (set) or `KEY-` (remove).
+pub(crate) fn parse_label_change(s: &str) -> Result<LabelChange, String> {
+    if let Some((k, v)) = s.split_once('=') {
+        return Ok(LabelChange::Set(k.to_owned(), v.to_owned()));
+    }
+    match s.strip_suffix('-') {
+        Some(k) if !k.is_empty() => Ok(LabelChange::Remove(k.to_owned())),
+        _ => Err(format!(
+            "{s:?} is neither KEY=VALUE (set) nor KEY- (remove)"
+        )),
+    }
+}
+
+/// Parses `KEY=VALUE` (the controller checks the key and value).
+pub(crate) fn parse_label(s: &str) -> Result<(String, String), String> {
+    match parse_label_change(s) {
+        Ok(LabelChange::Set(k, v)) => Ok((k, v)),
+        Ok(LabelChange::Remove(_)) | Err(_) => Err(format!("{s:?} is not KEY=VALUE")),
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -141,6 +277,16 @@ pub(crate) enum NodeCommand {
         #[arg(value_name = "NAME|ID")]
         node: String,
     },
+    /// Set (KEY=VALUE) or remove (KEY-) labels of a node, which network
+    /// policy selects nodes by.
+    Label {
+        /// Node name or node ID.
+        #[arg(value_name = "NAME|ID")]
+        node: String,
+        /// KEY=VALUE to set, KEY- to remove.
+        #[arg(value_name = "KEY=VALUE|KEY-", required = true, value_parser = parse_label_change)]
+        changes: Vec<LabelChange>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -187,6 +333,10 @@ pub(crate) struct PeerAdd {
     /// nodes, never the reverse.
     #[arg(long, value_name = "IP:PORT", value_parser = parse_endpoint)]
     pub(crate) endpoint: Option<SocketAddr>,
+    /// Label KEY=VALUE that network policy selects the peer by; repeat for
+    /// several.
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
+    pub(crate) labels: Vec<(String, String)>,
 }
 
 /// Parses a WireGuard public key given in base64.
@@ -227,6 +377,45 @@ mod tests {
         };
         assert_eq!(args.ttl, Duration::from_secs(3600));
         assert_eq!(cli.output, Output::Table);
+    }
+
+    #[test]
+    fn policy_arguments_parse() {
+        assert_eq!(
+            parse_port("443/TCP"),
+            Ok(PortSpec {
+                protocol: "tcp",
+                port: 443
+            })
+        );
+        assert_eq!(
+            parse_port("icmp"),
+            Ok(PortSpec {
+                protocol: "icmp",
+                port: 0
+            })
+        );
+        for bad in ["443", "0/tcp", "443/sctp", "x/udp", "70000/tcp"] {
+            assert!(parse_port(bad).is_err(), "{bad:?} must be refused");
+        }
+        assert_eq!(
+            parse_label_change("app=web"),
+            Ok(LabelChange::Set("app".into(), "web".into()))
+        );
+        assert_eq!(
+            parse_label_change("app-"),
+            Ok(LabelChange::Remove("app".into()))
+        );
+        assert!(parse_label_change("app").is_err());
+        assert!(parse_label("app-").is_err());
+        let cli =
+            Cli::try_parse_from(["weftctl", "apply", "-f", "a.yaml", "-f", "dir", "--dry-run"])
+                .expect("valid args");
+        let Command::Apply(a) = cli.command else {
+            panic!("expected apply, got {:?}", cli.command);
+        };
+        assert!(a.dry_run);
+        assert_eq!(a.files.len(), 2);
     }
 
     #[test]

@@ -10,12 +10,14 @@ use weft_proto::pb;
 
 use crate::api::Api;
 use crate::cli::{
-    Command, NodeCommand, Output, PeerAdd, PeerCommand, SiteCommand, TokenCommand, TokenCreate,
+    ApplyArgs, Command, DeleteCommand, ExplainArgs, GetCommand, LabelChange, NodeCommand, Output,
+    PeerAdd, PeerCommand, PolicyCommand, SiteCommand, TokenCommand, TokenCreate,
 };
 use crate::duration::format_secs;
 use crate::output::utc;
 use crate::view::{
-    CreatedTokenView, DeletedView, ExternalPeerView, NodeView, PeerConfigView, SiteView, TokenView,
+    ApplyView, CreatedTokenView, DeletedView, ExplainView, ExternalPeerView, NodeView,
+    PeerConfigView, PolicyView, SiteView, TokenView,
 };
 use crate::{render, wgquick};
 
@@ -44,7 +46,110 @@ pub(crate) async fn run(api: &Api, command: Command, output: Output, now: u64) -
         Command::Token(c) => token(api, c, output, now).await,
         Command::Node(c) => node(api, c, output, now).await,
         Command::Peer(c) => peer(api, c, output, now).await,
+        Command::Apply(a) => apply(api, a, output).await,
+        Command::Get(c) => get(api, c, output).await,
+        Command::Delete(DeleteCommand::Policy { name }) => {
+            let mut c = api.client();
+            let r = api.check(
+                c.delete_policy(pb::DeleteRequest { name: name.clone() })
+                    .await,
+            )?;
+            deleted(output, "policy", name, r.revision)
+        }
+        Command::Policy(PolicyCommand::Explain(a)) => explain(api, a, output).await,
     }
+}
+
+async fn apply(api: &Api, args: ApplyArgs, output: Output) -> Result<Printed> {
+    let files = read_policy_files(&args.files)?;
+    let req = pb::ApplyPoliciesRequest {
+        files,
+        dry_run: args.dry_run,
+    };
+    let r = api.check(api.client().apply_policies(req).await)?;
+    let mut printed = emit(output, &ApplyView::from(&r), || render::applied(&r))?;
+    printed.stderr.push_str(NOT_ENFORCED);
+    Ok(printed)
+}
+
+/// Said on every apply until agents enforce policy.
+const NOT_ENFORCED: &str = "warning: this controller stores, validates and explains policies, \
+but agents do not enforce them yet: traffic is not filtered\n";
+
+/// Each FILE, and each DIR's *.yaml and *.yml files sorted by name, with
+/// the path as given as the file's name in errors.
+fn read_policy_files(paths: &[std::path::PathBuf]) -> Result<Vec<pb::PolicyFile>> {
+    let mut files = Vec::new();
+    for path in paths {
+        let meta =
+            std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let mut batch = if meta.is_dir() {
+            let mut found = Vec::new();
+            for entry in std::fs::read_dir(path)
+                .with_context(|| format!("cannot list directory {}", path.display()))?
+            {
+                let p = entry
+                    .with_context(|| format!("cannot list directory {}", path.display()))?
+                    .path();
+                let yaml = p
+                    .extension()
+                    .and_then(|e| e.to_str())
+                    .is_some_and(|e| e == "yaml" || e == "yml");
+                if yaml && p.is_file() {
+                    found.push(p);
+                }
+            }
+            if found.is_empty() {
+                anyhow::bail!("directory {} has no *.yaml or *.yml files", path.display());
+            }
+            found.sort();
+            found
+        } else {
+            vec![path.clone()]
+        };
+        for p in batch.drain(..) {
+            let text = std::fs::read_to_string(&p)
+                .with_context(|| format!("cannot read {}", p.display()))?;
+            files.push(pb::PolicyFile {
+                name: p.display().to_string(),
+                text,
+            });
+        }
+    }
+    Ok(files)
+}
+
+async fn get(api: &Api, command: GetCommand, output: Output) -> Result<Printed> {
+    let mut c = api.client();
+    match command {
+        GetCommand::Policies => {
+            let r = api.check(c.list_policies(pb::ListPoliciesRequest {}).await)?;
+            if output == Output::Yaml {
+                let docs: Vec<&str> = r.policies.iter().map(|p| p.yaml.as_str()).collect();
+                return Ok(Printed::out(docs.join("---\n")));
+            }
+            let views: Vec<PolicyView> = r.policies.iter().map(PolicyView::from).collect();
+            emit(output, &views, || render::policies(&r.policies))
+        }
+        GetCommand::Policy { name } => {
+            let p = api.check(c.get_policy(pb::GetRequest { name }).await)?;
+            if output == Output::Yaml {
+                return Ok(Printed::out(p.yaml));
+            }
+            emit(output, &PolicyView::from(&p), || render::policy(&p))
+        }
+    }
+}
+
+async fn explain(api: &Api, args: ExplainArgs, output: Output) -> Result<Printed> {
+    let req = pb::ExplainPolicyRequest {
+        from: args.from.clone(),
+        to: args.to.clone(),
+        protocol: args.port.protocol.to_owned(),
+        port: u32::from(args.port.port),
+    };
+    let r = api.check(api.client().explain_policy(req).await)?;
+    emit(output, &ExplainView::from(&r), || render::explanation(&r))
 }
 
 async fn site(api: &Api, command: SiteCommand, output: Output, now: u64) -> Result<Printed> {
@@ -85,6 +190,7 @@ async fn token(api: &Api, command: TokenCommand, output: Output, now: u64) -> Re
             };
             let t = api.check(c.create_join_token(req).await)?;
             match output {
+                Output::Yaml => Err(no_yaml()),
                 Output::Json => Ok(Printed::out(json(&CreatedTokenView::from(&t))?)),
                 // Only the token on stdout: `TOKEN=$(weftctl token create ...)`.
                 Output::Table => Ok(Printed {
@@ -130,6 +236,9 @@ async fn node(api: &Api, command: NodeCommand, output: Output, now: u64) -> Resu
         }
         NodeCommand::Get { node } => {
             let n = api.check(c.get_node(pb::GetRequest { name: node }).await)?;
+            if output == Output::Yaml {
+                return Err(no_yaml());
+            }
             if output == Output::Json {
                 return Ok(Printed::out(json(&NodeView::from(&n))?));
             }
@@ -142,6 +251,24 @@ async fn node(api: &Api, command: NodeCommand, output: Output, now: u64) -> Resu
                     .await,
             )?;
             deleted(output, "node", node, r.revision)
+        }
+        NodeCommand::Label { node, changes } => {
+            let mut req = pb::SetNodeLabelsRequest {
+                node,
+                ..Default::default()
+            };
+            for change in changes {
+                match change {
+                    LabelChange::Set(k, v) => {
+                        req.set.insert(k, v);
+                    }
+                    LabelChange::Remove(k) => req.remove.push(k),
+                }
+            }
+            let n = api.check(c.set_node_labels(req).await)?;
+            emit(output, &NodeView::from(&n), || {
+                format!("node {:?} labels: {}\n", n.name, render::labels(&n.labels))
+            })
         }
     }
 }
@@ -177,12 +304,14 @@ async fn peer(api: &Api, command: PeerCommand, output: Output, now: u64) -> Resu
             site,
             public_key,
             endpoint,
+            labels,
         }) => {
             let req = pb::CreateExternalPeerRequest {
                 name,
                 site,
                 public_key: public_key.0.to_vec(),
                 endpoint: endpoint.map(|e| e.to_string()).unwrap_or_default(),
+                labels: labels.into_iter().collect(),
             };
             let p = api.check(c.create_external_peer(req).await)?;
             let mut printed = emit(output, &ExternalPeerView::from(&p), || {
@@ -225,6 +354,7 @@ async fn peer(api: &Api, command: PeerCommand, output: Output, now: u64) -> Resu
             match output {
                 Output::Json => Ok(Printed::out(json(&PeerConfigView::new(&p, &cfg))?)),
                 Output::Table => Ok(Printed::out(wgquick::render(&p.site, &p.endpoint, &cfg)?)),
+                Output::Yaml => Err(no_yaml()),
             }
         }
     }
@@ -239,7 +369,14 @@ fn emit<T: Serialize>(
     match output {
         Output::Json => Ok(Printed::out(json(value)?)),
         Output::Table => Ok(Printed::out(table())),
+        Output::Yaml => Err(no_yaml()),
     }
+}
+
+fn no_yaml() -> anyhow::Error {
+    anyhow::anyhow!(
+        "-o yaml is for policies (`get policy`, `get policies`); use -o json or -o table here"
+    )
 }
 
 fn deleted(output: Output, kind: &'static str, name: String, revision: u64) -> Result<Printed> {

@@ -98,6 +98,7 @@ pub(crate) fn node(
         ("Public key", key_b64(&n.public_key)),
         ("Endpoint", or_dash(&n.endpoint)),
         ("Addresses", or_dash(&n.addresses.join(", "))),
+        ("Labels", labels(&n.labels)),
         ("Created", with_ago(n.created_unix, now)),
         ("Connected", yes_no(n.connected)),
         ("Revision", applied),
@@ -183,8 +184,120 @@ pub(crate) fn external_peer(p: &pb::ExternalPeer, now: u64) -> String {
             },
         ),
         ("Addresses", or_dash(&p.addresses.join(", "))),
+        ("Labels", labels(&p.labels)),
         ("Created", with_ago(p.created_unix, now)),
     ])
+}
+
+/// Labels as `k=v, k2=v2` (sorted), or `none`.
+pub(crate) fn labels(labels: &std::collections::HashMap<String, String>) -> String {
+    if labels.is_empty() {
+        return "none".to_string();
+    }
+    let sorted: BTreeMap<&String, &String> = labels.iter().collect();
+    sorted
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// `get policies`.
+pub(crate) fn policies(policies: &[pb::Policy]) -> String {
+    let mut t = Table::new(&["NAME", "TARGET", "INGRESS", "DENY"]);
+    for p in policies {
+        t.row(vec![
+            p.name.clone(),
+            p.target.clone(),
+            p.ingress_rules.to_string(),
+            p.deny_rules.to_string(),
+        ]);
+    }
+    t.render()
+}
+
+/// `get policy NAME`: a summary, then the document.
+pub(crate) fn policy(p: &pb::Policy) -> String {
+    let mut out = fields(&[
+        ("Name", p.name.clone()),
+        ("Target", p.target.clone()),
+        ("Ingress rules", p.ingress_rules.to_string()),
+        ("Deny rules", p.deny_rules.to_string()),
+    ]);
+    out.push_str("---\n");
+    out.push_str(&p.yaml);
+    out
+}
+
+/// `policy explain`: `allow: policy "db", ingress[1]` and the like.
+pub(crate) fn explanation(r: &pb::ExplainPolicyResponse) -> String {
+    let why = match r.reason.as_str() {
+        "deny_rule" | "allow_rule" => format!("policy {:?}, {}", r.policy, r.rule),
+        "default_deny" => {
+            let names: Vec<String> = r.selected_by.iter().map(|n| format!("{n:?}")).collect();
+            let noun = if names.len() == 1 {
+                "policy"
+            } else {
+                "policies"
+            };
+            format!(
+                "default deny (target selected by {noun} {})",
+                names.join(", ")
+            )
+        }
+        "not_governed" => "not governed (no policy selects the target)".to_string(),
+        other => other.to_string(),
+    };
+    format!("{}: {why}\n", r.verdict)
+}
+
+/// `apply`: what changed; on a dry run, the reachability diff.
+pub(crate) fn applied(r: &pb::ApplyPoliciesResponse) -> String {
+    let mut out = String::new();
+    let verb = if r.dry_run { "would be " } else { "" };
+    for (names, what) in [
+        (&r.created, "created"),
+        (&r.updated, "updated"),
+        (&r.unchanged, "unchanged"),
+    ] {
+        for name in names {
+            let verb = if what == "unchanged" { "" } else { verb };
+            out.push_str(&format!("policy {name:?} {verb}{what}\n"));
+        }
+    }
+    if !r.dry_run {
+        out.push_str(&format!("revision {}\n", r.revision));
+        return out;
+    }
+    out.push_str("dry run: nothing was applied\n");
+    if r.changes.is_empty() {
+        out.push_str("no reachability change\n");
+        return out;
+    }
+    out.push_str("reachability changes (+ gains access, - loses access):\n");
+    for c in &r.changes {
+        let sign = if c.gained { '+' } else { '-' };
+        out.push_str(&format!(
+            "{sign} {} -> {} {}\n",
+            c.from,
+            c.to,
+            port_text(&c.protocol, c.port_first, c.port_last)
+        ));
+    }
+    if r.changes_omitted > 0 {
+        out.push_str(&format!("... and {} more\n", r.changes_omitted));
+    }
+    out
+}
+
+/// `tcp/443`, `tcp/8000-8100`, `tcp/all`, or `icmp`.
+fn port_text(protocol: &str, first: u32, last: u32) -> String {
+    match (protocol, first, last) {
+        ("icmp", _, _) => "icmp".to_string(),
+        (p, 0, 65535) => format!("{p}/all"),
+        (p, f, l) if f == l => format!("{p}/{f}"),
+        (p, f, l) => format!("{p}/{f}-{l}"),
+    }
 }
 
 fn yes_no(b: bool) -> String {
@@ -234,7 +347,104 @@ mod tests {
                     endpoint: String::new(),
                 },
             ],
+            labels: Default::default(),
         }
+    }
+
+    #[test]
+    fn explanations_name_the_deciding_rule() {
+        let rule = |verdict: &str, reason: &str, rule: &str| pb::ExplainPolicyResponse {
+            verdict: verdict.into(),
+            reason: reason.into(),
+            policy: "web".into(),
+            rule: rule.into(),
+            selected_by: Vec::new(),
+        };
+        assert_eq!(
+            explanation(&rule("deny", "deny_rule", "deny[0]")),
+            "deny: policy \"web\", deny[0]\n"
+        );
+        assert_eq!(
+            explanation(&rule("allow", "allow_rule", "ingress[1]")),
+            "allow: policy \"web\", ingress[1]\n"
+        );
+        let default = pb::ExplainPolicyResponse {
+            verdict: "deny".into(),
+            reason: "default_deny".into(),
+            selected_by: vec!["db".into(), "web".into()],
+            ..Default::default()
+        };
+        assert_eq!(
+            explanation(&default),
+            "deny: default deny (target selected by policies \"db\", \"web\")\n"
+        );
+        let open = pb::ExplainPolicyResponse {
+            verdict: "allow".into(),
+            reason: "not_governed".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            explanation(&open),
+            "allow: not governed (no policy selects the target)\n"
+        );
+    }
+
+    #[test]
+    fn dry_run_prints_the_reachability_diff() {
+        let change = |gained, protocol: &str, first, last| pb::ReachabilityChange {
+            from: "a1".into(),
+            to: "b2".into(),
+            protocol: protocol.into(),
+            port_first: first,
+            port_last: last,
+            gained,
+        };
+        let r = pb::ApplyPoliciesResponse {
+            revision: 7,
+            dry_run: true,
+            created: vec!["web".into()],
+            updated: Vec::new(),
+            unchanged: vec!["db".into()],
+            changes: vec![
+                change(true, "tcp", 443, 443),
+                change(false, "tcp", 8000, 8100),
+                change(false, "udp", 0, 65535),
+                change(false, "icmp", 0, 65535),
+            ],
+            changes_omitted: 2,
+        };
+        let want = "\
+policy \"web\" would be created
+policy \"db\" unchanged
+dry run: nothing was applied
+reachability changes (+ gains access, - loses access):
++ a1 -> b2 tcp/443
+- a1 -> b2 tcp/8000-8100
+- a1 -> b2 udp/all
+- a1 -> b2 icmp
+... and 2 more
+";
+        assert_eq!(applied(&r), want);
+        let none = pb::ApplyPoliciesResponse {
+            dry_run: true,
+            unchanged: vec!["db".into()],
+            ..Default::default()
+        };
+        assert!(applied(&none).ends_with("no reachability change\n"));
+        let real = pb::ApplyPoliciesResponse {
+            revision: 8,
+            updated: vec!["web".into()],
+            ..Default::default()
+        };
+        assert_eq!(applied(&real), "policy \"web\" updated\nrevision 8\n");
+    }
+
+    #[test]
+    fn labels_are_sorted_or_none() {
+        let l: std::collections::HashMap<String, String> =
+            [("tier".into(), "db".into()), ("app".into(), "x".into())].into();
+        assert_eq!(labels(&l), "app=x, tier=db");
+        assert_eq!(labels(&Default::default()), "none");
     }
 
     #[test]

@@ -2,6 +2,8 @@
 //! types (the generated protobuf types stay free of serde). Field names are
 //! a stable interface: scripts and tests parse them.
 
+use std::collections::BTreeMap;
+
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use serde::Serialize;
@@ -21,6 +23,7 @@ pub(crate) struct NodeView {
     pub(crate) last_report_unix: u64,
     pub(crate) apply_error: String,
     pub(crate) peers: Vec<PeerStatusView>,
+    pub(crate) labels: BTreeMap<String, String>,
 }
 
 /// A node's view of one of its WireGuard peers, from the agent's report.
@@ -42,6 +45,99 @@ pub(crate) struct ExternalPeerView {
     pub(crate) endpoint: String,
     pub(crate) addresses: Vec<String>,
     pub(crate) created_unix: u64,
+    pub(crate) labels: BTreeMap<String, String>,
+}
+
+/// A network policy (`-o yaml` prints `yaml` alone).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub(crate) struct PolicyView {
+    pub(crate) name: String,
+    pub(crate) target: String,
+    pub(crate) ingress_rules: u32,
+    pub(crate) deny_rules: u32,
+    pub(crate) yaml: String,
+}
+
+/// The result of `apply` (with `changes` on a dry run).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub(crate) struct ApplyView {
+    pub(crate) dry_run: bool,
+    pub(crate) revision: u64,
+    pub(crate) created: Vec<String>,
+    pub(crate) updated: Vec<String>,
+    pub(crate) unchanged: Vec<String>,
+    pub(crate) changes: Vec<ReachabilityView>,
+    pub(crate) changes_omitted: u32,
+}
+
+/// One pair that gains (`"+"`) or loses (`"-"`) access.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub(crate) struct ReachabilityView {
+    pub(crate) change: &'static str,
+    pub(crate) from: String,
+    pub(crate) to: String,
+    pub(crate) protocol: String,
+    pub(crate) port_first: u32,
+    pub(crate) port_last: u32,
+}
+
+/// The answer of `policy explain`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub(crate) struct ExplainView {
+    pub(crate) verdict: String,
+    pub(crate) reason: String,
+    pub(crate) policy: String,
+    pub(crate) rule: String,
+    pub(crate) selected_by: Vec<String>,
+}
+
+impl From<&pb::Policy> for PolicyView {
+    fn from(p: &pb::Policy) -> Self {
+        PolicyView {
+            name: p.name.clone(),
+            target: p.target.clone(),
+            ingress_rules: p.ingress_rules,
+            deny_rules: p.deny_rules,
+            yaml: p.yaml.clone(),
+        }
+    }
+}
+
+impl From<&pb::ApplyPoliciesResponse> for ApplyView {
+    fn from(r: &pb::ApplyPoliciesResponse) -> Self {
+        ApplyView {
+            dry_run: r.dry_run,
+            revision: r.revision,
+            created: r.created.clone(),
+            updated: r.updated.clone(),
+            unchanged: r.unchanged.clone(),
+            changes: r
+                .changes
+                .iter()
+                .map(|c| ReachabilityView {
+                    change: if c.gained { "+" } else { "-" },
+                    from: c.from.clone(),
+                    to: c.to.clone(),
+                    protocol: c.protocol.clone(),
+                    port_first: c.port_first,
+                    port_last: c.port_last,
+                })
+                .collect(),
+            changes_omitted: r.changes_omitted,
+        }
+    }
+}
+
+impl From<&pb::ExplainPolicyResponse> for ExplainView {
+    fn from(r: &pb::ExplainPolicyResponse) -> Self {
+        ExplainView {
+            verdict: r.verdict.clone(),
+            reason: r.reason.clone(),
+            policy: r.policy.clone(),
+            rule: r.rule.clone(),
+            selected_by: r.selected_by.clone(),
+        }
+    }
 }
 
 /// A site.
@@ -121,6 +217,7 @@ impl From<&pb::Node> for NodeView {
             last_report_unix: n.last_report_unix,
             apply_error: n.apply_error.clone(),
             peers: n.peers.iter().map(PeerStatusView::from).collect(),
+            labels: n.labels.clone().into_iter().collect(),
         }
     }
 }
@@ -146,6 +243,7 @@ impl From<&pb::ExternalPeer> for ExternalPeerView {
             endpoint: p.endpoint.clone(),
             addresses: p.addresses.clone(),
             created_unix: p.created_unix,
+            labels: p.labels.clone().into_iter().collect(),
         }
     }
 }
@@ -233,6 +331,7 @@ mod tests {
                 tx_bytes: 20,
                 endpoint: "198.19.1.12:51820".into(),
             }],
+            labels: [("app".to_owned(), "web".to_owned())].into(),
         };
         let json = serde_json::to_value(NodeView::from(&node)).expect("node view serialises");
         let want = serde_json::json!({
@@ -243,7 +342,8 @@ mod tests {
             "peers": [{
                 "public_key": "AgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgI=",
                 "last_handshake_unix": 90, "rx_bytes": 10, "tx_bytes": 20, "endpoint": "198.19.1.12:51820"
-            }]
+            }],
+            "labels": {"app": "web"}
         });
         assert_eq!(json, want);
     }
@@ -257,13 +357,15 @@ mod tests {
             endpoint: String::new(),
             addresses: vec!["100.64.0.9/10".into()],
             created_unix: 42,
+            labels: Default::default(),
         };
         let json =
             serde_json::to_value(ExternalPeerView::from(&peer)).expect("peer view serialises");
         let want = serde_json::json!({
             "name": "x1", "site": "a",
             "public_key": "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=",
-            "endpoint": "", "addresses": ["100.64.0.9/10"], "created_unix": 42
+            "endpoint": "", "addresses": ["100.64.0.9/10"], "created_unix": 42,
+            "labels": {}
         });
         assert_eq!(json, want);
     }

@@ -51,6 +51,7 @@ fn node(name: &str, key: u8) -> pb::Node {
             tx_bytes: 20,
             endpoint: String::new(),
         }],
+        labels: Default::default(),
     }
 }
 
@@ -62,6 +63,7 @@ fn external_peer() -> pb::ExternalPeer {
         endpoint: "198.19.9.9:51821".into(),
         addresses: vec!["100.64.0.9/10".into()],
         created_unix: NOW_ISH,
+        labels: Default::default(),
     }
 }
 
@@ -198,6 +200,51 @@ impl AdminService for Mock {
         authorised(&r)?;
         unimplemented()
     }
+    async fn set_node_labels(
+        &self,
+        r: Request<pb::SetNodeLabelsRequest>,
+    ) -> Result<Response<pb::Node>, Status> {
+        authorised(&r)?;
+        unimplemented()
+    }
+
+    async fn apply_policies(
+        &self,
+        r: Request<pb::ApplyPoliciesRequest>,
+    ) -> Result<Response<pb::ApplyPoliciesResponse>, Status> {
+        authorised(&r)?;
+        unimplemented()
+    }
+
+    async fn list_policies(
+        &self,
+        r: Request<pb::ListPoliciesRequest>,
+    ) -> Result<Response<pb::ListPoliciesResponse>, Status> {
+        authorised(&r)?;
+        unimplemented()
+    }
+
+    async fn get_policy(&self, r: Request<pb::GetRequest>) -> Result<Response<pb::Policy>, Status> {
+        authorised(&r)?;
+        unimplemented()
+    }
+
+    async fn delete_policy(
+        &self,
+        r: Request<pb::DeleteRequest>,
+    ) -> Result<Response<pb::DeleteResponse>, Status> {
+        authorised(&r)?;
+        unimplemented()
+    }
+
+    async fn explain_policy(
+        &self,
+        r: Request<pb::ExplainPolicyRequest>,
+    ) -> Result<Response<pb::ExplainPolicyResponse>, Status> {
+        authorised(&r)?;
+        unimplemented()
+    }
+
     async fn get_external_peer_config(
         &self,
         r: Request<pb::GetRequest>,

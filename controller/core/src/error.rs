@@ -1,6 +1,7 @@
 //! Errors of the controller core, worded for an operator to act on as-is.
 
-use crate::model::Member;
+use crate::model::{MAX_LABELS, Member};
+use crate::policy::PolicyErrors;
 use crate::time::rfc3339;
 
 /// Why a state mutation (or a consistency check) was refused.
@@ -81,6 +82,37 @@ pub enum Error {
     #[error("external peer {0:?} not found")]
     ExternalPeerNotFound(String),
 
+    /// A label key is malformed.
+    #[error(
+        "invalid label key {0:?}: use up to 253 characters from A-Z, a-z, 0-9, '.', '_', '-', '/', starting and ending with a letter or digit"
+    )]
+    InvalidLabelKey(String),
+    /// A label value is malformed.
+    #[error(
+        "invalid value {value:?} for label {key:?}: use up to 63 characters from A-Z, a-z, 0-9, '.', '_', '-'"
+    )]
+    InvalidLabelValue { key: String, value: String },
+    /// One request both sets and removes a label.
+    #[error("label {0:?} is both set and removed; do one or the other")]
+    LabelSetAndRemoved(String),
+    /// More labels than a member may carry.
+    #[error("{count} labels given; at most {MAX_LABELS} are allowed")]
+    TooManyLabels { count: usize },
+
+    /// Policy files failed validation (every error, named by file,
+    /// resource and field); nothing was applied.
+    #[error("policies refused, nothing was applied:\n{0}")]
+    InvalidPolicies(PolicyErrors),
+    /// A policy is not acceptable as a whole (e.g. given twice).
+    #[error("policy {name:?} refused, nothing was applied: {reason}")]
+    InvalidPolicy { name: String, reason: String },
+    /// No policy has this name.
+    #[error("policy {0:?} not found")]
+    PolicyNotFound(String),
+    /// No node or external peer has this name.
+    #[error("no node or external peer is named {0:?}")]
+    EndpointNotFound(String),
+
     /// No overlay address is left.
     #[error("address pool {pool} is exhausted ({in_use} addresses in use)")]
     PoolExhausted { pool: String, in_use: usize },
@@ -117,11 +149,19 @@ impl Error {
             | Error::InvalidId { .. }
             | Error::InvalidSettings(_)
             | Error::ZeroKey
-            | Error::InvalidTokenTtl(_) => ErrorKind::InvalidArgument,
+            | Error::InvalidTokenTtl(_)
+            | Error::InvalidLabelKey(_)
+            | Error::InvalidLabelValue { .. }
+            | Error::TooManyLabels { .. }
+            | Error::LabelSetAndRemoved(_)
+            | Error::InvalidPolicies(_)
+            | Error::InvalidPolicy { .. } => ErrorKind::InvalidArgument,
             Error::SiteNotFound(_)
             | Error::TokenNotFound(_)
             | Error::NodeNotFound(_)
-            | Error::ExternalPeerNotFound(_) => ErrorKind::NotFound,
+            | Error::ExternalPeerNotFound(_)
+            | Error::PolicyNotFound(_)
+            | Error::EndpointNotFound(_) => ErrorKind::NotFound,
             Error::SiteExists(_)
             | Error::TokenExists(_)
             | Error::NodeIdTaken { .. }

@@ -14,6 +14,8 @@ pub mod state;
 pub mod time;
 
 pub use error::{Error, ErrorKind};
-pub use model::{ExternalPeer, JoinToken, Member, NetworkSettings, Node, Registration, Site};
+pub use model::{
+    ExternalPeer, JoinToken, Labels, Member, NetworkSettings, Node, Registration, Site,
+};
 pub use netmap::{all_node_configs, external_peer_config, node_config};
-pub use state::State;
+pub use state::{PolicyChanges, State};

@@ -1,5 +1,6 @@
 //! The objects of the network: sites, nodes, external peers, join tokens.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 
@@ -9,6 +10,7 @@ use weft_dataplane_core::Key;
 use weft_dataplane_core::config::DEFAULT_MTU;
 
 use crate::error::Error;
+use crate::policy::{is_label_key, is_label_value};
 
 /// Network-wide settings, fixed when the network is created.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -114,6 +116,9 @@ pub struct Node {
     /// SHA-256 of the node's mTLS client certificate (DER).
     #[serde(with = "hex32")]
     pub cert_fingerprint: [u8; 32],
+    /// Labels policy selects on (absent in stores written before labels).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: Labels,
 }
 
 /// A plain WireGuard peer (no agent), configured by hand by an operator.
@@ -134,6 +139,9 @@ pub struct ExternalPeer {
     pub ipv6: Ipv6Addr,
     /// When the peer was added (unix seconds).
     pub created_unix: u64,
+    /// Labels policy selects on (absent in stores written before labels).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: Labels,
 }
 
 /// A single-use, expiring credential with which a node enrols in a site.
@@ -172,6 +180,8 @@ pub struct Registration {
     pub endpoint: Option<SocketAddr>,
     /// SHA-256 of the client certificate issued to the node.
     pub cert_fingerprint: [u8; 32],
+    /// Labels the node asked for (`weft-agent --label`).
+    pub labels: Labels,
 }
 
 /// Something holding an overlay address, a name and a key.
@@ -209,6 +219,40 @@ pub fn check_name(kind: &'static str, name: &str) -> Result<(), Error> {
             name: name.to_owned(),
         })
     }
+}
+
+/// Labels of a node or external peer: key -> value.
+pub type Labels = BTreeMap<String, String>;
+
+/// Most labels one node or external peer may carry.
+pub const MAX_LABELS: usize = 64;
+
+/// Checks labels as the policy parser checks the labels selectors name, so
+/// that every label a member carries can be selected.
+pub fn check_labels(labels: &Labels) -> Result<(), Error> {
+    if labels.len() > MAX_LABELS {
+        return Err(Error::TooManyLabels {
+            count: labels.len(),
+        });
+    }
+    for (key, value) in labels {
+        check_label(key, value)?;
+    }
+    Ok(())
+}
+
+/// Checks one label.
+pub fn check_label(key: &str, value: &str) -> Result<(), Error> {
+    if !is_label_key(key) {
+        return Err(Error::InvalidLabelKey(key.to_owned()));
+    }
+    if !is_label_value(value) {
+        return Err(Error::InvalidLabelValue {
+            key: key.to_owned(),
+            value: value.to_owned(),
+        });
+    }
+    Ok(())
 }
 
 /// Checks a node id or join token id.
@@ -259,6 +303,43 @@ mod tests {
                 "{bad:?} should be invalid"
             );
         }
+    }
+
+    #[test]
+    fn labels_are_checked_like_policy_selectors() {
+        for (k, v) in [
+            ("app", "web"),
+            ("app.kubernetes.io/name", "db-1"),
+            ("tier", ""),
+            ("A_b.c", "X.y_z"),
+        ] {
+            assert_eq!(check_label(k, v), Ok(()), "{k}={v} should be valid");
+        }
+        for bad_key in ["", "-app", "app-", "a b", "é", &"k".repeat(254)] {
+            assert_eq!(
+                check_label(bad_key, "v"),
+                Err(Error::InvalidLabelKey(bad_key.to_owned())),
+                "{bad_key:?} should be an invalid key"
+            );
+        }
+        for bad_value in ["a b", "a/b", "a=b", &"v".repeat(64)] {
+            assert!(
+                matches!(
+                    check_label("app", bad_value),
+                    Err(Error::InvalidLabelValue { .. })
+                ),
+                "{bad_value:?} should be an invalid value"
+            );
+        }
+        let many: Labels = (0..=MAX_LABELS)
+            .map(|i| (format!("k{i}"), "v".to_owned()))
+            .collect();
+        assert_eq!(
+            check_labels(&many),
+            Err(Error::TooManyLabels {
+                count: MAX_LABELS + 1
+            })
+        );
     }
 
     #[test]

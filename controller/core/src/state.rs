@@ -8,15 +8,17 @@ use std::collections::BTreeMap;
 use std::collections::btree_map::Entry;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 use weft_dataplane_core::Key;
 
 use crate::error::Error;
 use crate::ipam::{self, Ipam};
 use crate::model::{
-    ExternalPeer, JoinToken, Member, NetworkSettings, Node, Registration, Site, check_id,
-    check_name,
+    ExternalPeer, JoinToken, Labels, Member, NetworkSettings, Node, Registration, Site, check_id,
+    check_labels, check_name,
 };
+use crate::policy::{Endpoint, Policy, parse_documents, to_yaml};
 
 /// Longest join token lifetime: 30 days.
 pub const MAX_TOKEN_TTL_SECS: u64 = 30 * 86_400;
@@ -35,6 +37,20 @@ pub struct State {
     /// By token id.
     tokens: BTreeMap<String, JoinToken>,
     ipam: Ipam,
+    /// Network policies, by name (absent in stores written before policy).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    policies: BTreeMap<String, Policy>,
+}
+
+/// What [`State::apply_policies`] did, each list sorted by name.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PolicyChanges {
+    /// Policies that did not exist.
+    pub created: Vec<String>,
+    /// Policies that existed with different content.
+    pub updated: Vec<String>,
+    /// Policies that existed with the same content.
+    pub unchanged: Vec<String>,
 }
 
 impl State {
@@ -49,6 +65,7 @@ impl State {
             external_peers: BTreeMap::new(),
             tokens: BTreeMap::new(),
             ipam: Ipam::default(),
+            policies: BTreeMap::new(),
         })
     }
 
@@ -214,6 +231,7 @@ impl State {
                 holder,
             });
         }
+        check_labels(&reg.labels)?;
         self.check_key_free(&reg.public_key)?;
         if let Some(holder) = self.node_by_cert(&reg.cert_fingerprint) {
             return Err(Error::CertInUse {
@@ -239,6 +257,7 @@ impl State {
             ipv6: ipam::ipv6_at(self.settings.ipv6_prefix, index),
             created_unix: now,
             cert_fingerprint: reg.cert_fingerprint,
+            labels: reg.labels,
         };
         Ok(self.nodes.entry(reg.node_id).or_insert(node))
     }
@@ -260,6 +279,40 @@ impl State {
         node.endpoint = endpoint;
         self.revision += 1;
         Ok(true)
+    }
+
+    /// Sets and removes labels of a node (by id or name); returns the new
+    /// labels. A key both set and removed is refused. The revision is
+    /// bumped only if the labels changed.
+    pub fn set_node_labels(
+        &mut self,
+        id_or_name: &str,
+        set: &Labels,
+        remove: &[String],
+    ) -> Result<Labels, Error> {
+        let id = self
+            .node(id_or_name)
+            .map(|n| n.id.clone())
+            .ok_or_else(|| Error::NodeNotFound(id_or_name.to_owned()))?;
+        check_labels(set)?;
+        if let Some(key) = remove.iter().find(|k| set.contains_key(*k)) {
+            return Err(Error::LabelSetAndRemoved(key.clone()));
+        }
+        let node = self
+            .nodes
+            .get_mut(&id)
+            .ok_or_else(|| Error::NodeNotFound(id_or_name.to_owned()))?;
+        let mut labels = node.labels.clone();
+        labels.extend(set.iter().map(|(k, v)| (k.clone(), v.clone())));
+        for key in remove {
+            labels.remove(key);
+        }
+        check_labels(&labels)?;
+        if labels != node.labels {
+            node.labels = labels.clone();
+            self.revision += 1;
+        }
+        Ok(labels)
     }
 
     /// Deletes a node by id or name and releases its addresses.
@@ -312,9 +365,11 @@ impl State {
         site: &str,
         public_key: Key,
         endpoint: Option<SocketAddr>,
+        labels: Labels,
         now: u64,
     ) -> Result<&ExternalPeer, Error> {
         check_name("external peer", name)?;
+        check_labels(&labels)?;
         if let Some(holder) = self.name_holder(name) {
             return Err(Error::NameTaken {
                 kind: "external peer",
@@ -339,6 +394,7 @@ impl State {
             ipv4: ipam::ipv4_at(self.settings.ipv4_pool, index),
             ipv6: ipam::ipv6_at(self.settings.ipv6_prefix, index),
             created_unix: now,
+            labels,
         };
         Ok(self.external_peers.entry(name.to_owned()).or_insert(peer))
     }
@@ -364,6 +420,104 @@ impl State {
     /// All external peers, by name.
     pub fn external_peers(&self) -> impl Iterator<Item = &ExternalPeer> {
         self.external_peers.values()
+    }
+
+    // ---- policies ----
+
+    /// Creates or replaces policies by name, all or nothing: every policy
+    /// is checked first. The revision is bumped once if anything changed.
+    pub fn apply_policies(&mut self, policies: Vec<Policy>) -> Result<PolicyChanges, Error> {
+        let mut seen = BTreeMap::new();
+        for p in &policies {
+            if seen.insert(p.name.as_str(), ()).is_some() {
+                return Err(Error::InvalidPolicy {
+                    name: p.name.clone(),
+                    reason: "given more than once".to_owned(),
+                });
+            }
+            check_policy(p).map_err(|reason| Error::InvalidPolicy {
+                name: p.name.clone(),
+                reason,
+            })?;
+        }
+        let mut changes = PolicyChanges::default();
+        for p in policies {
+            let list = match self.policies.get(&p.name) {
+                None => &mut changes.created,
+                Some(old) if *old == p => &mut changes.unchanged,
+                Some(_) => &mut changes.updated,
+            };
+            list.push(p.name.clone());
+            self.policies.insert(p.name.clone(), p);
+        }
+        if !changes.created.is_empty() || !changes.updated.is_empty() {
+            self.revision += 1;
+        }
+        for list in [
+            &mut changes.created,
+            &mut changes.updated,
+            &mut changes.unchanged,
+        ] {
+            list.sort();
+        }
+        Ok(changes)
+    }
+
+    /// Deletes a policy; what it governed is open again unless another
+    /// policy selects it.
+    pub fn delete_policy(&mut self, name: &str) -> Result<Policy, Error> {
+        let policy = self
+            .policies
+            .remove(name)
+            .ok_or_else(|| Error::PolicyNotFound(name.to_owned()))?;
+        self.revision += 1;
+        Ok(policy)
+    }
+
+    /// The policy with this name.
+    pub fn policy(&self, name: &str) -> Option<&Policy> {
+        self.policies.get(name)
+    }
+
+    /// All policies, by name.
+    pub fn policies(&self) -> impl Iterator<Item = &Policy> {
+        self.policies.values()
+    }
+
+    /// Every node (`node` = its id) and external peer (`node` = `None`)
+    /// as something policy selects, with its /32 and /128, by name.
+    pub fn endpoints(&self) -> Vec<Endpoint> {
+        let node = |n: &Node| Endpoint {
+            name: n.name.clone(),
+            site: n.site.clone(),
+            node: Some(n.id.clone()),
+            labels: n.labels.clone(),
+            prefixes: host_prefixes(n.ipv4, n.ipv6),
+        };
+        let peer = |p: &ExternalPeer| Endpoint {
+            name: p.name.clone(),
+            site: p.site.clone(),
+            node: None,
+            labels: p.labels.clone(),
+            prefixes: host_prefixes(p.ipv4, p.ipv6),
+        };
+        let mut all: Vec<Endpoint> = self
+            .nodes
+            .values()
+            .map(node)
+            .chain(self.external_peers.values().map(peer))
+            .collect();
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        all
+    }
+
+    /// The endpoint of the node (by id or name) or external peer `name`.
+    pub fn endpoint(&self, name: &str) -> Option<Endpoint> {
+        let wanted = self
+            .node(name)
+            .map(|n| n.name.clone())
+            .unwrap_or_else(|| name.to_owned());
+        self.endpoints().into_iter().find(|e| e.name == wanted)
     }
 
     // ---- consistency ----
@@ -473,6 +627,20 @@ impl State {
                 ));
             }
         }
+        for node in self.nodes.values() {
+            check_labels(&node.labels)?;
+        }
+        for peer in self.external_peers.values() {
+            check_labels(&peer.labels)?;
+        }
+        for (key, policy) in &self.policies {
+            if *key != policy.name {
+                return bad(format!("policy {:?} is stored under {key:?}", policy.name));
+            }
+            if let Err(reason) = check_policy(policy) {
+                return bad(format!("policy {key:?}: {reason}"));
+            }
+        }
         Ok(())
     }
 
@@ -555,6 +723,22 @@ impl State {
             holder,
         })
     }
+}
+
+/// Checks a policy exactly as the parser would: it must survive the trip to
+/// YAML and back unchanged (so a policy built in code, or read from a
+/// damaged store, obeys every rule a file does).
+fn check_policy(policy: &Policy) -> Result<(), String> {
+    match parse_documents("stored policy", &to_yaml(policy)) {
+        Ok(back) if back.len() == 1 && back[0] == *policy => Ok(()),
+        Ok(_) => Err("it does not survive a round trip through YAML".to_owned()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// A member's overlay addresses as host prefixes.
+fn host_prefixes(v4: Ipv4Addr, v6: Ipv6Addr) -> Vec<IpNet> {
+    vec![IpNet::V4(Ipv4Net::from(v4)), IpNet::V6(Ipv6Net::from(v6))]
 }
 
 /// Keys and address indices met so far by `State::validate`.

@@ -8,8 +8,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use ipnet::IpNet;
 use proptest::prelude::*;
 use weft_controller_core::policy::{
-    Compiled, Endpoint, Policy, PortRange, PortRule, Protocol, Rule, Selector, compile,
-    compile_for_node, evaluate, lookup, update,
+    Compiled, Decision, Endpoint, Policy, PortRange, PortRule, Protocol, Rule, Selector, Verdict,
+    compile, compile_for_node, evaluate, explain, lookup, parse_documents, reachability_diff,
+    to_yaml, update,
 };
 
 const KEYS: [&str; 3] = ["app", "tier", "env"];
@@ -237,6 +238,82 @@ proptest! {
         let back = update(incremental.clone(), &p0, &e0);
         prop_assert_eq!(back.canonical(), prev.canonical());
         assert_stable_identities(&incremental, &back);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn explain_agrees_with_evaluate_and_names_a_matching_rule(
+        policies in policies(),
+        endpoints in endpoints(),
+        packets in prop::collection::vec(packet(), 1..40),
+    ) {
+        for p in packets {
+            let src = p.src.and_then(|i| endpoints.get(usize::from(i)));
+            let dst = p.dst.and_then(|i| endpoints.get(usize::from(i)));
+            let expected = evaluate(&policies, src, dst, p.protocol, p.port);
+            let got = explain(&policies, src, dst, p.protocol, p.port);
+            prop_assert_eq!(got.verdict, expected, "packet {:?}: {:?}", p, got.decision);
+            let rule = |name: &str, deny: bool, i: usize| {
+                let policy = policies.iter().find(|q| q.name == name).expect("named policy exists");
+                let rules = if deny { &policy.deny } else { &policy.ingress };
+                rules[i].clone()
+            };
+            match &got.decision {
+                Decision::Deny { policy, rule: i } | Decision::Allow { policy, rule: i } => {
+                    let deny = matches!(got.decision, Decision::Deny { .. });
+                    let r = rule(policy, deny, *i);
+                    prop_assert!(r.covers(p.protocol, p.port), "rule {:?} does not cover {:?}", r, p);
+                    prop_assert_eq!(got.verdict == Verdict::Deny, deny);
+                }
+                Decision::DefaultDeny { policies: names } => prop_assert!(!names.is_empty()),
+                Decision::NotGoverned | Decision::UnknownDestination => {
+                    prop_assert_eq!(got.verdict, Verdict::Allow);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn reachability_diff_lists_exactly_the_packets_whose_verdict_changes(
+        old in policies(),
+        new in policies(),
+        endpoints in endpoints(),
+        packets in prop::collection::vec(packet(), 1..40),
+    ) {
+        let diff = reachability_diff(&old, &new, &endpoints);
+        for p in packets {
+            let (Some(src), Some(dst)) = (
+                p.src.and_then(|i| endpoints.get(usize::from(i))),
+                p.dst.and_then(|i| endpoints.get(usize::from(i))),
+            ) else { continue };
+            if src.name == dst.name {
+                continue;
+            }
+            let before = evaluate(&old, Some(src), Some(dst), p.protocol, p.port);
+            let after = evaluate(&new, Some(src), Some(dst), p.protocol, p.port);
+            let listed: Vec<_> = diff.iter().filter(|c| {
+                c.from == src.name && c.to == dst.name && c.protocol == p.protocol
+                    && (!p.protocol.has_ports() || c.ports.contains(p.port))
+            }).collect();
+            if before == after {
+                prop_assert!(listed.is_empty(), "unchanged {:?} listed: {:?}", p, listed);
+            } else {
+                prop_assert_eq!(listed.len(), 1, "changed {:?} listed {:?}", p, listed);
+                prop_assert_eq!(listed[0].gained, after == Verdict::Allow);
+            }
+        }
+    }
+
+    #[test]
+    fn yaml_of_a_policy_parses_back_to_it(policies in policies()) {
+        for p in &policies {
+            let text = to_yaml(p);
+            let back = parse_documents("p.yaml", &text);
+            prop_assert_eq!(back, Ok(vec![p.clone()]), "{}", text);
+        }
     }
 }
 

@@ -111,6 +111,7 @@ fn apply(s: &mut State, op: &Op, now: u64) -> Result<bool, Error> {
                 public_key: Key([key + 1; 32]),
                 endpoint: None,
                 cert_fingerprint: [cert; 32],
+                labels: Default::default(),
             };
             s.register_node(reg, now).map(|_| true)
         }
@@ -130,7 +131,14 @@ fn apply(s: &mut State, op: &Op, now: u64) -> Result<bool, Error> {
             s.delete_node(&target).map(|_| true)
         }
         Op::AddPeer { name, site: i, key } => s
-            .add_external_peer(&format!("m{name}"), &site(i), Key([key + 1; 32]), None, now)
+            .add_external_peer(
+                &format!("m{name}"),
+                &site(i),
+                Key([key + 1; 32]),
+                None,
+                Default::default(),
+                now,
+            )
             .map(|_| true),
         Op::DeletePeer(name) => s.delete_external_peer(&format!("m{name}")).map(|()| true),
     }

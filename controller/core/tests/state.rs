@@ -28,6 +28,7 @@ fn reg(node_id: &str, name: &str, key: u8) -> Registration {
         public_key: Key([key; 32]),
         endpoint: Some("198.18.0.1:51820".parse().expect("valid addr")),
         cert_fingerprint: [key; 32],
+        labels: Default::default(),
     }
 }
 
@@ -234,7 +235,7 @@ fn names_and_keys_must_be_unique_across_nodes_and_peers() {
         &mut s,
         "external peer name \"a1\" is already taken by node n-1f2e",
         |s| {
-            s.add_external_peer("a1", "eu-west", Key([5; 32]), None, NOW)
+            s.add_external_peer("a1", "eu-west", Key([5; 32]), None, Default::default(), NOW)
                 .map(drop)
         },
     );
@@ -242,16 +243,30 @@ fn names_and_keys_must_be_unique_across_nodes_and_peers() {
         &mut s,
         &format!("public key {key1} is already used by node n-1f2e"),
         |s| {
-            s.add_external_peer("laptop", "eu-west", key1, None, NOW)
+            s.add_external_peer("laptop", "eu-west", key1, None, Default::default(), NOW)
                 .map(drop)
         },
     );
     assert_refused(&mut s, "public key must not be all zeros", |s| {
-        s.add_external_peer("laptop", "eu-west", Key([0; 32]), None, NOW)
-            .map(drop)
+        s.add_external_peer(
+            "laptop",
+            "eu-west",
+            Key([0; 32]),
+            None,
+            Default::default(),
+            NOW,
+        )
+        .map(drop)
     });
-    s.add_external_peer("laptop", "eu-west", Key([5; 32]), None, NOW)
-        .expect("peer added");
+    s.add_external_peer(
+        "laptop",
+        "eu-west",
+        Key([5; 32]),
+        None,
+        Default::default(),
+        NOW,
+    )
+    .expect("peer added");
     assert_refused(
         &mut s,
         "node name \"laptop\" is already taken by external peer \"laptop\"",
@@ -274,8 +289,15 @@ fn site_deletion_is_refused_while_in_use_and_drops_its_tokens() {
     let mut s = state();
     s.register_node(reg("n-1", "a1", 1), NOW)
         .expect("registers");
-    s.add_external_peer("laptop", "eu-west", Key([5; 32]), None, NOW)
-        .expect("peer added");
+    s.add_external_peer(
+        "laptop",
+        "eu-west",
+        Key([5; 32]),
+        None,
+        Default::default(),
+        NOW,
+    )
+    .expect("peer added");
     assert_refused(
         &mut s,
         "site \"eu-west\" still has 1 node(s) and 1 external peer(s); delete them first",
@@ -331,7 +353,14 @@ fn deleted_addresses_are_reused_lowest_first() {
     }
     s.delete_node("n-2").expect("deleted");
     let peer = s
-        .add_external_peer("laptop", "eu-west", Key([9; 32]), None, NOW)
+        .add_external_peer(
+            "laptop",
+            "eu-west",
+            Key([9; 32]),
+            None,
+            Default::default(),
+            NOW,
+        )
         .expect("added");
     assert_eq!(peer.ipv4.to_string(), "100.64.0.2");
     assert_eq!(s.validate(), Ok(()));
@@ -343,20 +372,20 @@ fn pool_exhaustion_is_a_clear_error() {
     settings.ipv4_pool = "100.64.0.0/30".parse().expect("valid pool");
     let mut s = State::new(settings).expect("valid settings");
     s.create_site("edge", NOW).expect("site");
-    s.add_external_peer("p1", "edge", Key([1; 32]), None, NOW)
+    s.add_external_peer("p1", "edge", Key([1; 32]), None, Default::default(), NOW)
         .expect("room for 2");
-    s.add_external_peer("p2", "edge", Key([2; 32]), None, NOW)
+    s.add_external_peer("p2", "edge", Key([2; 32]), None, Default::default(), NOW)
         .expect("room for 2");
     assert_refused(
         &mut s,
         "address pool 100.64.0.0/30 is exhausted (2 addresses in use)",
         |s| {
-            s.add_external_peer("p3", "edge", Key([3; 32]), None, NOW)
+            s.add_external_peer("p3", "edge", Key([3; 32]), None, Default::default(), NOW)
                 .map(drop)
         },
     );
     let err = s
-        .add_external_peer("p3", "edge", Key([3; 32]), None, NOW)
+        .add_external_peer("p3", "edge", Key([3; 32]), None, Default::default(), NOW)
         .expect_err("full");
     assert_eq!(err.kind(), ErrorKind::ResourceExhausted);
 }
@@ -398,8 +427,15 @@ fn state_round_trips_through_json() {
     let mut s = state();
     s.register_node(reg("n-1", "a1", 1), NOW)
         .expect("registers");
-    s.add_external_peer("laptop", "eu-west", Key([5; 32]), None, NOW)
-        .expect("added");
+    s.add_external_peer(
+        "laptop",
+        "eu-west",
+        Key([5; 32]),
+        None,
+        Default::default(),
+        NOW,
+    )
+    .expect("added");
     let text = json(&s);
     assert!(
         text.contains(&"01".repeat(32)),
@@ -408,4 +444,167 @@ fn state_round_trips_through_json() {
     let back: State = serde_json::from_str(&text).expect("deserializes");
     assert_eq!(back, s);
     assert_eq!(back.validate(), Ok(()));
+}
+
+// ---- labels and policies ----
+
+const WEB_POLICY: &str = r#"
+apiVersion: weft.dev/v1
+kind: NetworkPolicy
+metadata: {name: web}
+spec:
+  target: {matchLabels: {app: web}}
+  ingress:
+    - from: {matchLabels: {app: lb}}
+      ports: [{protocol: TCP, port: 443}]
+---
+apiVersion: weft.dev/v1
+kind: NetworkPolicy
+metadata: {name: db}
+spec:
+  target: {matchLabels: {app: db}}
+"#;
+
+fn web_policies() -> Vec<weft_controller_core::policy::Policy> {
+    weft_controller_core::policy::parse_documents("p.yaml", WEB_POLICY).expect("valid policies")
+}
+
+#[test]
+fn labels_are_validated_at_registration_and_set_and_removed_later() {
+    let mut s = state();
+    let mut r = reg("n-1", "a1", 1);
+    r.labels = [("app".to_owned(), "bad value".to_owned())].into();
+    assert_refused(
+        &mut s,
+        "invalid value \"bad value\" for label \"app\": use up to 63 characters from A-Z, a-z, 0-9, '.', '_', '-'",
+        |s| s.register_node(r, NOW).map(drop),
+    );
+    let mut r = reg("n-1", "a1", 1);
+    r.labels = [("app".to_owned(), "web".to_owned())].into();
+    s.register_node(r, NOW).expect("registers with labels");
+    assert_eq!(s.node("a1").expect("node").labels["app"], "web");
+
+    let rev = s.revision();
+    let set = [("tier".to_owned(), "front".to_owned())].into();
+    let labels = s
+        .set_node_labels("a1", &set, &["app".to_owned()])
+        .expect("labels change");
+    assert_eq!(labels, set);
+    assert_eq!(s.revision(), rev + 1);
+    // The same change again changes nothing and bumps nothing.
+    s.set_node_labels("n-1", &set, &["app".to_owned()])
+        .expect("idempotent");
+    assert_eq!(s.revision(), rev + 1);
+
+    assert_refused(
+        &mut s,
+        "label \"tier\" is both set and removed; do one or the other",
+        |s| {
+            s.set_node_labels("a1", &set, &["tier".to_owned()])
+                .map(drop)
+        },
+    );
+    assert_refused(&mut s, "node \"zz\" not found", |s| {
+        s.set_node_labels("zz", &set, &[]).map(drop)
+    });
+    let bad = [("-x".to_owned(), "v".to_owned())].into();
+    assert_refused(
+        &mut s,
+        "invalid label key \"-x\": use up to 253 characters from A-Z, a-z, 0-9, '.', '_', '-', '/', starting and ending with a letter or digit",
+        |s| s.set_node_labels("a1", &bad, &[]).map(drop),
+    );
+    s.validate().expect("still consistent");
+}
+
+#[test]
+fn external_peers_carry_labels_and_are_endpoints() {
+    let mut s = state();
+    s.register_node(reg("n-1", "a1", 1), NOW)
+        .expect("registers");
+    let labels: weft_controller_core::Labels = [("role".to_owned(), "laptop".to_owned())].into();
+    s.add_external_peer("x1", "eu-west", Key([9; 32]), None, labels.clone(), NOW)
+        .expect("peer with labels");
+    let eps = s.endpoints();
+    let names: Vec<&str> = eps.iter().map(|e| e.name.as_str()).collect();
+    assert_eq!(names, ["a1", "x1"]);
+    assert_eq!(eps[0].node.as_deref(), Some("n-1"));
+    assert_eq!(eps[1].node, None);
+    assert_eq!(eps[1].labels, labels);
+    assert_eq!(
+        eps[1]
+            .prefixes
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>(),
+        ["100.64.0.2/32", "fd7e:4a1:1234::2/128"]
+    );
+    assert_eq!(s.endpoint("n-1").map(|e| e.name), Some("a1".to_owned()));
+}
+
+#[test]
+fn policies_apply_all_or_nothing_with_one_revision_and_delete() {
+    let mut s = state();
+    let rev = s.revision();
+    let changes = s.apply_policies(web_policies()).expect("applies");
+    assert_eq!(changes.created, ["db", "web"]);
+    assert_eq!(s.revision(), rev + 1, "one revision for the whole apply");
+    // Re-applying the same is a no-op.
+    let changes = s.apply_policies(web_policies()).expect("applies");
+    assert_eq!(changes.unchanged, ["db", "web"]);
+    assert_eq!(s.revision(), rev + 1);
+
+    // A batch with one bad policy changes nothing.
+    let mut batch = web_policies();
+    batch[1].ingress.clear(); // `db` unchanged, `web` changed ...
+    let mut broken = batch[0].clone();
+    broken.name = "Not A Label".to_owned(); // ... and one invalid.
+    batch.push(broken);
+    let before = json(&s);
+    let err = s.apply_policies(batch).expect_err("refused");
+    assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+    assert!(err.to_string().contains("\"Not A Label\""), "{err}");
+    assert_eq!(json(&s), before, "a refused apply must change nothing");
+
+    let mut twice = web_policies();
+    twice.push(twice[0].clone());
+    let err = s.apply_policies(twice).expect_err("duplicate refused");
+    assert!(err.to_string().contains("given more than once"), "{err}");
+
+    s.delete_policy("web").expect("deletes");
+    assert_eq!(s.revision(), rev + 2);
+    assert!(s.policy("web").is_none() && s.policy("db").is_some());
+    assert_refused(&mut s, "policy \"web\" not found", |s| {
+        s.delete_policy("web").map(drop)
+    });
+
+    // Policies and labels survive serialization and validation.
+    let back: State = serde_json::from_str(&json(&s)).expect("state deserializes");
+    back.validate().expect("valid");
+    assert_eq!(back, s);
+}
+
+#[test]
+fn a_store_written_before_labels_and_policies_still_loads() {
+    let text = include_str!("fixtures/state-v0.json");
+    let s: State = serde_json::from_str(text).expect("old state loads");
+    s.validate().expect("old state is valid");
+    assert!(s.node("a1").expect("node a1").labels.is_empty());
+    assert!(s.external_peer("laptop").expect("peer").labels.is_empty());
+    assert_eq!(s.policies().count(), 0);
+    // Nothing new is written for it either: an old controller can read it back.
+    let again: serde_json::Value = serde_json::to_value(&s).expect("serializes");
+    let old: serde_json::Value = serde_json::from_str(text).expect("json");
+    assert_eq!(again, old);
+}
+
+#[test]
+fn a_damaged_stored_policy_is_an_inconsistency() {
+    let mut s = state();
+    s.apply_policies(web_policies()).expect("applies");
+    let mut v = serde_json::to_value(&s).expect("serializes");
+    v["policies"]["web"]["target"]["match_labels"]["app"] = "not valid!".into();
+    let damaged: State = serde_json::from_value(v).expect("still deserializes");
+    let err = damaged.validate().expect_err("invalid policy found");
+    assert_eq!(err.kind(), ErrorKind::Internal);
+    assert!(err.to_string().contains("policy \"web\""), "{err}");
 }

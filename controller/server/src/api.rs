@@ -13,7 +13,10 @@ use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::WatchStream;
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
-use weft_controller_core::{ErrorKind, Registration, netmap};
+use weft_controller_core::policy::{
+    self as core_policy, Decision, PolicyError, PolicyErrors, Protocol, Verdict,
+};
+use weft_controller_core::{Error as CoreError, ErrorKind, Labels, Registration, State, netmap};
 use weft_proto::convert::{InvalidMessage, parse_endpoint, parse_key};
 use weft_proto::pb::{
     self, admin_service_server::AdminService, agent_service_server::AgentService,
@@ -25,6 +28,9 @@ use crate::controller::{ApiError, Controller, NodeStatus, now_unix};
 
 /// Default join token lifetime.
 const DEFAULT_TOKEN_TTL_SECS: u64 = 3600;
+
+/// Most reachability changes a dry run returns (the rest are counted).
+const MAX_DIFF_CHANGES: usize = 10_000;
 
 /// Maps every error of the API to a gRPC status (the one place that does).
 fn status(e: ApiError) -> Status {
@@ -149,6 +155,7 @@ impl AgentService for AgentApi {
             public_key,
             endpoint,
             cert_fingerprint: fingerprint,
+            labels: labels(r.labels.clone()),
         };
         let now = now_unix();
         match self.controller.mutate("register node", |s| {
@@ -291,6 +298,7 @@ fn node_pb(n: &weft_controller_core::Node, st: Option<&NodeStatus>) -> pb::Node 
         last_report_unix: st.last_report_unix,
         apply_error: st.apply_error,
         peers: st.peers,
+        labels: n.labels.clone().into_iter().collect(),
     }
 }
 
@@ -302,7 +310,159 @@ fn peer_pb(p: &weft_controller_core::ExternalPeer) -> pb::ExternalPeer {
         endpoint: p.endpoint.map(|e| e.to_string()).unwrap_or_default(),
         addresses: vec![p.ipv4.to_string(), p.ipv6.to_string()],
         created_unix: p.created_unix,
+        labels: p.labels.clone().into_iter().collect(),
     }
+}
+
+/// Wire labels (a hash map) as domain labels, validated by the core.
+fn labels(wire: std::collections::HashMap<String, String>) -> Labels {
+    wire.into_iter().collect()
+}
+
+fn policy_pb(p: &core_policy::Policy) -> pb::Policy {
+    let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+    let mut target: Vec<String> = p
+        .target
+        .match_labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    if !p.target.sites.is_empty() {
+        let sites: Vec<&str> = p.target.sites.iter().map(String::as_str).collect();
+        target.push(format!("sites={}", sites.join("|")));
+    }
+    pb::Policy {
+        name: p.name.clone(),
+        yaml: core_policy::to_yaml(p),
+        ingress_rules: count(p.ingress.len()),
+        deny_rules: count(p.deny.len()),
+        target: target.join(", "),
+    }
+}
+
+fn protocol_name(p: Protocol) -> &'static str {
+    match p {
+        Protocol::Tcp => "tcp",
+        Protocol::Udp => "udp",
+        Protocol::Icmp => "icmp",
+    }
+}
+
+/// Parses every file; every error of every file (and names defined in two
+/// files) comes back together.
+fn parse_files(files: &[pb::PolicyFile]) -> Result<Vec<core_policy::Policy>, CoreError> {
+    let mut errors = Vec::new();
+    let mut policies = Vec::new();
+    let mut defined_in: std::collections::BTreeMap<String, String> = Default::default();
+    for f in files {
+        match core_policy::parse_documents(&f.name, &f.text) {
+            Ok(ps) => {
+                for p in ps {
+                    match defined_in.get(&p.name) {
+                        Some(first) => errors.push(PolicyError {
+                            file: f.name.clone(),
+                            resource: format!("{} {:?}", core_policy::KIND, p.name),
+                            field: "metadata.name".to_owned(),
+                            message: format!("duplicate name: {first} already defines it"),
+                        }),
+                        None => {
+                            defined_in.insert(p.name.clone(), f.name.clone());
+                            policies.push(p);
+                        }
+                    }
+                }
+            }
+            Err(PolicyErrors(e)) => errors.extend(e),
+        }
+    }
+    if files.is_empty() {
+        errors.push(PolicyError {
+            file: String::new(),
+            resource: String::new(),
+            field: String::new(),
+            message: "no policy files given".to_owned(),
+        });
+    } else if errors.is_empty() && policies.is_empty() {
+        errors.push(PolicyError {
+            file: files
+                .iter()
+                .map(|f| f.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            resource: String::new(),
+            field: String::new(),
+            message: "no policy documents found".to_owned(),
+        });
+    }
+    if errors.is_empty() {
+        Ok(policies)
+    } else {
+        Err(CoreError::InvalidPolicies(PolicyErrors(errors)))
+    }
+}
+
+/// The dry-run answer: `next` is the state the apply would produce.
+fn dry_run_pb(
+    current: &State,
+    next: &State,
+    changes: weft_controller_core::PolicyChanges,
+) -> pb::ApplyPoliciesResponse {
+    let old: Vec<core_policy::Policy> = current.policies().cloned().collect();
+    let new: Vec<core_policy::Policy> = next.policies().cloned().collect();
+    let diff = core_policy::reachability_diff(&old, &new, &next.endpoints());
+    let omitted = diff.len().saturating_sub(MAX_DIFF_CHANGES);
+    pb::ApplyPoliciesResponse {
+        revision: current.revision(),
+        dry_run: true,
+        created: changes.created,
+        updated: changes.updated,
+        unchanged: changes.unchanged,
+        changes: diff
+            .into_iter()
+            .take(MAX_DIFF_CHANGES)
+            .map(|c| pb::ReachabilityChange {
+                from: c.from,
+                to: c.to,
+                protocol: protocol_name(c.protocol).to_owned(),
+                port_first: u32::from(c.ports.first),
+                port_last: u32::from(c.ports.last),
+                gained: c.gained,
+            })
+            .collect(),
+        changes_omitted: u32::try_from(omitted).unwrap_or(u32::MAX),
+    }
+}
+
+fn explain_pb(e: core_policy::Explanation) -> pb::ExplainPolicyResponse {
+    let verdict = match e.verdict {
+        Verdict::Allow => "allow",
+        Verdict::Deny => "deny",
+    };
+    let mut out = pb::ExplainPolicyResponse {
+        verdict: verdict.to_owned(),
+        ..Default::default()
+    };
+    match e.decision {
+        Decision::Deny { policy, rule } => {
+            out.reason = "deny_rule".to_owned();
+            out.policy = policy;
+            out.rule = format!("deny[{rule}]");
+        }
+        Decision::Allow { policy, rule } => {
+            out.reason = "allow_rule".to_owned();
+            out.policy = policy;
+            out.rule = format!("ingress[{rule}]");
+        }
+        Decision::DefaultDeny { policies } => {
+            out.reason = "default_deny".to_owned();
+            out.selected_by = policies;
+        }
+        // Explain always has a known destination.
+        Decision::NotGoverned | Decision::UnknownDestination => {
+            out.reason = "not_governed".to_owned();
+        }
+    }
+    out
 }
 
 #[tonic::async_trait]
@@ -464,8 +624,15 @@ impl AdminService for AdminApi {
         let peer = self
             .controller
             .mutate("add external peer", |s| {
-                s.add_external_peer(&r.name, &r.site, key, endpoint, now)
-                    .map(peer_pb)
+                s.add_external_peer(
+                    &r.name,
+                    &r.site,
+                    key,
+                    endpoint,
+                    labels(r.labels.clone()),
+                    now,
+                )
+                .map(peer_pb)
             })
             .map_err(status)?;
         info!(peer = %r.name, site = %r.site, "external peer added");
@@ -517,5 +684,157 @@ impl AdminService for AdminApi {
             .read(|s, _| netmap::external_peer_config(s, &name).map(|c| pb::NodeConfig::from(&c)))
             .map(Response::new)
             .ok_or_else(|| Status::not_found(format!("external peer {name:?} not found")))
+    }
+
+    async fn set_node_labels(
+        &self,
+        req: Request<pb::SetNodeLabelsRequest>,
+    ) -> Result<Response<pb::Node>, Status> {
+        let r = req.into_inner();
+        let set = labels(r.set);
+        let node = self
+            .controller
+            .mutate("set node labels", |s| {
+                s.set_node_labels(&r.node, &set, &r.remove)?;
+                s.node(&r.node)
+                    .cloned()
+                    .ok_or_else(|| CoreError::NodeNotFound(r.node.clone()))
+            })
+            .map_err(status)?;
+        info!(node = %node.id, labels = ?node.labels, "node labels set");
+        let out = self
+            .controller
+            .read(|_, st| node_pb(&node, st.get(&node.id)));
+        Ok(Response::new(out))
+    }
+
+    async fn apply_policies(
+        &self,
+        req: Request<pb::ApplyPoliciesRequest>,
+    ) -> Result<Response<pb::ApplyPoliciesResponse>, Status> {
+        let r = req.into_inner();
+        let policies = parse_files(&r.files).map_err(|e| status(e.into()))?;
+        if r.dry_run {
+            let out = self
+                .controller
+                .read(|s, _| {
+                    let mut next = s.clone();
+                    let changes = next.apply_policies(policies)?;
+                    Ok(dry_run_pb(s, &next, changes))
+                })
+                .map_err(|e: CoreError| status(e.into()))?;
+            return Ok(Response::new(out));
+        }
+        let (changes, revision) = self
+            .controller
+            .mutate("apply policies", |s| {
+                s.apply_policies(policies).map(|c| (c, s.revision()))
+            })
+            .map_err(status)?;
+        info!(
+            created = ?changes.created,
+            updated = ?changes.updated,
+            unchanged = changes.unchanged.len(),
+            revision,
+            "policies applied"
+        );
+        Ok(Response::new(pb::ApplyPoliciesResponse {
+            revision,
+            dry_run: false,
+            created: changes.created,
+            updated: changes.updated,
+            unchanged: changes.unchanged,
+            changes: Vec::new(),
+            changes_omitted: 0,
+        }))
+    }
+
+    async fn list_policies(
+        &self,
+        _req: Request<pb::ListPoliciesRequest>,
+    ) -> Result<Response<pb::ListPoliciesResponse>, Status> {
+        let (policies, revision) = self
+            .controller
+            .read(|s, _| (s.policies().map(policy_pb).collect(), s.revision()));
+        Ok(Response::new(pb::ListPoliciesResponse {
+            policies,
+            revision,
+        }))
+    }
+
+    async fn get_policy(
+        &self,
+        req: Request<pb::GetRequest>,
+    ) -> Result<Response<pb::Policy>, Status> {
+        let name = req.into_inner().name;
+        self.controller
+            .read(|s, _| s.policy(&name).map(policy_pb))
+            .map(Response::new)
+            .ok_or_else(|| status(CoreError::PolicyNotFound(name).into()))
+    }
+
+    async fn delete_policy(
+        &self,
+        req: Request<pb::DeleteRequest>,
+    ) -> Result<Response<pb::DeleteResponse>, Status> {
+        let name = req.into_inner().name;
+        let revision = self
+            .controller
+            .mutate("delete policy", |s| {
+                s.delete_policy(&name).map(|_| s.revision())
+            })
+            .map_err(status)?;
+        info!(policy = %name, revision, "policy deleted");
+        Ok(Response::new(pb::DeleteResponse { revision }))
+    }
+
+    async fn explain_policy(
+        &self,
+        req: Request<pb::ExplainPolicyRequest>,
+    ) -> Result<Response<pb::ExplainPolicyResponse>, Status> {
+        const M: &str = "ExplainPolicyRequest";
+        let r = req.into_inner();
+        let protocol = match r.protocol.to_ascii_lowercase().as_str() {
+            "tcp" => Protocol::Tcp,
+            "udp" => Protocol::Udp,
+            "icmp" => Protocol::Icmp,
+            other => {
+                return Err(Status::invalid_argument(format!(
+                    "invalid {M}: field `protocol`: {other:?} is not tcp, udp or icmp"
+                )));
+            }
+        };
+        let port = if protocol.has_ports() {
+            u16::try_from(r.port)
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| {
+                    Status::invalid_argument(format!(
+                        "invalid {M}: field `port`: {} is not a port (1 to 65535)",
+                        r.port
+                    ))
+                })?
+        } else {
+            0
+        };
+        let explanation = self
+            .controller
+            .read(|s, _| {
+                let find = |name: &str| {
+                    s.endpoint(name)
+                        .ok_or_else(|| CoreError::EndpointNotFound(name.to_owned()))
+                };
+                let (src, dst) = (find(&r.from)?, find(&r.to)?);
+                let policies: Vec<core_policy::Policy> = s.policies().cloned().collect();
+                Ok(core_policy::explain(
+                    &policies,
+                    Some(&src),
+                    Some(&dst),
+                    protocol,
+                    port,
+                ))
+            })
+            .map_err(|e: CoreError| status(e.into()))?;
+        Ok(Response::new(explain_pb(explanation)))
     }
 }

@@ -240,10 +240,18 @@ mod tests {
             public_key: Key([1; 32]),
             endpoint: Some("198.18.0.1:51820".parse().expect("valid addr")),
             cert_fingerprint: [2; 32],
+            labels: Default::default(),
         };
         s.register_node(reg, 1_001).expect("registers");
-        s.add_external_peer("laptop", "eu-west", Key([3; 32]), None, 1_002)
-            .expect("peer");
+        s.add_external_peer(
+            "laptop",
+            "eu-west",
+            Key([3; 32]),
+            None,
+            Default::default(),
+            1_002,
+        )
+        .expect("peer");
         s
     }
 

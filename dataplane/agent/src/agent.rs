@@ -66,6 +66,26 @@ pub(crate) struct AgentArgs {
     /// where `wg show` looks.
     #[arg(long, env = "WEFT_UAPI_DIR", default_value = tunnel::DEFAULT_UAPI_DIR)]
     uapi_dir: PathBuf,
+
+    /// Label KEY=VALUE that network policy selects this node by; repeat
+    /// for several (WEFT_LABELS: comma-separated). Sent when enrolling;
+    /// change later with `weftctl node label`.
+    #[arg(
+        long = "label",
+        env = "WEFT_LABELS",
+        value_name = "KEY=VALUE",
+        value_delimiter = ',',
+        value_parser = parse_label
+    )]
+    labels: Vec<(String, String)>,
+}
+
+/// Parses `KEY=VALUE` (the controller checks the key and value).
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .filter(|(k, _)| !k.is_empty())
+        .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))
 }
 
 pub(crate) fn main(args: AgentArgs) -> Result<()> {
@@ -109,6 +129,7 @@ async fn run(args: AgentArgs) -> Result<()> {
                 public_key,
                 endpoint: args.endpoint,
                 listen_port: args.listen_port,
+                labels: args.labels.iter().cloned().collect(),
             })
             .await?;
             state.save_identity(&id)?;

@@ -20,6 +20,7 @@ pub(crate) struct Enrolment<'a> {
     pub(crate) public_key: Key,
     pub(crate) endpoint: Option<SocketAddr>,
     pub(crate) listen_port: u16,
+    pub(crate) labels: std::collections::HashMap<String, String>,
 }
 
 /// Enrols the node; returns the identity to persist.
@@ -39,6 +40,7 @@ pub(crate) async fn enrol(e: Enrolment<'_>) -> Result<Identity> {
             endpoint: e.endpoint.map(|x| x.to_string()).unwrap_or_default(),
             listen_port: u32::from(e.listen_port),
             csr_der: csr.der().to_vec(),
+            labels: e.labels,
         })
         .await
         .map_err(|s| anyhow!("the controller refused to enrol this node: {}", s.message()))?

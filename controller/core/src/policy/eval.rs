@@ -45,3 +45,102 @@ pub fn evaluate(
         Verdict::Deny
     }
 }
+
+/// Which part of the policies decided a verdict.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Rule `deny[rule]` of `policy` matched (a deny wins over any allow).
+    Deny {
+        /// The policy's name.
+        policy: String,
+        /// Index in the policy's `deny` list.
+        rule: usize,
+    },
+    /// Rule `ingress[rule]` of `policy` matched.
+    Allow {
+        /// The policy's name.
+        policy: String,
+        /// Index in the policy's `ingress` list.
+        rule: usize,
+    },
+    /// The destination is governed by these policies and none allows it.
+    DefaultDeny {
+        /// Names of the policies that select the destination.
+        policies: Vec<String>,
+    },
+    /// No policy selects the destination, so it is open.
+    NotGoverned,
+    /// The destination belongs to no known endpoint (nothing we govern).
+    UnknownDestination,
+}
+
+/// A verdict with the rule that decided it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Explanation {
+    /// What happens to the packet (always equal to [`evaluate`]'s).
+    pub verdict: Verdict,
+    /// Why.
+    pub decision: Decision,
+}
+
+/// [`evaluate`], also saying which rule decided: the first matching deny
+/// rule (policies in the order given, rules in file order), else the first
+/// matching ingress rule, else default deny or not governed.
+pub fn explain(
+    policies: &[Policy],
+    src: Option<&Endpoint>,
+    dst: Option<&Endpoint>,
+    protocol: Protocol,
+    port: u16,
+) -> Explanation {
+    let Some(dst) = dst else {
+        return Explanation {
+            verdict: Verdict::Allow,
+            decision: Decision::UnknownDestination,
+        };
+    };
+    let selecting: Vec<&Policy> = policies
+        .iter()
+        .filter(|p| p.target.matches(&dst.site, &dst.labels))
+        .collect();
+    let matches = |rule: &Rule| {
+        let from_ok = match (&rule.from, src) {
+            (None, _) => true,
+            (Some(sel), Some(src)) => sel.matches(&src.site, &src.labels),
+            (Some(_), None) => false,
+        };
+        from_ok && rule.covers(protocol, port)
+    };
+    let first_match = |rules: fn(&Policy) -> &Vec<Rule>| {
+        selecting.iter().find_map(|p| {
+            rules(p)
+                .iter()
+                .position(&matches)
+                .map(|rule| (p.name.clone(), rule))
+        })
+    };
+    if let Some((policy, rule)) = first_match(|p| &p.deny) {
+        return Explanation {
+            verdict: Verdict::Deny,
+            decision: Decision::Deny { policy, rule },
+        };
+    }
+    if selecting.is_empty() {
+        return Explanation {
+            verdict: Verdict::Allow,
+            decision: Decision::NotGoverned,
+        };
+    }
+    match first_match(|p| &p.ingress) {
+        Some((policy, rule)) => Explanation {
+            verdict: Verdict::Allow,
+            decision: Decision::Allow { policy, rule },
+        },
+        None => Explanation {
+            verdict: Verdict::Deny,
+            decision: Decision::DefaultDeny {
+                policies: selecting.iter().map(|p| p.name.clone()).collect(),
+            },
+        },
+    }
+}

@@ -559,7 +559,8 @@ fn is_dns_label(s: &str) -> bool {
         && !s.ends_with('-')
 }
 
-fn is_label_key(s: &str) -> bool {
+/// Whether `s` is a valid label key (also for node and peer labels).
+pub fn is_label_key(s: &str) -> bool {
     (1..=253).contains(&s.len())
         && s.bytes()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-' | b'/'))
@@ -567,7 +568,8 @@ fn is_label_key(s: &str) -> bool {
         && s.bytes().last().is_some_and(|c| c.is_ascii_alphanumeric())
 }
 
-fn is_label_value(s: &str) -> bool {
+/// Whether `s` is a valid label value (also for node and peer labels).
+pub fn is_label_value(s: &str) -> bool {
     s.len() <= 63
         && s.bytes()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
