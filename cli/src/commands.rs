@@ -67,14 +67,8 @@ async fn apply(api: &Api, args: ApplyArgs, output: Output) -> Result<Printed> {
         dry_run: args.dry_run,
     };
     let r = api.check(api.client().apply_policies(req).await)?;
-    let mut printed = emit(output, &ApplyView::from(&r), || render::applied(&r))?;
-    printed.stderr.push_str(NOT_ENFORCED);
-    Ok(printed)
+    emit(output, &ApplyView::from(&r), || render::applied(&r))
 }
-
-/// Said on every apply until agents enforce policy.
-const NOT_ENFORCED: &str = "warning: this controller stores, validates and explains policies, \
-but agents do not enforce them yet: traffic is not filtered\n";
 
 /// Each FILE, and each DIR's *.yaml and *.yml files sorted by name, with
 /// the path as given as the file's name in errors.

@@ -66,6 +66,7 @@ mod tests {
             node_name: "x1".into(),
             addresses: vec!["100.64.0.9/10".into(), "fd7e:1::9/64".into()],
             mtu: 1420,
+            policy: None,
             peers: vec![
                 pb::PeerConfig {
                     name: "a1".into(),

@@ -256,6 +256,7 @@ impl AdminService for Mock {
             node_name: "x1".into(),
             addresses: vec!["100.64.0.9/10".into()],
             mtu: 1420,
+            policy: None,
             peers: vec![pb::PeerConfig {
                 name: "a1".into(),
                 public_key: vec![1; 32],

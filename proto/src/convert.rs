@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
 use ipnet::IpNet;
+use weft_dataplane_core::policy_maps::{PolicyInput, PolicyTuple, Protocol, Verdict};
 use weft_dataplane_core::{Key, NodeConfig, PeerConfig};
 
 use crate::pb;
@@ -119,8 +120,17 @@ impl TryFrom<pb::NodeConfig> for NodeConfig {
                 ));
             }
         }
+        let policy = match c.policy {
+            None => PolicyInput::default(),
+            Some(p) => PolicyInput::try_from(p).map_err(|mut e| {
+                e.field = format!("policy.{}", e.field);
+                e.message = M;
+                e
+            })?,
+        };
         Ok(NodeConfig {
             revision: c.revision,
+            policy,
             addresses: parse_nets(M, "addresses", &c.addresses)?,
             mtu,
             peers,
@@ -139,6 +149,106 @@ impl From<&NodeConfig> for pb::NodeConfig {
             addresses: c.addresses.iter().map(ToString::to_string).collect(),
             mtu: u32::from(c.mtu),
             peers: c.peers.values().map(pb::PeerConfig::from).collect(),
+            policy: (c.policy != PolicyInput::default()).then(|| pb::NodePolicy::from(&c.policy)),
+        }
+    }
+}
+
+fn u16_field(message: &'static str, field: String, v: u32) -> Result<u16, InvalidMessage> {
+    u16::try_from(v).map_err(|_| InvalidMessage::new(message, field, format!("{v} is above 65535")))
+}
+
+impl TryFrom<pb::NodePolicy> for PolicyInput {
+    type Error = InvalidMessage;
+    fn try_from(p: pb::NodePolicy) -> Result<Self, Self::Error> {
+        const M: &str = "NodePolicy";
+        let ipcache = p
+            .ipcache
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                let prefix = e.prefix.parse::<IpNet>().map_err(|err| {
+                    InvalidMessage::new(
+                        M,
+                        format!("ipcache[{i}].prefix"),
+                        format!("{:?} is not a CIDR ({err})", e.prefix),
+                    )
+                })?;
+                Ok((prefix, e.identity))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let tuples = p
+            .tuples
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let protocol = match t.protocol {
+                    6 => Protocol::Tcp,
+                    17 => Protocol::Udp,
+                    1 => Protocol::Icmp,
+                    n => {
+                        return Err(InvalidMessage::new(
+                            M,
+                            format!("tuples[{i}].protocol"),
+                            format!("{n} is not 6 (TCP), 17 (UDP) or 1 (ICMP)"),
+                        ));
+                    }
+                };
+                let verdict = match t.verdict {
+                    1 => Verdict::Allow,
+                    2 => Verdict::Deny,
+                    n => {
+                        return Err(InvalidMessage::new(
+                            M,
+                            format!("tuples[{i}].verdict"),
+                            format!("{n} is not 1 (allow) or 2 (deny)"),
+                        ));
+                    }
+                };
+                Ok(PolicyTuple {
+                    dst: t.dst,
+                    src: t.src,
+                    protocol,
+                    first: u16_field(M, format!("tuples[{i}].first"), t.first)?,
+                    last: u16_field(M, format!("tuples[{i}].last"), t.last)?,
+                    verdict,
+                    rule: t.rule,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(PolicyInput {
+            ipcache,
+            governed: p.governed.into_iter().collect(),
+            tuples,
+        })
+    }
+}
+
+impl From<&PolicyInput> for pb::NodePolicy {
+    fn from(p: &PolicyInput) -> Self {
+        pb::NodePolicy {
+            ipcache: p
+                .ipcache
+                .iter()
+                .map(|(prefix, identity)| pb::IpcacheEntry {
+                    prefix: prefix.to_string(),
+                    identity: *identity,
+                })
+                .collect(),
+            governed: p.governed.iter().copied().collect(),
+            tuples: p
+                .tuples
+                .iter()
+                .map(|t| pb::PolicyTuple {
+                    dst: t.dst,
+                    src: t.src,
+                    protocol: u32::from(t.protocol.number()),
+                    first: u32::from(t.first),
+                    last: u32::from(t.last),
+                    verdict: t.verdict.code(),
+                    rule: t.rule,
+                })
+                .collect(),
         }
     }
 }
@@ -166,6 +276,22 @@ mod tests {
             addresses: vec!["100.64.0.1/10".parse().expect("valid")],
             mtu: 1420,
             peers: [(key, peer)].into_iter().collect(),
+            policy: PolicyInput {
+                ipcache: vec![
+                    ("100.64.0.1/32".parse().expect("valid"), 1),
+                    ("fd00::2/128".parse().expect("valid"), 2),
+                ],
+                governed: [1].into_iter().collect(),
+                tuples: vec![PolicyTuple {
+                    dst: 1,
+                    src: 2,
+                    protocol: Protocol::Tcp,
+                    first: 5432,
+                    last: 5432,
+                    verdict: Verdict::Allow,
+                    rule: 0,
+                }],
+            },
         }
     }
 
@@ -186,5 +312,25 @@ mod tests {
         let e = NodeConfig::try_from(w).expect_err("must fail");
         assert_eq!(e.field, "peers[0].public_key");
         assert!(e.to_string().contains("32 bytes"), "{e}");
+        let mut w = pb::NodeConfig::from(&sample());
+        w.policy.as_mut().expect("policy").tuples[0].protocol = 99;
+        let e = NodeConfig::try_from(w).expect_err("must fail");
+        assert_eq!(e.field, "policy.tuples[0].protocol");
+        let mut w = pb::NodeConfig::from(&sample());
+        w.policy.as_mut().expect("policy").ipcache[1].prefix = "nope".into();
+        let e = NodeConfig::try_from(w).expect_err("must fail");
+        assert_eq!(e.field, "policy.ipcache[1].prefix");
+        let mut w = pb::NodeConfig::from(&sample());
+        w.policy.as_mut().expect("policy").tuples[0].last = 70000;
+        let e = NodeConfig::try_from(w).expect_err("must fail");
+        assert_eq!(e.field, "policy.tuples[0].last");
+    }
+
+    #[test]
+    fn absent_policy_is_empty() {
+        let mut w = pb::NodeConfig::from(&sample());
+        w.policy = None;
+        let c = NodeConfig::try_from(w).expect("valid");
+        assert_eq!(c.policy, PolicyInput::default());
     }
 }

@@ -2,13 +2,19 @@
 //!
 //! Topology v0 is a full mesh: every member peers with every other member,
 //! routing exactly that member's /32 and /128 to it.
+//!
+//! Each node's config also carries its compiled network policy: the policy
+//! of the whole network is compiled once per call ([`policy::compile`]) and
+//! cut per node ([`policy::compile_for_node`]).
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use weft_dataplane_core::policy_maps::{self, PolicyInput, PolicyTuple};
 use weft_dataplane_core::{Key, NodeConfig, PeerConfig};
 
+use crate::policy::{self, Compiled, PolicyTables};
 use crate::state::State;
 
 /// Prefix length of the on-link IPv6 subnet given to the interface.
@@ -17,15 +23,19 @@ pub const IPV6_ONLINK_PREFIX_LEN: u8 = 64;
 /// The config of the node with this id, or `None` if there is no such node.
 pub fn node_config(state: &State, node_id: &str) -> Option<NodeConfig> {
     let node = state.node_by_id(node_id)?;
-    Some(config_for(
-        state,
-        &all_peers(state),
-        &node.id,
-        &node.name,
-        &node.public_key,
-        node.ipv4,
-        node.ipv6,
-    ))
+    let compiled = compile_state(state);
+    Some(NodeConfig {
+        policy: node_policy(&compiled, &node.id),
+        ..config_for(
+            state,
+            &all_peers(state),
+            &node.id,
+            &node.name,
+            &node.public_key,
+            node.ipv4,
+            node.ipv6,
+        )
+    })
 }
 
 /// The config of a plain WireGuard external peer (`node_id` and
@@ -46,13 +56,66 @@ pub fn external_peer_config(state: &State, name: &str) -> Option<NodeConfig> {
 /// The configs of all nodes, by node id.
 pub fn all_node_configs(state: &State) -> BTreeMap<String, NodeConfig> {
     let peers = all_peers(state);
+    let compiled = compile_state(state);
     state
         .nodes()
         .map(|n| {
-            let config = config_for(state, &peers, &n.id, &n.name, &n.public_key, n.ipv4, n.ipv6);
+            let config = NodeConfig {
+                policy: node_policy(&compiled, &n.id),
+                ..config_for(state, &peers, &n.id, &n.name, &n.public_key, n.ipv4, n.ipv6)
+            };
             (n.id.clone(), config)
         })
         .collect()
+}
+
+/// The whole network's policy compiled over every node and external peer.
+fn compile_state(state: &State) -> Compiled {
+    let policies: Vec<policy::Policy> = state.policies().cloned().collect();
+    policy::compile(&policies, &state.endpoints())
+}
+
+/// What the node with this id enforces, as the agent's lowering takes it.
+/// Every tuple counts in rule slot 0 (the compiler merges rules into
+/// disjoint ranges, so there is no cheap per-rule index yet).
+pub fn node_policy(compiled: &Compiled, node_id: &str) -> PolicyInput {
+    tables_to_input(&policy::compile_for_node(compiled, node_id))
+}
+
+fn tables_to_input(tables: &PolicyTables) -> PolicyInput {
+    let protocol = |p: policy::Protocol| match p {
+        policy::Protocol::Tcp => policy_maps::Protocol::Tcp,
+        policy::Protocol::Udp => policy_maps::Protocol::Udp,
+        policy::Protocol::Icmp => policy_maps::Protocol::Icmp,
+    };
+    let verdict = |v: policy::Verdict| match v {
+        policy::Verdict::Allow => policy_maps::Verdict::Allow,
+        policy::Verdict::Deny => policy_maps::Verdict::Deny,
+    };
+    PolicyInput {
+        ipcache: tables.ipcache.iter().map(|(p, id)| (*p, *id)).collect(),
+        governed: tables
+            .dsts
+            .iter()
+            .filter(|(_, d)| d.governed)
+            .map(|(id, _)| *id)
+            .collect(),
+        tuples: tables
+            .dsts
+            .iter()
+            .flat_map(|(dst, d)| {
+                d.tuples.iter().map(move |(k, v)| PolicyTuple {
+                    dst: *dst,
+                    src: k.src,
+                    protocol: protocol(k.protocol),
+                    first: k.first,
+                    last: v.last,
+                    verdict: verdict(v.verdict),
+                    rule: 0,
+                })
+            })
+            .collect(),
+    }
 }
 
 /// Every member as a peer, by key.
@@ -110,5 +173,64 @@ fn config_for(
         addresses: vec![IpNet::V4(v4), IpNet::V6(v6)],
         mtu: settings.mtu,
         peers,
+        // Set by the callers for nodes; external peers run plain
+        // WireGuard and enforce nothing.
+        policy: PolicyInput::default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{Endpoint, parse_documents};
+
+    fn endpoint(name: &str, role: &str) -> Endpoint {
+        let n = if name == "db" { 1 } else { 2 };
+        Endpoint {
+            name: name.into(),
+            site: "s".into(),
+            node: Some(format!("n-{name}")),
+            labels: [("role".to_owned(), role.to_owned())].into_iter().collect(),
+            prefixes: vec![
+                format!("100.64.0.{n}/32").parse().expect("valid"),
+                format!("fd00::{n}/128").parse().expect("valid"),
+            ],
+        }
+    }
+
+    #[test]
+    fn node_policy_carries_only_what_the_node_hosts() {
+        let policies = parse_documents(
+            "t.yaml",
+            r#"
+apiVersion: weft.dev/v1
+kind: NetworkPolicy
+metadata: {name: db}
+spec:
+  target: {matchLabels: {role: db}}
+  ingress:
+    - from: {matchLabels: {role: web}}
+      ports: [{protocol: TCP, port: 5432}]
+"#,
+        )
+        .expect("valid policy");
+        let compiled = policy::compile(&policies, &[endpoint("db", "db"), endpoint("web", "web")]);
+        let db = node_policy(&compiled, "n-db");
+        let web = node_policy(&compiled, "n-web");
+        assert_eq!(db.ipcache.len(), 4, "{db:?}");
+        assert_eq!(web.ipcache, db.ipcache, "every node gets the whole ipcache");
+        assert_eq!(db.governed.len(), 1, "{db:?}");
+        assert!(web.governed.is_empty() && web.tuples.is_empty(), "{web:?}");
+        let allowed: Vec<_> = db
+            .tuples
+            .iter()
+            .filter(|t| t.verdict == policy_maps::Verdict::Allow)
+            .collect();
+        assert_eq!(allowed.len(), 1, "{db:?}");
+        assert_eq!(
+            (allowed[0].protocol, allowed[0].first, allowed[0].last),
+            (policy_maps::Protocol::Tcp, 5432, 5432)
+        );
+        policy_maps::lower(&db).expect("the agent can lower it");
     }
 }

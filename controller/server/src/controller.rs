@@ -190,4 +190,5 @@ fn same_content(a: &NodeConfig, b: &NodeConfig) -> bool {
         && a.peers == b.peers
         && a.node_name == b.node_name
         && a.node_id == b.node_id
+        && a.policy == b.policy
 }

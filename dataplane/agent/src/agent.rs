@@ -5,15 +5,18 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
 use tracing::{error, info, warn};
 use weft_dataplane_core::plan::{apply_peer_actions, plan_peers};
+use weft_dataplane_core::policy_maps;
 use weft_dataplane_core::{Key, NodeConfig, PeerConfig};
 use weft_proto::client::connect;
 use weft_proto::pb::{self, agent_service_client::AgentServiceClient};
 
+use crate::bpf::policy::{LinkLayer, PolicyDatapath};
 use crate::enrol::{Enrolment, enrol};
 use crate::netlink::Netlink;
 use crate::state::{Identity, StateDir};
@@ -24,6 +27,9 @@ const REPORT_INTERVAL: Duration = Duration::from_secs(10);
 /// Reconnect backoff bounds.
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How often the agent looks at the policy verdict counters (logged when
+/// they change).
+const POLICY_COUNTERS_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Flags of agent mode.
 #[derive(Debug, clap::Args)]
@@ -150,6 +156,27 @@ async fn run(args: AgentArgs) -> Result<()> {
     let overlay_counters = crate::bpf::OverlayCounters::attach(tunnel.ifname())
         .inspect_err(|e| warn!(error = %format!("{e:#}"), "eBPF overlay counters unavailable"))
         .ok();
+    // Network policy: ingress enforcement on the TUN device, attached
+    // before the persisted config is re-applied (so a restarted agent
+    // enforces its last policy as soon as its peers are back). The maps
+    // start empty (nothing governed: everything passes) until a config
+    // fills them. If the programs cannot be loaded the agent still
+    // forwards, but `Applier::apply` refuses any config whose policy
+    // governs this node rather than silently failing open.
+    let policy = match load_policy_datapath(tunnel.ifname()) {
+        Ok(d) => {
+            info!(ifname = %tunnel.ifname(), "eBPF policy datapath attached");
+            Some(Arc::new(Mutex::new(d)))
+        }
+        Err(e) => {
+            error!(
+                error = %format!("{e:#}"),
+                "eBPF policy datapath unavailable: configs whose policy governs this node will be refused"
+            );
+            None
+        }
+    };
+    let counters_task = policy.clone().map(|p| tokio::spawn(log_policy_counters(p)));
     let mut applier = Applier {
         tunnel: tunnel.clone(),
         netlink: Netlink::open()?,
@@ -157,6 +184,7 @@ async fn run(args: AgentArgs) -> Result<()> {
         peers: BTreeMap::new(),
         applied: None,
         state,
+        policy,
     };
     if let Some(cfg) = applier.state.load_config()? {
         info!(
@@ -183,8 +211,46 @@ async fn run(args: AgentArgs) -> Result<()> {
             "overlay counters"
         );
     }
+    if let Some(t) = counters_task {
+        t.abort();
+    }
     tunnel.shutdown().await;
     result
+}
+
+fn load_policy_datapath(ifname: &str) -> Result<PolicyDatapath> {
+    let mut datapath = PolicyDatapath::load(LinkLayer::Ip)?;
+    datapath.attach(ifname)?;
+    Ok(datapath)
+}
+
+/// Logs the policy verdict counters (summed over CPUs) whenever they
+/// change, at most once per [`POLICY_COUNTERS_INTERVAL`].
+async fn log_policy_counters(policy: Arc<Mutex<PolicyDatapath>>) {
+    use weft_ebpf_common::policy::PolicyVerdict;
+    let mut last = None;
+    let mut tick = tokio::time::interval(POLICY_COUNTERS_INTERVAL);
+    loop {
+        tick.tick().await;
+        let counters = match policy.lock() {
+            Ok(p) => p.verdict_counters(),
+            Err(_) => return,
+        };
+        let Ok(c) = counters else { continue };
+        if last == Some(c) {
+            continue;
+        }
+        last = Some(c);
+        let packets = |v: PolicyVerdict| c[v.index() as usize].packets;
+        info!(
+            allowed = packets(PolicyVerdict::Allowed),
+            denied = packets(PolicyVerdict::Denied),
+            default_denied = packets(PolicyVerdict::DefaultDenied),
+            unparsable = packets(PolicyVerdict::Unparsable),
+            not_governed = packets(PolicyVerdict::NotGoverned),
+            "policy counters (packets)"
+        );
+    }
 }
 
 fn public_key(private: &Key) -> Key {
@@ -222,10 +288,16 @@ struct Applier {
     peers: BTreeMap<Key, PeerConfig>,
     applied: Option<NodeConfig>,
     state: StateDir,
+    /// The policy datapath on the TUN device; `None` if it could not be
+    /// loaded (then configs that govern this node are refused).
+    policy: Option<Arc<Mutex<PolicyDatapath>>>,
 }
 
 impl Applier {
     async fn apply(&mut self, cfg: NodeConfig, persist: bool) -> Result<()> {
+        // Policy first, so that peers and addresses added below never see
+        // traffic before the policy that governs them is in the maps.
+        self.apply_policy(&cfg)?;
         self.netlink
             .apply_interface(&self.ifname, &cfg.addresses, cfg.mtu)
             .await?;
@@ -243,6 +315,37 @@ impl Applier {
             self.state.save_config(&cfg)?;
         }
         self.applied = Some(cfg);
+        Ok(())
+    }
+
+    /// Lowers the config's policy and brings the live maps to it by a
+    /// diff (no program reload).
+    fn apply_policy(&mut self, cfg: &NodeConfig) -> Result<()> {
+        let maps = policy_maps::lower(&cfg.policy)
+            .with_context(|| format!("revision {}: invalid policy", cfg.revision))?;
+        let Some(policy) = &self.policy else {
+            if cfg.policy.governed.is_empty() {
+                return Ok(());
+            }
+            bail!(
+                "revision {}: policy governs {} identities on this node but the eBPF policy \
+                 datapath is not loaded; refusing the config rather than failing open",
+                cfg.revision,
+                cfg.policy.governed.len()
+            );
+        };
+        let mut policy = policy
+            .lock()
+            .map_err(|_| anyhow::anyhow!("policy datapath lock poisoned"))?;
+        let diff = policy.sync(&maps).context("updating the policy maps")?;
+        if !diff.is_empty() {
+            info!(
+                revision = cfg.revision,
+                governed = maps.governed.len(),
+                entries = maps.policy.len(),
+                "policy maps updated"
+            );
+        }
         Ok(())
     }
 

@@ -4,7 +4,8 @@
 //!
 //! [`OverlayCounters`] only counts packets and bytes per direction; it never
 //! drops. Dropping it detaches them. [`policy`] is the network-policy
-//! datapath (loaded and tested, not yet used by the agent's control loop).
+//! datapath, which the agent attaches to the TUN device and keeps in line
+//! with each applied config.
 
 use anyhow::Context as _;
 use aya::Ebpf;
@@ -17,7 +18,8 @@ use weft_ebpf_common::{
 
 #[allow(
     dead_code,
-    reason = "the policy datapath is not wired into agent.rs yet; its tests use all of it"
+    reason = "the Ethernet link layer (workload interfaces), per-rule counters and map \
+              inspection are used only by its tests so far"
 )]
 pub(crate) mod policy;
 
@@ -138,8 +140,9 @@ mod tests {
 
     use super::*;
 
-    /// `TC_ACT_PIPE`: "no verdict", the packet goes on.
-    const TC_ACT_PIPE: u32 = 3;
+    /// `TC_ACT_UNSPEC` (-1) as BPF_PROG_TEST_RUN reports it: "no verdict",
+    /// the packet goes on (`TCX_NEXT`: the next program on the hook runs).
+    const TC_ACT_UNSPEC: u32 = u32::MAX;
 
     /// Runs `program` on `frame` `repeat` times with BPF_PROG_TEST_RUN and
     /// returns its verdict. The kernel feeds TC programs an Ethernet frame
@@ -239,12 +242,12 @@ mod tests {
         let v6_verdict = test_run(&mut ebpf, COUNT_INGRESS_PROGRAM, &v6, 2);
 
         assert_eq!(
-            v4_verdict, TC_ACT_PIPE,
-            "IPv4 packet must pass (TC_ACT_PIPE)"
+            v4_verdict, TC_ACT_UNSPEC,
+            "IPv4 packet must pass (TC_ACT_UNSPEC)"
         );
         assert_eq!(
-            v6_verdict, TC_ACT_PIPE,
-            "IPv6 packet must pass (TC_ACT_PIPE)"
+            v6_verdict, TC_ACT_UNSPEC,
+            "IPv6 packet must pass (TC_ACT_UNSPEC)"
         );
         let stats = read_stats(&ebpf).expect("read");
         assert_eq!(
@@ -284,8 +287,8 @@ mod tests {
         let verdict = test_run(&mut ebpf, COUNT_EGRESS_PROGRAM, &v4, 4);
         let arp_verdict = test_run(&mut ebpf, COUNT_EGRESS_PROGRAM, &arp, 1);
 
-        assert_eq!(verdict, TC_ACT_PIPE, "egress must pass (TC_ACT_PIPE)");
-        assert_eq!(arp_verdict, TC_ACT_PIPE, "a non-IP frame must pass too");
+        assert_eq!(verdict, TC_ACT_UNSPEC, "egress must pass (TC_ACT_UNSPEC)");
+        assert_eq!(arp_verdict, TC_ACT_UNSPEC, "a non-IP frame must pass too");
         let stats = read_stats(&ebpf).expect("read");
         assert_eq!(
             stats.egress,

@@ -8,6 +8,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use crate::key::Key;
+use crate::policy_maps::PolicyInput;
 
 /// Default overlay MTU: 1500 minus the 80 bytes of WireGuard over IPv6.
 pub const DEFAULT_MTU: u16 = 1420;
@@ -24,6 +25,12 @@ pub struct NodeConfig {
     pub mtu: u16,
     /// Peers by public key.
     pub peers: BTreeMap<Key, PeerConfig>,
+    /// The node's compiled network policy: the whole ipcache, the
+    /// identities it hosts that are default-deny, and their rule tuples.
+    /// Empty = nothing on this node is governed. Defaults to empty so that
+    /// configs persisted before policy existed still load.
+    #[serde(default)]
+    pub policy: PolicyInput,
 }
 
 /// One WireGuard peer of a node.
@@ -38,4 +45,21 @@ pub struct PeerConfig {
     pub allowed_ips: Vec<IpNet>,
     /// Persistent keepalive in seconds, `None` = off.
     pub persistent_keepalive: Option<u16>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_config_persisted_before_policy_existed_still_loads() {
+        let json = r#"{"revision":3,"node_id":"n1","node_name":"a1",
+            "addresses":["100.64.0.1/10"],"mtu":1420,"peers":{}}"#;
+        let cfg: NodeConfig = serde_json::from_str(json).expect("old config loads");
+        assert_eq!(cfg.policy, PolicyInput::default());
+        let again: NodeConfig =
+            serde_json::from_str(&serde_json::to_string(&cfg).expect("serializes"))
+                .expect("round trips");
+        assert_eq!(again, cfg);
+    }
 }

@@ -22,6 +22,7 @@ use std::fmt;
 use std::net::{IpAddr, Ipv6Addr};
 
 use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
 
 /// A numeric identity (0 is [`WORLD`]).
 pub type Identity = u32;
@@ -45,7 +46,7 @@ pub const IPCACHE_FULL_PREFIX: u32 = 128;
 
 /// Protocol of a rule, keyed by its IP protocol number. `Icmp` covers
 /// ICMPv6 too: the program looks ICMPv6 packets up as ICMP.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Protocol {
     /// TCP (6).
     Tcp,
@@ -68,7 +69,7 @@ impl Protocol {
 }
 
 /// What a rule says.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Verdict {
     /// Let it through.
     Allow,
@@ -92,7 +93,7 @@ impl Verdict {
 /// per-rule counter `rule`. Tuples of the same `(dst, src, protocol)` must
 /// not overlap (the controller's compiler already split ranges and let deny
 /// win).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct PolicyTuple {
     /// Destination identity.
     pub dst: Identity,
@@ -111,7 +112,7 @@ pub struct PolicyTuple {
 }
 
 /// What the agent knows of the node's compiled policy.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PolicyInput {
     /// Overlay prefix → identity.
     pub ipcache: Vec<(IpNet, Identity)>,

@@ -4,7 +4,9 @@
 //!
 //! The counting classifiers only count: packets and bytes per direction into the
 //! per-CPU array [`WEFT_COUNTERS`], and they never drop or redirect
-//! (`TC_ACT_PIPE`: "no verdict", the next program or the stack decides).
+//! (`TC_ACT_UNSPEC`, -1: "no verdict", the next program or the stack
+//! decides; with tcx links it is `TCX_NEXT`, the only value that lets the
+//! next program on the hook run, e.g. the policy classifiers).
 //!
 //! One entry point per hook because a TC program cannot tell which hook
 //! ran it: `skb->ingress_ifindex` equals the device's own index on egress
@@ -14,7 +16,7 @@
 #![no_main]
 
 use aya_ebpf::{
-    bindings::TC_ACT_PIPE,
+    bindings::TC_ACT_UNSPEC,
     macros::{classifier, map},
     maps::PerCpuArray,
     programs::TcContext,
@@ -51,7 +53,7 @@ enum Error {
 #[inline(always)]
 fn verdict(result: Result<(), Error>) -> i32 {
     match result {
-        Ok(()) | Err(Error::NoCounterSlot) => TC_ACT_PIPE,
+        Ok(()) | Err(Error::NoCounterSlot) => TC_ACT_UNSPEC,
     }
 }
 

@@ -21,11 +21,11 @@
 //! `weft_policy_egress` does not enforce yet: it counts (`EgressPassed`)
 //! and passes.
 //!
-//! Verdicts are `TC_ACT_PIPE` (pass: the next program, if any, or the stack
+//! Verdicts are `TC_ACT_UNSPEC` (pass: the next program, if any, or the stack
 //! decides) and `TC_ACT_SHOT` (drop).
 
 use aya_ebpf::{
-    bindings::{TC_ACT_PIPE, TC_ACT_SHOT},
+    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
     macros::{classifier, map},
     maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
     programs::TcContext,
@@ -101,14 +101,14 @@ fn weft_policy_egress(ctx: TcContext) -> i32 {
         PolicyVerdict::EgressPassed.index(),
         ctx.len(),
     );
-    TC_ACT_PIPE
+    TC_ACT_UNSPEC
 }
 
 #[inline(always)]
 fn action(verdict: PolicyVerdict) -> i32 {
     match verdict {
         PolicyVerdict::Allowed | PolicyVerdict::NotGoverned | PolicyVerdict::EgressPassed => {
-            TC_ACT_PIPE
+            TC_ACT_UNSPEC
         }
         PolicyVerdict::Denied | PolicyVerdict::DefaultDenied | PolicyVerdict::Unparsable => {
             TC_ACT_SHOT

@@ -4,8 +4,10 @@
 //! policy (`weft_dataplane_core::policy_maps`) by applying diffs: map
 //! upserts and deletes, never a program reload.
 //!
-//! Not wired into the agent's control loop yet; links live as long as the
-//! [`PolicyDatapath`] (no pinning across restarts yet).
+//! The agent loads it at start, attaches it to the TUN device before
+//! re-applying its persisted config, and syncs the maps on every applied
+//! config. Links live as long as the [`PolicyDatapath`] (no pinning: a
+//! restarted agent reattaches before its peers are configured).
 
 use std::collections::BTreeSet;
 

@@ -25,7 +25,8 @@ use weft_ebpf_common::policy::{
 use super::*;
 
 const TC_ACT_SHOT: u32 = 2;
-const TC_ACT_PIPE: u32 = 3;
+/// `TC_ACT_UNSPEC` (-1) as BPF_PROG_TEST_RUN reports it (`TCX_NEXT`).
+const TC_ACT_UNSPEC: u32 = u32::MAX;
 
 const WEB: u32 = 10;
 const OPEN: u32 = 11;
@@ -219,7 +220,7 @@ fn expect(
     let (verdicts_after, rules_after) = (dp.verdict_counters().expect("verdicts"), rules(dp));
     let want_action = match verdict {
         PolicyVerdict::Allowed | PolicyVerdict::NotGoverned | PolicyVerdict::EgressPassed => {
-            TC_ACT_PIPE
+            TC_ACT_UNSPEC
         }
         PolicyVerdict::Denied | PolicyVerdict::DefaultDenied | PolicyVerdict::Unparsable => {
             TC_ACT_SHOT
@@ -553,7 +554,7 @@ fn egress_counts_and_passes() {
     let mut dp = loaded(&fixture());
     let frame = v4(WEB_V4, CLIENT_V4, L4::Tcp(22));
     let action = run(&mut dp, POLICY_EGRESS_PROGRAM, &frame);
-    assert_eq!(action, TC_ACT_PIPE);
+    assert_eq!(action, TC_ACT_UNSPEC);
     let counters = dp.counters().expect("counters");
     assert_eq!(
         counters.verdict(PolicyVerdict::EgressPassed),
