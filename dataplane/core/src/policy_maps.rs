@@ -608,8 +608,8 @@ mod tests {
         ));
         let conflict = PolicyInput {
             ipcache: vec![
-                ("10.0.0.0/8".parse().expect("net"), 1),
-                ("10.1.0.0/8".parse().expect("net"), 2),
+                ("100.64.0.0/12".parse().expect("net"), 1),
+                ("100.65.0.0/12".parse().expect("net"), 2),
             ],
             ..PolicyInput::default()
         };
