@@ -264,6 +264,14 @@ pub(crate) struct AdminApi {
     pub(crate) ca: Arc<Ca>,
 }
 
+/// A site with the number of nodes in it.
+fn site_with_count(
+    state: &weft_controller_core::State,
+    site: &weft_controller_core::Site,
+) -> pb::Site {
+    site_pb(site, state.nodes().filter(|n| n.site == site.name).count())
+}
+
 fn site_pb(s: &weft_controller_core::Site, node_count: usize) -> pb::Site {
     pb::Site {
         name: s.name.clone(),
@@ -487,21 +495,16 @@ impl AdminService for AdminApi {
         &self,
         _req: Request<pb::ListSitesRequest>,
     ) -> Result<Response<pb::ListSitesResponse>, Status> {
-        let sites = self.controller.read(|s, _| {
-            s.sites()
-                .map(|site| site_pb(site, s.nodes().filter(|n| n.site == site.name).count()))
-                .collect()
-        });
+        let sites = self
+            .controller
+            .read(|s, _| s.sites().map(|site| site_with_count(s, site)).collect());
         Ok(Response::new(pb::ListSitesResponse { sites }))
     }
 
     async fn get_site(&self, req: Request<pb::GetRequest>) -> Result<Response<pb::Site>, Status> {
         let name = req.into_inner().name;
         self.controller
-            .read(|s, _| {
-                s.site(&name)
-                    .map(|site| site_pb(site, s.nodes().filter(|n| n.site == site.name).count()))
-            })
+            .read(|s, _| s.site(&name).map(|site| site_with_count(s, site)))
             .map(Response::new)
             .ok_or_else(|| Status::not_found(format!("site {name:?} not found")))
     }
