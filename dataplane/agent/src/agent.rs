@@ -337,12 +337,16 @@ impl Applier {
         let mut policy = policy
             .lock()
             .map_err(|_| anyhow::anyhow!("policy datapath lock poisoned"))?;
-        let diff = policy.sync(&maps).context("updating the policy maps")?;
-        if !diff.is_empty() {
+        let report = policy.sync(&maps).context("updating the policy maps")?;
+        if !report.change.is_empty() {
             info!(
                 revision = cfg.revision,
                 governed = maps.governed.len(),
                 entries = maps.policy.len(),
+                change = %report.change,
+                written = report.written,
+                epoch = policy.active_epoch(),
+                flows_revoked = report.flows_revoked,
                 "policy maps updated"
             );
         }

@@ -419,12 +419,11 @@ impl PolicyMaps {
 
 /// Map updates turning one [`PolicyMaps`] into another.
 ///
-/// The agent applies them in the order of the fields: new ipcache and
-/// policy entries first, then newly governed identities (so a destination
-/// becomes default-deny only once its allows are in place), then the
-/// governed deletes (opening a destination before its rules go), then the
-/// policy and ipcache deletes. A port that is allowed before and after
-/// stays allowed at every step.
+/// The kernel keeps two copies of the maps (epochs) and the programs read
+/// only the active one. The agent applies a diff, op by op in the order of
+/// [`MapsDiff::ops`], to the inactive copy, then flips the active epoch
+/// with one write: each packet sees the old policy or the new one whole,
+/// never a mix, so a change never drops a packet that both allow.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MapsDiff {
     /// ipcache entries to insert or overwrite.
@@ -464,20 +463,87 @@ impl MapsDiff {
             + self.ipcache_deletes.len()
     }
 
-    /// Applies the diff to an in-memory copy of the maps (what the agent
-    /// does to the kernel's).
+    /// The single map operations of the diff: upserts, then deletes.
+    #[must_use]
+    pub fn ops(&self) -> Vec<MapOp> {
+        let mut ops = Vec::with_capacity(self.len());
+        ops.extend(
+            self.policy_upserts
+                .iter()
+                .map(|&(k, v)| MapOp::PolicyUpsert(k, v)),
+        );
+        ops.extend(
+            self.governed_upserts
+                .iter()
+                .map(|&id| MapOp::GovernedUpsert(id)),
+        );
+        ops.extend(
+            self.ipcache_upserts
+                .iter()
+                .map(|&(k, id)| MapOp::IpcacheUpsert(k, id)),
+        );
+        ops.extend(
+            self.governed_deletes
+                .iter()
+                .map(|&id| MapOp::GovernedDelete(id)),
+        );
+        ops.extend(
+            self.ipcache_deletes
+                .iter()
+                .map(|&k| MapOp::IpcacheDelete(k)),
+        );
+        ops.extend(self.policy_deletes.iter().map(|&k| MapOp::PolicyDelete(k)));
+        ops
+    }
+
+    /// Applies the diff to an in-memory copy of the maps, op by op as the
+    /// agent does to the kernel's.
     pub fn apply_to(&self, maps: &mut PolicyMaps) {
-        maps.ipcache.extend(self.ipcache_upserts.iter().copied());
-        maps.policy.extend(self.policy_upserts.iter().copied());
-        maps.governed.extend(self.governed_upserts.iter().copied());
-        for id in &self.governed_deletes {
-            maps.governed.remove(id);
+        for op in self.ops() {
+            op.apply_to(maps);
         }
-        for key in &self.policy_deletes {
-            maps.policy.remove(key);
-        }
-        for key in &self.ipcache_deletes {
-            maps.ipcache.remove(key);
+    }
+}
+
+/// One map operation of a [`MapsDiff`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MapOp {
+    /// Insert or overwrite a policy entry.
+    PolicyUpsert(PolicyEntryKey, PolicyEntryValue),
+    /// Mark an identity governed.
+    GovernedUpsert(Identity),
+    /// Insert or overwrite an ipcache entry.
+    IpcacheUpsert(IpcacheEntryKey, Identity),
+    /// Mark an identity no longer governed.
+    GovernedDelete(Identity),
+    /// Remove an ipcache entry.
+    IpcacheDelete(IpcacheEntryKey),
+    /// Remove a policy entry.
+    PolicyDelete(PolicyEntryKey),
+}
+
+impl MapOp {
+    /// Applies this one operation to an in-memory copy of the maps.
+    pub fn apply_to(self, maps: &mut PolicyMaps) {
+        match self {
+            MapOp::PolicyUpsert(k, v) => {
+                maps.policy.insert(k, v);
+            }
+            MapOp::GovernedUpsert(id) => {
+                maps.governed.insert(id);
+            }
+            MapOp::IpcacheUpsert(k, id) => {
+                maps.ipcache.insert(k, id);
+            }
+            MapOp::GovernedDelete(id) => {
+                maps.governed.remove(&id);
+            }
+            MapOp::IpcacheDelete(k) => {
+                maps.ipcache.remove(&k);
+            }
+            MapOp::PolicyDelete(k) => {
+                maps.policy.remove(&k);
+            }
         }
     }
 }
@@ -704,7 +770,7 @@ mod tests {
     fn arb_net() -> impl Strategy<Value = IpNet> {
         prop_oneof![
             (any::<u8>(), any::<u8>(), 16u8..=32).prop_map(|(c, d, len)| {
-                IpNet::new(Ipv4Addr::new(10, 0, c & 0x0f, d).into(), len).expect("len <= 32")
+                IpNet::new(Ipv4Addr::new(100, 64, c & 0x0f, d).into(), len).expect("len <= 32")
             }),
             (any::<u8>(), 112u8..=128).prop_map(|(x, len)| {
                 IpNet::new(
@@ -719,8 +785,8 @@ mod tests {
     fn arb_addr() -> impl Strategy<Value = IpAddr> {
         prop_oneof![
             (any::<u8>(), any::<u8>()).prop_map(|(c, d)| IpAddr::from(Ipv4Addr::new(
-                10,
-                0,
+                100,
+                64,
                 c & 0x0f,
                 d
             ))),

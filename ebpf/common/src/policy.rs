@@ -7,6 +7,21 @@
 //! the number of rules: port ranges are stored as aligned power-of-two
 //! blocks, a prefix on the port bits of [`PolicyKey`].
 //!
+//! Epochs: the ipcache, policy and governed maps hold two copies of the
+//! policy, told apart by an epoch (0 or 1) in every key. The programs read
+//! the active epoch once per packet from [`CONFIG_MAP`]; the agent writes a
+//! change into the inactive copy and then flips [`CONFIG_EPOCH`], so every
+//! packet sees one whole policy, old or new.
+//!
+//! Connection tracking: [`CONNTRACK_MAP`], an LRU hash of [`CtKey`] →
+//! [`CtValue`]. Both directions of a flow share one key, written in the
+//! orientation of the packets that enter the node (remote → local): the
+//! egress program records every flow the node opens, and the ingress
+//! program records every governed flow a policy allowed. A packet of a
+//! tracked flow passes as [`PolicyVerdict::Established`] without a policy
+//! lookup, so a policy change never drops an established flow; the agent
+//! removes the tracked inbound flows that a new policy no longer allows.
+//!
 //! Byte order: every multi-byte field of a key is big-endian (`[u8; N]`
 //! arrays, so the type says it), because LPM tries compare keys bit by bit
 //! from the first byte. Values are native-endian `u32`s.
@@ -27,9 +42,13 @@ pub const RULE_COUNTERS_MAP: &str = "WEFT_POLICY_RULES";
 /// Name of the configuration array (`u32` values, indexed by
 /// [`CONFIG_L3_OFFSET`]).
 pub const CONFIG_MAP: &str = "WEFT_POLICY_CONFIG";
+/// Name of the connection-tracking table: LRU hash of [`CtKey`] →
+/// [`CtValue`].
+pub const CONNTRACK_MAP: &str = "WEFT_CT";
 /// Name of the enforcing classifier (remote → local).
 pub const POLICY_INGRESS_PROGRAM: &str = "weft_policy_ingress";
-/// Name of the egress classifier (local → remote; counts and passes).
+/// Name of the egress classifier (local → remote: records the flows the
+/// node opens, counts and passes).
 pub const POLICY_EGRESS_PROGRAM: &str = "weft_policy_egress";
 
 /// Slot of [`CONFIG_MAP`]: where the IP header starts in the packet, in
@@ -37,8 +56,13 @@ pub const POLICY_EGRESS_PROGRAM: &str = "weft_policy_egress";
 /// under BPF_PROG_TEST_RUN (which always hands TC programs an Ethernet
 /// frame). The loader sets it; the program trusts it.
 pub const CONFIG_L3_OFFSET: u32 = 0;
+/// Slot of [`CONFIG_MAP`]: the active epoch (0 or 1) of the ipcache, policy
+/// and governed maps.
+pub const CONFIG_EPOCH: u32 = 1;
 /// Number of slots of [`CONFIG_MAP`].
-pub const CONFIG_SLOTS: u32 = 1;
+pub const CONFIG_SLOTS: u32 = 2;
+/// Number of epochs (copies of the policy maps).
+pub const EPOCHS: u32 = 2;
 
 /// The identity of addresses the ipcache does not know.
 pub const WORLD: u32 = 0;
@@ -46,13 +70,26 @@ pub const WORLD: u32 = 0;
 /// flag, not a `bool`: every bit pattern of a map value must be valid).
 pub const GOVERNED: u32 = 1;
 
-/// Capacity of [`IPCACHE_MAP`].
-pub const IPCACHE_MAX_ENTRIES: u32 = 1 << 16;
+/// Capacity of [`IPCACHE_MAP`] (both epochs).
+pub const IPCACHE_MAX_ENTRIES: u32 = 1 << 17;
 /// Capacity of [`POLICY_MAP`] (blocks, not rules: a port range takes at
-/// most [`MAX_BLOCKS_PER_RANGE`]).
-pub const POLICY_MAX_ENTRIES: u32 = 1 << 20;
-/// Capacity of [`GOVERNED_MAP`].
-pub const GOVERNED_MAX_ENTRIES: u32 = 1 << 16;
+/// most [`MAX_BLOCKS_PER_RANGE`]; both epochs).
+pub const POLICY_MAX_ENTRIES: u32 = 1 << 21;
+/// Capacity of [`GOVERNED_MAP`] (both epochs).
+pub const GOVERNED_MAX_ENTRIES: u32 = 1 << 17;
+/// Capacity of [`CONNTRACK_MAP`]: the least recently used flow goes first
+/// when it is full.
+pub const CONNTRACK_MAX_ENTRIES: u32 = 1 << 16;
+/// Idle time after which a tracked TCP flow no longer passes (its packets
+/// meet the policy again).
+pub const CT_TIMEOUT_TCP_NS: u64 = 2 * 3600 * 1_000_000_000;
+/// Idle timeout of a tracked UDP flow.
+pub const CT_TIMEOUT_UDP_NS: u64 = 120 * 1_000_000_000;
+/// Idle timeout of a tracked ICMP echo exchange.
+pub const CT_TIMEOUT_ICMP_NS: u64 = 30 * 1_000_000_000;
+/// A tracked entry's timestamp is rewritten at most this often (fewer
+/// writes to a shared cache line).
+pub const CT_REFRESH_NS: u64 = 1_000_000_000;
 /// Capacity of [`RULE_COUNTERS_MAP`]: rule indices must be below this.
 pub const RULE_COUNTER_SLOTS: u32 = 1 << 16;
 /// Most aligned power-of-two blocks a 16-bit port range decomposes into.
@@ -68,25 +105,31 @@ pub const PROTO_UDP: u8 = 17;
 /// ICMPv6 on the wire (never in a key: see [`PROTO_ICMP`]).
 pub const PROTO_ICMPV6: u8 = 58;
 
-/// Data of an ipcache key: a 16-byte address, IPv4 as IPv4-mapped IPv6
-/// (`::ffff:a.b.c.d`, prefix length + 96). The LPM trie key is
-/// `prefix_len: u32` (host order) followed by this.
+/// Data of an ipcache key: the epoch, then a 16-byte address, IPv4 as
+/// IPv4-mapped IPv6 (`::ffff:a.b.c.d`). The LPM trie key is
+/// `prefix_len: u32` (host order) followed by this; the prefix length
+/// counts the epoch's 32 bits ([`IpcacheKey::EPOCH_BITS`]) plus the
+/// address prefix (+ 96 for IPv4).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct IpcacheKey {
+    /// The epoch (big-endian).
+    pub epoch: [u8; 4],
     /// The address, network byte order.
     pub addr: [u8; 16],
 }
 
 impl IpcacheKey {
+    /// Prefix bits of the epoch, matched exactly.
+    pub const EPOCH_BITS: u32 = 32;
     /// Full prefix length of a key (an exact address).
-    pub const FULL_PREFIX: u32 = 128;
+    pub const FULL_PREFIX: u32 = Self::EPOCH_BITS + 128;
     /// Prefix bits an IPv4 prefix is offset by in its mapped form.
     pub const V4_MAPPED_OFFSET: u32 = 96;
 
-    /// The key of an IPv4 address (`::ffff:a.b.c.d`).
+    /// The key of an IPv4 address (`::ffff:a.b.c.d`) in `epoch`.
     #[must_use]
-    pub const fn v4(octets: [u8; 4]) -> Self {
+    pub const fn v4(epoch: u32, octets: [u8; 4]) -> Self {
         let mut addr = [0; 16];
         addr[10] = 0xff;
         addr[11] = 0xff;
@@ -94,14 +137,27 @@ impl IpcacheKey {
         addr[13] = octets[1];
         addr[14] = octets[2];
         addr[15] = octets[3];
-        Self { addr }
+        Self::v6(epoch, addr)
     }
 
-    /// The key of an IPv6 address.
+    /// The key of an IPv6 address in `epoch`.
     #[must_use]
-    pub const fn v6(octets: [u8; 16]) -> Self {
-        Self { addr: octets }
+    pub const fn v6(epoch: u32, octets: [u8; 16]) -> Self {
+        Self {
+            epoch: epoch.to_be_bytes(),
+            addr: octets,
+        }
     }
+}
+
+/// Key of the governed set: an identity in an epoch.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct GovernedKey {
+    /// The epoch (0 or 1).
+    pub epoch: u32,
+    /// The destination identity.
+    pub identity: u32,
 }
 
 /// Data of a policy key (the LPM trie key is `prefix_len: u32` followed by
@@ -118,26 +174,32 @@ pub struct PolicyKey {
     /// IP protocol ([`PROTO_TCP`], [`PROTO_UDP`], [`PROTO_ICMP`]; others
     /// never match a rule).
     pub proto: u8,
-    /// Always 0 (explicit padding).
-    pub pad: u8,
+    /// The epoch (0 or 1).
+    pub epoch: u8,
     /// Destination port (big-endian); 0 for ICMP and other protocols.
     pub port: [u8; 2],
 }
 
 impl PolicyKey {
-    /// Prefix bits before the port: dst (32) + src (32) + proto (8) + pad (8).
+    /// Prefix bits before the port: dst (32) + src (32) + proto (8) + epoch (8).
     pub const PORT_PREFIX_START: u32 = 80;
     /// Full prefix length (an exact port).
     pub const FULL_PREFIX: u32 = Self::PORT_PREFIX_START + 16;
 
-    /// The key of one packet (or of the first port of a block).
+    /// The key of one packet (or of the first port of a block) in `epoch`.
     #[must_use]
-    pub const fn new(dst_identity: u32, src_identity: u32, proto: u8, port: u16) -> Self {
+    pub const fn new(
+        epoch: u8,
+        dst_identity: u32,
+        src_identity: u32,
+        proto: u8,
+        port: u16,
+    ) -> Self {
         Self {
             dst_identity: dst_identity.to_be_bytes(),
             src_identity: src_identity.to_be_bytes(),
             proto,
-            pad: 0,
+            epoch,
             port: port.to_be_bytes(),
         }
     }
@@ -174,19 +236,24 @@ pub enum PolicyVerdict {
     Unparsable = 3,
     /// Destination not governed (or not IP at all): passed.
     NotGoverned = 4,
-    /// Seen by the egress classifier, which does not enforce yet: passed.
+    /// Seen by the egress classifier, which does not enforce: passed (and
+    /// the flow tracked).
     EgressPassed = 5,
+    /// Governed destination, the flow is tracked (the node opened it, or a
+    /// policy allowed it earlier): passed without a policy lookup.
+    Established = 6,
 }
 
 impl PolicyVerdict {
     /// Every verdict, in slot order.
-    pub const ALL: [PolicyVerdict; 6] = [
+    pub const ALL: [PolicyVerdict; 7] = [
         PolicyVerdict::Allowed,
         PolicyVerdict::Denied,
         PolicyVerdict::DefaultDenied,
         PolicyVerdict::Unparsable,
         PolicyVerdict::NotGoverned,
         PolicyVerdict::EgressPassed,
+        PolicyVerdict::Established,
     ];
 
     /// Slot of this verdict in [`VERDICT_COUNTERS_MAP`].
@@ -198,6 +265,67 @@ impl PolicyVerdict {
 
 /// Number of entries of [`VERDICT_COUNTERS_MAP`].
 pub const VERDICT_SLOTS: u32 = PolicyVerdict::ALL.len() as u32;
+
+/// Key of [`CONNTRACK_MAP`]: one flow, in the orientation of the packets
+/// that enter the node (`src` remote, `dst` local). Addresses are 16 bytes
+/// (IPv4-mapped for IPv4), ports big-endian. For an ICMP echo exchange
+/// `src_port` is the echo identifier and `dst_port` says which message
+/// enters the node: 1 an echo request, 0 an echo reply; `proto` is
+/// [`PROTO_ICMP`] for ICMP and ICMPv6 alike.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct CtKey {
+    /// Remote address.
+    pub src: [u8; 16],
+    /// Local address.
+    pub dst: [u8; 16],
+    /// Remote port (big-endian), or the ICMP echo identifier.
+    pub src_port: [u8; 2],
+    /// Local port (big-endian); for ICMP 1 (echo requests enter) or 0
+    /// (echo replies enter).
+    pub dst_port: [u8; 2],
+    /// [`PROTO_TCP`], [`PROTO_UDP`] or [`PROTO_ICMP`].
+    pub proto: u8,
+    /// Always 0 (explicit padding).
+    pub pad: [u8; 3],
+}
+
+/// [`CtValue::origin`]: the node opened the flow (seen first on egress).
+pub const CT_OUTBOUND: u32 = 1;
+/// [`CtValue::origin`]: a policy allowed the flow into the node.
+pub const CT_INBOUND: u32 = 2;
+
+/// Value of [`CONNTRACK_MAP`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct CtValue {
+    /// `bpf_ktime_get_ns` when a packet of the flow was last seen (updated
+    /// at most every [`CT_REFRESH_NS`]).
+    pub last_seen_ns: u64,
+    /// [`CT_OUTBOUND`] or [`CT_INBOUND`].
+    pub origin: u32,
+    /// Rule slot that allowed an inbound flow (0 for outbound flows).
+    pub rule: u32,
+}
+
+impl CtValue {
+    /// Idle timeout of a flow of protocol `proto`.
+    #[must_use]
+    pub const fn timeout_ns(proto: u8) -> u64 {
+        match proto {
+            PROTO_TCP => CT_TIMEOUT_TCP_NS,
+            PROTO_UDP => CT_TIMEOUT_UDP_NS,
+            _ => CT_TIMEOUT_ICMP_NS,
+        }
+    }
+
+    /// Whether a packet of protocol `proto` seen at `now_ns` still belongs
+    /// to this tracked flow.
+    #[must_use]
+    pub const fn live(&self, proto: u8, now_ns: u64) -> bool {
+        now_ns.saturating_sub(self.last_seen_ns) < Self::timeout_ns(proto)
+    }
+}
 
 // SAFETY (all three): `#[repr(C)]`, `Copy`, fixed-width integer fields and
 // byte arrays with no implicit padding (sizes asserted below), so every bit
@@ -211,8 +339,20 @@ unsafe impl aya::Pod for PolicyKey {}
 #[cfg(feature = "user")]
 #[allow(unsafe_code)]
 unsafe impl aya::Pod for PolicyValue {}
+#[cfg(feature = "user")]
+#[allow(unsafe_code)]
+unsafe impl aya::Pod for GovernedKey {}
+#[cfg(feature = "user")]
+#[allow(unsafe_code)]
+unsafe impl aya::Pod for CtKey {}
+#[cfg(feature = "user")]
+#[allow(unsafe_code)]
+unsafe impl aya::Pod for CtValue {}
 
-const _: () = assert!(core::mem::size_of::<IpcacheKey>() == 16);
+const _: () = assert!(core::mem::size_of::<IpcacheKey>() == 20);
+const _: () = assert!(core::mem::size_of::<GovernedKey>() == 8);
+const _: () = assert!(core::mem::size_of::<CtKey>() == 40);
+const _: () = assert!(core::mem::size_of::<CtValue>() == 16);
 const _: () = assert!(core::mem::size_of::<PolicyKey>() == 12);
 const _: () = assert!(core::mem::align_of::<PolicyKey>() == 1);
 const _: () = assert!(core::mem::size_of::<PolicyValue>() == 8);
@@ -224,12 +364,45 @@ mod tests {
     use core::mem::{offset_of, size_of};
 
     #[test]
-    fn ipcache_key_is_sixteen_bytes() {
-        assert_eq!(size_of::<IpcacheKey>(), 16);
+    fn ipcache_key_is_epoch_then_address() {
+        assert_eq!(size_of::<IpcacheKey>(), 20);
+        assert_eq!(offset_of!(IpcacheKey, addr), 4);
+        let k = IpcacheKey::v4(1, [100, 64, 0, 1]);
+        assert_eq!(k.epoch, [0, 0, 0, 1]);
         assert_eq!(
-            IpcacheKey::v4([100, 64, 0, 1]).addr,
+            k.addr,
             [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 100, 64, 0, 1]
         );
+        assert_eq!(
+            IpcacheKey::FULL_PREFIX as usize,
+            8 * size_of::<IpcacheKey>()
+        );
+    }
+
+    #[test]
+    fn conntrack_layout_has_no_implicit_padding() {
+        assert_eq!(size_of::<CtKey>(), 40);
+        assert_eq!(offset_of!(CtKey, dst), 16);
+        assert_eq!(offset_of!(CtKey, src_port), 32);
+        assert_eq!(offset_of!(CtKey, dst_port), 34);
+        assert_eq!(offset_of!(CtKey, proto), 36);
+        assert_eq!(size_of::<CtValue>(), 16);
+        assert_eq!(offset_of!(CtValue, origin), 8);
+    }
+
+    #[test]
+    fn conntrack_timeouts_by_protocol() {
+        let v = CtValue {
+            last_seen_ns: 1_000,
+            origin: CT_OUTBOUND,
+            rule: 0,
+        };
+        assert!(v.live(PROTO_UDP, 1_000 + CT_TIMEOUT_UDP_NS - 1));
+        assert!(!v.live(PROTO_UDP, 1_000 + CT_TIMEOUT_UDP_NS));
+        assert!(v.live(PROTO_TCP, 1_000 + CT_TIMEOUT_UDP_NS));
+        assert!(!v.live(PROTO_ICMP, 1_000 + CT_TIMEOUT_ICMP_NS));
+        // A clock read before the entry was written is not idle time.
+        assert!(v.live(PROTO_ICMP, 0));
     }
 
     #[test]
@@ -238,13 +411,14 @@ mod tests {
         assert_eq!(offset_of!(PolicyKey, dst_identity), 0);
         assert_eq!(offset_of!(PolicyKey, src_identity), 4);
         assert_eq!(offset_of!(PolicyKey, proto), 8);
-        assert_eq!(offset_of!(PolicyKey, pad), 9);
+        assert_eq!(offset_of!(PolicyKey, epoch), 9);
         assert_eq!(offset_of!(PolicyKey, port), 10);
         assert_eq!(
             PolicyKey::PORT_PREFIX_START as usize,
             8 * offset_of!(PolicyKey, port)
         );
-        let k = PolicyKey::new(0x0102_0304, 7, PROTO_TCP, 443);
+        let k = PolicyKey::new(1, 0x0102_0304, 7, PROTO_TCP, 443);
+        assert_eq!(k.epoch, 1);
         assert_eq!(k.dst_identity, [1, 2, 3, 4]);
         assert_eq!(k.src_identity, [0, 0, 0, 7]);
         assert_eq!(k.port, [0x01, 0xbb]);

@@ -1,10 +1,13 @@
 //! Network-policy classifiers for the overlay device.
 //!
-//! `weft_policy_ingress` (remote → local) enforces: source and destination
-//! address → identity through the ipcache (unknown → `WORLD`), destination
-//! identity not governed → pass, else one LPM lookup of
-//! `{dst, src, proto, port}` in the policy map: allow → pass, deny → drop,
-//! no match → drop (default deny).
+//! `weft_policy_ingress` (remote → local) enforces: destination address →
+//! identity through the ipcache (unknown → `WORLD`); destination identity
+//! not governed → pass; a packet of a tracked flow (the connection-tracking
+//! table has its 5-tuple and the entry is not idle for longer than its
+//! protocol's timeout) → pass as `Established`; else the source identity
+//! and one LPM lookup of `{dst, src, proto, port}` in the policy map:
+//! allow → pass and track the flow, deny → drop, no match → drop (default
+//! deny). Every map lookup uses the active epoch read once per packet.
 //!
 //! Fail closed: a packet whose IP header cannot be read (truncated, wrong
 //! version nibble, IHL < 5) is dropped, because its destination cannot be
@@ -18,24 +21,30 @@
 //! IPv6 extension headers Hop-by-Hop, Routing, Destination Options,
 //! Fragment (first fragment only) and AH are walked, up to [`MAX_V6_EXT`].
 //!
-//! `weft_policy_egress` does not enforce yet: it counts (`EgressPassed`)
-//! and passes.
+//! `weft_policy_egress` (local → remote) does not enforce: it records the
+//! flow in the tracking table (TCP, UDP, ICMP echo requests; a flow already
+//! there is refreshed), so replies to connections the node opens pass its
+//! ingress policy, counts (`EgressPassed`) and passes. A packet it cannot
+//! parse passes untracked.
 //!
 //! Verdicts are `TC_ACT_UNSPEC` (pass: the next program, if any, or the stack
 //! decides) and `TC_ACT_SHOT` (drop).
 
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
+    helpers::bpf_ktime_get_ns,
     macros::{classifier, map},
-    maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
     programs::TcContext,
 };
 use weft_ebpf_common::{
     Counters,
     policy::{
-        CONFIG_L3_OFFSET, CONFIG_SLOTS, GOVERNED_MAX_ENTRIES, IPCACHE_MAX_ENTRIES, IpcacheKey,
-        POLICY_MAX_ENTRIES, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, PolicyKey, PolicyValue,
-        PolicyVerdict, RULE_COUNTER_SLOTS, VERDICT_ALLOW, VERDICT_SLOTS, WORLD,
+        CONFIG_EPOCH, CONFIG_L3_OFFSET, CONFIG_SLOTS, CONNTRACK_MAX_ENTRIES, CT_INBOUND,
+        CT_OUTBOUND, CT_REFRESH_NS, CtKey, CtValue, GOVERNED_MAX_ENTRIES, GovernedKey,
+        IPCACHE_MAX_ENTRIES, IpcacheKey, POLICY_MAX_ENTRIES, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP,
+        PROTO_UDP, PolicyKey, PolicyValue, PolicyVerdict, RULE_COUNTER_SLOTS, VERDICT_ALLOW,
+        VERDICT_SLOTS, WORLD,
     },
 };
 
@@ -48,9 +57,15 @@ static WEFT_IPCACHE: LpmTrie<IpcacheKey, u32> = LpmTrie::with_max_entries(IPCACH
 static WEFT_POLICY: LpmTrie<PolicyKey, PolicyValue> =
     LpmTrie::with_max_entries(POLICY_MAX_ENTRIES, 0);
 
-/// Governed destination identities (value `GOVERNED`, non-zero).
+/// Governed destination identities per epoch (value `GOVERNED`, non-zero).
 #[map(name = "WEFT_GOVERNED")]
-static WEFT_GOVERNED: HashMap<u32, u32> = HashMap::with_max_entries(GOVERNED_MAX_ENTRIES, 0);
+static WEFT_GOVERNED: HashMap<GovernedKey, u32> =
+    HashMap::with_max_entries(GOVERNED_MAX_ENTRIES, 0);
+
+/// Tracked flows, keyed in the remote → local orientation.
+#[map(name = "WEFT_CT")]
+static WEFT_CT: LruHashMap<CtKey, CtValue> =
+    LruHashMap::with_max_entries(CONNTRACK_MAX_ENTRIES, 0);
 
 /// Per-verdict counters.
 #[map(name = "WEFT_POLICY_VERDICTS")]
@@ -62,7 +77,7 @@ static WEFT_POLICY_VERDICTS: PerCpuArray<Counters> =
 static WEFT_POLICY_RULES: PerCpuArray<Counters> =
     PerCpuArray::with_max_entries(RULE_COUNTER_SLOTS, 0);
 
-/// Loader-set configuration (`CONFIG_L3_OFFSET`).
+/// Loader-set configuration (`CONFIG_L3_OFFSET`, `CONFIG_EPOCH`).
 #[map(name = "WEFT_POLICY_CONFIG")]
 static WEFT_POLICY_CONFIG: Array<u32> = Array::with_max_entries(CONFIG_SLOTS, 0);
 
@@ -93,9 +108,11 @@ fn weft_policy_ingress(ctx: TcContext) -> i32 {
     action(verdict)
 }
 
-/// Counts what leaves through the device and passes it (not enforced yet).
+/// Tracks and counts what leaves through the device, and passes it.
 #[classifier]
 fn weft_policy_egress(ctx: TcContext) -> i32 {
+    // Not enforcing: a packet that cannot be parsed passes untracked.
+    let _ = track_egress(&ctx);
     count(
         &WEFT_POLICY_VERDICTS,
         PolicyVerdict::EgressPassed.index(),
@@ -110,6 +127,7 @@ fn action(verdict: PolicyVerdict) -> i32 {
         PolicyVerdict::Allowed | PolicyVerdict::NotGoverned | PolicyVerdict::EgressPassed => {
             TC_ACT_UNSPEC
         }
+        PolicyVerdict::Established => TC_ACT_UNSPEC,
         PolicyVerdict::Denied | PolicyVerdict::DefaultDenied | PolicyVerdict::Unparsable => {
             TC_ACT_SHOT
         }
@@ -126,39 +144,87 @@ fn count(map: &PerCpuArray<Counters>, slot: u32, len: u32) {
     }
 }
 
-/// Addresses and where the L4 header may start.
+/// Source and destination addresses (16 bytes, IPv4-mapped for IPv4).
 struct L3 {
     src: [u8; 16],
     dst: [u8; 16],
 }
 
+/// What the programs need of the L4 header.
+#[derive(Clone, Copy)]
+struct L4 {
+    /// Key protocol: TCP, UDP, ICMP (for ICMPv6 too), or another number.
+    proto: u8,
+    /// Source port; the echo identifier of an ICMP echo request or reply.
+    src_port: u16,
+    /// Destination port; 0 for other protocols. For ICMP: 1 for an echo
+    /// request, 0 for anything else (the tracking key tells requests and
+    /// replies apart; the policy lookup uses port 0 for ICMP).
+    dst_port: u16,
+    /// An ICMP(v6) echo request.
+    echo_request: bool,
+    /// Whether the flow can be tracked: TCP, UDP, an ICMP echo request or
+    /// reply.
+    trackable: bool,
+}
+
+/// `CONFIG_MAP[slot]`.
 #[inline(always)]
-fn try_ingress(ctx: &TcContext) -> Result<PolicyVerdict, Error> {
-    let l3 = WEFT_POLICY_CONFIG
-        .get(CONFIG_L3_OFFSET)
+fn config(slot: u32) -> Result<u32, Error> {
+    WEFT_POLICY_CONFIG
+        .get(slot)
         .copied()
-        .ok_or(Error::NoConfig)? as usize;
+        .ok_or(Error::NoConfig)
+}
+
+/// Addresses and L4 fields of the packet, whose IP header starts at `l3`.
+/// `Ok(None)` for a packet that is not IP.
+#[inline(always)]
+fn parse_l3(ctx: &TcContext, l3: usize) -> Result<Option<(bool, L3)>, Error> {
     // `skb->protocol` is a big-endian ethertype in the low 16 bits.
     let ethertype = u16::from_be(ctx.skb.protocol() as u16);
-    let v6 = match ethertype {
-        ETH_P_IP => false,
-        ETH_P_IPV6 => true,
-        _ => return Ok(PolicyVerdict::NotGoverned),
+    match ethertype {
+        ETH_P_IP => Ok(Some((false, v4_addrs(ctx, l3)?))),
+        ETH_P_IPV6 => Ok(Some((true, v6_addrs(ctx, l3)?))),
+        _ => Ok(None),
+    }
+}
+
+#[inline(always)]
+fn try_ingress(ctx: &TcContext) -> Result<PolicyVerdict, Error> {
+    let l3 = config(CONFIG_L3_OFFSET)? as usize;
+    let epoch = config(CONFIG_EPOCH)?;
+    let Some((v6, addrs)) = parse_l3(ctx, l3)? else {
+        return Ok(PolicyVerdict::NotGoverned);
     };
-    let addrs = if v6 {
-        v6_addrs(ctx, l3)?
-    } else {
-        v4_addrs(ctx, l3)?
-    };
-    let dst_identity = identity(&addrs.dst);
-    if !governed(dst_identity) {
+    let dst_identity = identity(epoch, &addrs.dst);
+    if !governed(epoch, dst_identity) {
         return Ok(PolicyVerdict::NotGoverned);
     }
-    let src_identity = identity(&addrs.src);
-    let (proto, port) = if v6 { v6_l4(ctx, l3)? } else { v4_l4(ctx, l3)? };
+    let l4 = if v6 { v6_l4(ctx, l3)? } else { v4_l4(ctx, l3)? };
+    // SAFETY: a BPF helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let ct_key = CtKey {
+        src: addrs.src,
+        dst: addrs.dst,
+        src_port: l4.src_port.to_be_bytes(),
+        dst_port: l4.dst_port.to_be_bytes(),
+        proto: l4.proto,
+        pad: [0; 3],
+    };
+    if l4.trackable && refresh(&ct_key, l4.proto, now) {
+        return Ok(PolicyVerdict::Established);
+    }
+    let src_identity = identity(epoch, &addrs.src);
     let key = Key::new(
         PolicyKey::FULL_PREFIX,
-        PolicyKey::new(dst_identity, src_identity, proto, port),
+        PolicyKey::new(
+            epoch as u8,
+            dst_identity,
+            src_identity,
+            l4.proto,
+            if l4.proto == PROTO_ICMP { 0 } else { l4.dst_port },
+        ),
     );
     match WEFT_POLICY.get(&key) {
         None => Ok(PolicyVerdict::DefaultDenied),
@@ -166,6 +232,16 @@ fn try_ingress(ctx: &TcContext) -> Result<PolicyVerdict, Error> {
             let value: PolicyValue = *value;
             count(&WEFT_POLICY_RULES, value.rule, ctx.len());
             if value.verdict == VERDICT_ALLOW {
+                if l4.trackable && (l4.proto != PROTO_ICMP || l4.echo_request) {
+                    let entry = CtValue {
+                        last_seen_ns: now,
+                        origin: CT_INBOUND,
+                        rule: value.rule,
+                    };
+                    // A full table evicts its least recently used flow;
+                    // an error only means this flow meets the policy again.
+                    let _ = WEFT_CT.insert(&ct_key, &entry, 0);
+                }
                 Ok(PolicyVerdict::Allowed)
             } else {
                 // VERDICT_DENY, or a value this program does not know.
@@ -175,15 +251,78 @@ fn try_ingress(ctx: &TcContext) -> Result<PolicyVerdict, Error> {
     }
 }
 
+/// Records the flow of a packet the node sends, keyed as its replies will
+/// arrive.
 #[inline(always)]
-fn identity(addr: &[u8; 16]) -> u32 {
-    let key = Key::new(IpcacheKey::FULL_PREFIX, IpcacheKey { addr: *addr });
+fn track_egress(ctx: &TcContext) -> Result<(), Error> {
+    let l3 = config(CONFIG_L3_OFFSET)? as usize;
+    let Some((v6, addrs)) = parse_l3(ctx, l3)? else {
+        return Ok(());
+    };
+    let l4 = if v6 { v6_l4(ctx, l3)? } else { v4_l4(ctx, l3)? };
+    if !l4.trackable {
+        return Ok(());
+    }
+    let is_icmp = l4.proto == PROTO_ICMP;
+    // The reply's orientation: remote → local, ports swapped; an echo
+    // reply carries the request's identifier, and answers a request (and
+    // a request is answered by a reply) of the other kind.
+    let ct_key = CtKey {
+        src: addrs.dst,
+        dst: addrs.src,
+        src_port: if is_icmp { l4.src_port } else { l4.dst_port }.to_be_bytes(),
+        dst_port: if is_icmp {
+            u16::from(!l4.echo_request)
+        } else {
+            l4.src_port
+        }
+        .to_be_bytes(),
+        proto: l4.proto,
+        pad: [0; 3],
+    };
+    // SAFETY: a BPF helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if refresh(&ct_key, l4.proto, now) || (is_icmp && !l4.echo_request) {
+        return Ok(());
+    }
+    let entry = CtValue {
+        last_seen_ns: now,
+        origin: CT_OUTBOUND,
+        rule: 0,
+    };
+    let _ = WEFT_CT.insert(&ct_key, &entry, 0);
+    Ok(())
+}
+
+/// Whether `key` is a live tracked flow; if so, its timestamp is moved to
+/// `now` (at most every `CT_REFRESH_NS`).
+#[inline(always)]
+fn refresh(key: &CtKey, proto: u8, now: u64) -> bool {
+    let Some(entry) = WEFT_CT.get_ptr_mut(key) else {
+        return false;
+    };
+    // SAFETY: the kernel returned a pointer to the map value, valid while
+    // the program runs; a racing writer can only store another timestamp.
+    unsafe {
+        if !(*entry).live(proto, now) {
+            return false;
+        }
+        if now.saturating_sub((*entry).last_seen_ns) >= CT_REFRESH_NS {
+            (*entry).last_seen_ns = now;
+        }
+    }
+    true
+}
+
+#[inline(always)]
+fn identity(epoch: u32, addr: &[u8; 16]) -> u32 {
+    let key = Key::new(IpcacheKey::FULL_PREFIX, IpcacheKey::v6(epoch, *addr));
     WEFT_IPCACHE.get(&key).copied().unwrap_or(WORLD)
 }
 
 #[inline(always)]
-fn governed(identity: u32) -> bool {
-    match WEFT_GOVERNED.get_ptr(identity) {
+fn governed(epoch: u32, identity: u32) -> bool {
+    match WEFT_GOVERNED.get_ptr(&GovernedKey { epoch, identity }) {
         // SAFETY: the kernel returned a pointer to the map value, valid while
         // the program runs; a concurrent update rewrites a u32 in place.
         Some(flag) => unsafe { *flag != 0 },
@@ -205,8 +344,8 @@ fn v4_addrs(ctx: &TcContext, l3: usize) -> Result<L3, Error> {
     let src: [u8; 4] = load(ctx, l3 + 12)?;
     let dst: [u8; 4] = load(ctx, l3 + 16)?;
     Ok(L3 {
-        src: IpcacheKey::v4(src).addr,
-        dst: IpcacheKey::v4(dst).addr,
+        src: IpcacheKey::v4(0, src).addr,
+        dst: IpcacheKey::v4(0, dst).addr,
     })
 }
 
@@ -226,7 +365,7 @@ fn v6_addrs(ctx: &TcContext, l3: usize) -> Result<L3, Error> {
 
 /// Protocol and destination port of an IPv4 packet.
 #[inline(always)]
-fn v4_l4(ctx: &TcContext, l3: usize) -> Result<(u8, u16), Error> {
+fn v4_l4(ctx: &TcContext, l3: usize) -> Result<L4, Error> {
     let vihl: u8 = load(ctx, l3)?;
     let ihl = usize::from(vihl & 0x0f) * 4;
     let frag: [u8; 2] = load(ctx, l3 + 6)?;
@@ -241,7 +380,7 @@ fn v4_l4(ctx: &TcContext, l3: usize) -> Result<(u8, u16), Error> {
 /// Protocol and destination port of an IPv6 packet, after the extension
 /// headers.
 #[inline(always)]
-fn v6_l4(ctx: &TcContext, l3: usize) -> Result<(u8, u16), Error> {
+fn v6_l4(ctx: &TcContext, l3: usize) -> Result<L4, Error> {
     let mut next: u8 = load(ctx, l3 + 6)?;
     let mut off = l3 + 40;
     for _ in 0..MAX_V6_EXT {
@@ -279,20 +418,50 @@ fn v6_l4(ctx: &TcContext, l3: usize) -> Result<(u8, u16), Error> {
     }
 }
 
-/// Key protocol and port of the L4 header at `off`. ICMPv6 is keyed as
-/// ICMP; ICMP and other protocols have port 0.
+/// Key protocol, ports and echo identifier of the L4 header at `off`.
+/// ICMPv6 is keyed as ICMP; ICMP and other protocols have port 0.
 #[inline(always)]
-fn l4(ctx: &TcContext, off: usize, proto: u8) -> Result<(u8, u16), Error> {
+fn l4(ctx: &TcContext, off: usize, proto: u8) -> Result<L4, Error> {
     match proto {
         PROTO_TCP | PROTO_UDP => {
             let ports: [u8; 4] = load(ctx, off)?;
-            Ok((proto, u16::from_be_bytes([ports[2], ports[3]])))
+            Ok(L4 {
+                proto,
+                src_port: u16::from_be_bytes([ports[0], ports[1]]),
+                dst_port: u16::from_be_bytes([ports[2], ports[3]]),
+                echo_request: false,
+                trackable: true,
+            })
         }
         PROTO_ICMP | PROTO_ICMPV6 => {
             // Type and code must be there.
-            let _: [u8; 2] = load(ctx, off)?;
-            Ok((PROTO_ICMP, 0))
+            let hdr: [u8; 2] = load(ctx, off)?;
+            let (request, reply) = if proto == PROTO_ICMP {
+                (8, 0)
+            } else {
+                (128, 129)
+            };
+            let echo = hdr[0] == request || hdr[0] == reply;
+            let id = if echo {
+                let id: [u8; 2] = load(ctx, off + 4)?;
+                u16::from_be_bytes(id)
+            } else {
+                0
+            };
+            Ok(L4 {
+                proto: PROTO_ICMP,
+                src_port: id,
+                dst_port: u16::from(hdr[0] == request),
+                echo_request: hdr[0] == request,
+                trackable: echo,
+            })
         }
-        _ => Ok((proto, 0)),
+        _ => Ok(L4 {
+            proto,
+            src_port: 0,
+            dst_port: 0,
+            echo_request: false,
+            trackable: false,
+        }),
     }
 }

@@ -1,8 +1,15 @@
 //! The network-policy datapath: loads `weft_policy_ingress` (enforcing) and
-//! `weft_policy_egress` (counting only, for now), attaches them to a device,
-//! and keeps their maps (ipcache, policy, governed) equal to the lowered
-//! policy (`weft_dataplane_core::policy_maps`) by applying diffs: map
-//! upserts and deletes, never a program reload.
+//! `weft_policy_egress` (tracking the flows the node opens), attaches them
+//! to a device, and keeps their maps (ipcache, policy, governed) equal to
+//! the lowered policy (`weft_dataplane_core::policy_maps`) by applying
+//! diffs: map upserts and deletes, never a program reload.
+//!
+//! The maps hold two epochs. A change is written as a diff into the
+//! inactive epoch (which holds the policy before last), then one write to
+//! the config map makes it active: each packet sees one whole policy.
+//! Afterwards the tracked inbound flows that the new policy no longer
+//! allows are removed from the connection-tracking table; every other
+//! tracked flow keeps passing.
 //!
 //! The agent loads it at start, attaches it to the TUN device before
 //! re-applying its persisted config, and syncs the maps on every applied
@@ -17,14 +24,17 @@ use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 use aya::programs::TcAttachType;
 use aya::programs::tc;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use weft_dataplane_core::policy_maps::{
-    IpcacheEntryKey, MapsDiff, PolicyEntryKey, PolicyEntryValue, PolicyMaps,
+    Decision, IpcacheEntryKey, MapOp, MapsDiff, PolicyEntryKey, PolicyEntryValue, PolicyMaps,
+    Verdict,
 };
 use weft_ebpf_common::Counters;
 use weft_ebpf_common::policy::{
-    CONFIG_L3_OFFSET, CONFIG_MAP, GOVERNED, GOVERNED_MAP, IPCACHE_MAP, IpcacheKey,
-    POLICY_EGRESS_PROGRAM, POLICY_INGRESS_PROGRAM, POLICY_MAP, PolicyKey, PolicyValue,
-    PolicyVerdict, RULE_COUNTERS_MAP, VERDICT_COUNTERS_MAP,
+    CONFIG_EPOCH, CONFIG_L3_OFFSET, CONFIG_MAP, CONNTRACK_MAP, CT_INBOUND, CtKey, CtValue,
+    GOVERNED, GOVERNED_MAP, GovernedKey, IPCACHE_MAP, IpcacheKey, POLICY_EGRESS_PROGRAM,
+    POLICY_INGRESS_PROGRAM, POLICY_MAP, PROTO_ICMP, PolicyKey, PolicyValue, PolicyVerdict,
+    RULE_COUNTERS_MAP, VERDICT_COUNTERS_MAP,
 };
 
 use super::{OBJECT, classifier, tcx_supported};
@@ -62,8 +72,22 @@ impl LinkLayer {
 pub(crate) struct PolicyDatapath {
     /// Owns the programs, their links and the maps.
     ebpf: Ebpf,
-    /// What the maps hold (what the applied diffs add up to).
-    current: PolicyMaps,
+    /// What each epoch of the maps holds (what the applied diffs add up to).
+    epochs: [PolicyMaps; 2],
+    /// The epoch the programs read.
+    active: u32,
+}
+
+/// What [`PolicyDatapath::sync`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct SyncReport {
+    /// The change from the previously active policy to the new one (empty:
+    /// nothing was written).
+    pub(crate) change: MapsDiff,
+    /// Map operations written into the inactive epoch.
+    pub(crate) written: usize,
+    /// Tracked inbound flows removed because the new policy denies them.
+    pub(crate) flows_revoked: usize,
 }
 
 /// The policy counters, summed over all CPUs.
@@ -99,9 +123,13 @@ impl PolicyDatapath {
         config
             .set(CONFIG_L3_OFFSET, link.l3_offset(), 0)
             .with_context(|| format!("setting {CONFIG_MAP}[l3 offset]"))?;
+        config
+            .set(CONFIG_EPOCH, 0, 0)
+            .with_context(|| format!("setting {CONFIG_MAP}[epoch]"))?;
         Ok(Self {
             ebpf,
-            current: PolicyMaps::default(),
+            epochs: [PolicyMaps::default(), PolicyMaps::default()],
+            active: 0,
         })
     }
 
@@ -121,58 +149,118 @@ impl PolicyDatapath {
         Ok(())
     }
 
-    /// What the maps hold.
+    /// What the active epoch of the maps holds.
     pub(crate) fn current(&self) -> &PolicyMaps {
-        &self.current
+        &self.epochs[self.active as usize]
     }
 
-    /// Brings the maps to `desired` by a diff from what they hold.
-    pub(crate) fn sync(&mut self, desired: &PolicyMaps) -> anyhow::Result<MapsDiff> {
-        let diff = weft_dataplane_core::policy_maps::diff(&self.current, desired);
-        self.apply(&diff)?;
-        Ok(diff)
+    /// The epoch the programs read.
+    pub(crate) fn active_epoch(&self) -> u32 {
+        self.active
     }
 
-    /// Applies `diff` to the live maps, in the order [`MapsDiff`] documents
-    /// (upserts, governed changes, then deletes), without touching the
-    /// programs. On error the maps hold a prefix of the diff; the in-memory
-    /// copy is updated only for what succeeded, so a later [`Self::sync`]
-    /// finishes the job.
-    pub(crate) fn apply(&mut self, diff: &MapsDiff) -> anyhow::Result<()> {
-        for &(key, identity) in &diff.ipcache_upserts {
-            self.ipcache()?
-                .insert(&ipcache_key(key), identity, 0)
-                .with_context(|| format!("{IPCACHE_MAP}: inserting {key:?}"))?;
-            self.current.ipcache.insert(key, identity);
+    /// Makes `desired` the active policy: a diff into the inactive epoch,
+    /// a flip, then the revocation of tracked inbound flows it denies.
+    /// Nothing is written when `desired` is already active. On error the
+    /// active epoch is unchanged (the inactive one may hold a prefix of the
+    /// diff, which the next sync completes).
+    pub(crate) fn sync(&mut self, desired: &PolicyMaps) -> anyhow::Result<SyncReport> {
+        let change = weft_dataplane_core::policy_maps::diff(self.current(), desired);
+        if change.is_empty() {
+            return Ok(SyncReport::default());
         }
-        for &(key, value) in &diff.policy_upserts {
-            self.policy()?
-                .insert(&policy_key(key), policy_value(value), 0)
-                .with_context(|| format!("{POLICY_MAP}: inserting {key:?}"))?;
-            self.current.policy.insert(key, value);
-        }
-        for &identity in &diff.governed_upserts {
-            self.governed()?
-                .insert(identity, GOVERNED, 0)
-                .with_context(|| format!("{GOVERNED_MAP}: inserting {identity}"))?;
-            self.current.governed.insert(identity);
-        }
-        for &identity in &diff.governed_deletes {
-            remove_present(self.governed()?.remove(&identity))
-                .with_context(|| format!("{GOVERNED_MAP}: removing {identity}"))?;
-            self.current.governed.remove(&identity);
-        }
-        for &key in &diff.policy_deletes {
-            remove_present(self.policy()?.remove(&policy_key(key)))
-                .with_context(|| format!("{POLICY_MAP}: removing {key:?}"))?;
-            self.current.policy.remove(&key);
-        }
-        for &key in &diff.ipcache_deletes {
-            remove_present(self.ipcache()?.remove(&ipcache_key(key)))
-                .with_context(|| format!("{IPCACHE_MAP}: removing {key:?}"))?;
-            self.current.ipcache.remove(&key);
+        let next = 1 - self.active;
+        let stale = &self.epochs[next as usize];
+        let write = weft_dataplane_core::policy_maps::diff(stale, desired);
+        self.apply_epoch(next, &write)?;
+        let mut config: Array<&mut MapData, u32> =
+            Array::try_from(map_mut(&mut self.ebpf, CONFIG_MAP)?)
+                .with_context(|| format!("{CONFIG_MAP} is not an array of u32"))?;
+        config
+            .set(CONFIG_EPOCH, next, 0)
+            .with_context(|| format!("setting {CONFIG_MAP}[epoch] to {next}"))?;
+        self.active = next;
+        let flows_revoked = self
+            .revoke_denied_flows()
+            .context("revoking tracked flows the new policy denies")?;
+        Ok(SyncReport {
+            change,
+            written: write.len(),
+            flows_revoked,
+        })
+    }
+
+    /// Applies `diff` to the maps of `epoch`, op by op, without touching
+    /// the programs. On error the maps hold a prefix of the diff; the
+    /// in-memory copy is updated only for what succeeded, so a later
+    /// [`Self::sync`] finishes the job.
+    pub(crate) fn apply_epoch(&mut self, epoch: u32, diff: &MapsDiff) -> anyhow::Result<()> {
+        for op in diff.ops() {
+            match op {
+                MapOp::PolicyUpsert(key, value) => self
+                    .policy()?
+                    .insert(&policy_key(epoch, key), policy_value(value), 0)
+                    .with_context(|| format!("{POLICY_MAP}: inserting {key:?}"))?,
+                MapOp::GovernedUpsert(identity) => self
+                    .governed()?
+                    .insert(GovernedKey { epoch, identity }, GOVERNED, 0)
+                    .with_context(|| format!("{GOVERNED_MAP}: inserting {identity}"))?,
+                MapOp::IpcacheUpsert(key, identity) => self
+                    .ipcache()?
+                    .insert(&ipcache_key(epoch, key), identity, 0)
+                    .with_context(|| format!("{IPCACHE_MAP}: inserting {key:?}"))?,
+                MapOp::GovernedDelete(identity) => {
+                    remove_present(self.governed()?.remove(&GovernedKey { epoch, identity }))
+                        .with_context(|| format!("{GOVERNED_MAP}: removing {identity}"))?;
+                }
+                MapOp::IpcacheDelete(key) => {
+                    remove_present(self.ipcache()?.remove(&ipcache_key(epoch, key)))
+                        .with_context(|| format!("{IPCACHE_MAP}: removing {key:?}"))?;
+                }
+                MapOp::PolicyDelete(key) => {
+                    remove_present(self.policy()?.remove(&policy_key(epoch, key)))
+                        .with_context(|| format!("{POLICY_MAP}: removing {key:?}"))?;
+                }
+            }
+            op.apply_to(&mut self.epochs[epoch as usize]);
         }
         Ok(())
+    }
+
+    /// Removes the tracked inbound flows that the active policy does not
+    /// allow (a revoked rule ends the flows it admitted; flows the node
+    /// opened, and flows still allowed, stay). Returns how many went.
+    fn revoke_denied_flows(&mut self) -> anyhow::Result<usize> {
+        let policy = &self.epochs[self.active as usize];
+        let mut ct: HashMap<&mut MapData, CtKey, CtValue> =
+            HashMap::try_from(map_mut(&mut self.ebpf, CONNTRACK_MAP)?)
+                .with_context(|| format!("{CONNTRACK_MAP} is not a hash of CtKey → CtValue"))?;
+        let mut revoke = Vec::new();
+        for entry in ct.iter() {
+            // An entry evicted while we iterate ends the walk early at
+            // worst; the flows it skips meet this check on the next change.
+            let Ok((key, value)) = entry else { break };
+            if value.origin == CT_INBOUND && !flow_allowed(policy, &key) {
+                revoke.push(key);
+            }
+        }
+        for key in &revoke {
+            remove_present(ct.remove(key))
+                .with_context(|| format!("{CONNTRACK_MAP}: removing {key:?}"))?;
+        }
+        Ok(revoke.len())
+    }
+
+    /// The tracked flows (key and entry), for tests and diagnostics.
+    #[cfg(test)]
+    pub(crate) fn tracked_flows(&self) -> anyhow::Result<Vec<(CtKey, CtValue)>> {
+        let map = self
+            .ebpf
+            .map(CONNTRACK_MAP)
+            .with_context(|| format!("map {CONNTRACK_MAP} missing from the eBPF object"))?;
+        let ct: HashMap<&MapData, CtKey, CtValue> = HashMap::try_from(map)
+            .with_context(|| format!("{CONNTRACK_MAP} is not a hash of CtKey → CtValue"))?;
+        Ok(ct.iter().filter_map(Result::ok).collect())
     }
 
     /// The per-verdict counters and the per-rule counters of the rules the
@@ -183,7 +271,7 @@ impl PolicyDatapath {
             ..PolicyCounters::default()
         };
         let rules = per_cpu_counters(&self.ebpf, RULE_COUNTERS_MAP)?;
-        let referenced: BTreeSet<u32> = self.current.policy.values().map(|v| v.rule).collect();
+        let referenced: BTreeSet<u32> = self.current().policy.values().map(|v| v.rule).collect();
         for rule in referenced {
             out.rules
                 .insert(rule, sum(&rules, rule, RULE_COUNTERS_MAP)?);
@@ -218,9 +306,9 @@ impl PolicyDatapath {
             .with_context(|| format!("{POLICY_MAP} is not an LPM trie of PolicyKey → PolicyValue"))
     }
 
-    fn governed(&mut self) -> anyhow::Result<HashMap<&mut MapData, u32, u32>> {
+    fn governed(&mut self) -> anyhow::Result<HashMap<&mut MapData, GovernedKey, u32>> {
         HashMap::try_from(map_mut(&mut self.ebpf, GOVERNED_MAP)?)
-            .with_context(|| format!("{GOVERNED_MAP} is not a hash of u32 → u32"))
+            .with_context(|| format!("{GOVERNED_MAP} is not a hash of GovernedKey → u32"))
     }
 
     #[cfg(test)]
@@ -266,15 +354,48 @@ fn sum(map: &PerCpuArray<&MapData, Counters>, index: u32, name: &str) -> anyhow:
         .fold(Counters::default(), |total, cpu| total.merge(*cpu)))
 }
 
-fn ipcache_key(key: IpcacheEntryKey) -> Key<IpcacheKey> {
-    Key::new(key.prefix_len, IpcacheKey::v6(key.addr))
+fn ipcache_key(epoch: u32, key: IpcacheEntryKey) -> Key<IpcacheKey> {
+    Key::new(
+        IpcacheKey::EPOCH_BITS + key.prefix_len,
+        IpcacheKey::v6(epoch, key.addr),
+    )
 }
 
-fn policy_key(key: PolicyEntryKey) -> Key<PolicyKey> {
+fn policy_key(epoch: u32, key: PolicyEntryKey) -> Key<PolicyKey> {
+    // Epochs are 0 and 1.
+    let epoch = u8::from(epoch != 0);
     Key::new(
         key.prefix_len,
-        PolicyKey::new(key.dst, key.src, key.proto, key.port),
+        PolicyKey::new(epoch, key.dst, key.src, key.proto, key.port),
     )
+}
+
+/// Whether `policy` lets the first packet of the tracked inbound flow `key`
+/// in (ungoverned destination, or an allow rule).
+fn flow_allowed(policy: &PolicyMaps, key: &CtKey) -> bool {
+    // ICMP rules have port 0; an ICMP key's port says request or reply.
+    let port = if key.proto == PROTO_ICMP {
+        0
+    } else {
+        u16::from_be_bytes(key.dst_port)
+    };
+    matches!(
+        policy.decide_packet(addr(key.src), addr(key.dst), key.proto, port),
+        Decision::NotGoverned
+            | Decision::Rule {
+                verdict: Verdict::Allow,
+                ..
+            }
+    )
+}
+
+/// A 16-byte kernel address as an `IpAddr` (IPv4-mapped → IPv4).
+fn addr(bytes: [u8; 16]) -> IpAddr {
+    let v6 = Ipv6Addr::from(bytes);
+    match v6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(Ipv4Addr::from(v4.octets())),
+        None => IpAddr::V6(v6),
+    }
 }
 
 fn policy_value(value: PolicyEntryValue) -> PolicyValue {

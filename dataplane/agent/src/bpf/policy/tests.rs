@@ -19,7 +19,8 @@ use weft_dataplane_core::policy_maps::{
     self, Decision, PolicyInput, PolicyMaps, PolicyTuple, Protocol, Verdict, lower,
 };
 use weft_ebpf_common::policy::{
-    PROTO_ICMP, PROTO_TCP, PROTO_UDP, PolicyKey, RULE_COUNTER_SLOTS, VERDICT_ALLOW, VERDICT_DENY,
+    CT_OUTBOUND, PROTO_ICMP, PROTO_TCP, PROTO_UDP, PolicyKey, RULE_COUNTER_SLOTS, VERDICT_ALLOW,
+    VERDICT_DENY,
 };
 
 use super::*;
@@ -219,9 +220,10 @@ fn expect(
     let action = run(dp, POLICY_INGRESS_PROGRAM, frame);
     let (verdicts_after, rules_after) = (dp.verdict_counters().expect("verdicts"), rules(dp));
     let want_action = match verdict {
-        PolicyVerdict::Allowed | PolicyVerdict::NotGoverned | PolicyVerdict::EgressPassed => {
-            TC_ACT_UNSPEC
-        }
+        PolicyVerdict::Allowed
+        | PolicyVerdict::NotGoverned
+        | PolicyVerdict::EgressPassed
+        | PolicyVerdict::Established => TC_ACT_UNSPEC,
         PolicyVerdict::Denied | PolicyVerdict::DefaultDenied | PolicyVerdict::Unparsable => {
             TC_ACT_SHOT
         }
@@ -571,8 +573,8 @@ fn diffs_change_verdicts_without_reloading() {
     let to_web = v4(CLIENT_V4, WEB_V4, L4::Tcp(8000));
     // Empty maps: nothing governed.
     expect(&mut dp, "empty", &to_web, PolicyVerdict::NotGoverned, None);
-    let diff = dp.sync(&fixture()).expect("apply fixture");
-    assert!(!diff.is_empty());
+    let report = dp.sync(&fixture()).expect("apply fixture");
+    assert!(!report.change.is_empty());
     expect(&mut dp, "fixture", &to_web, PolicyVerdict::Allowed, Some(1));
     // Narrow rule 1 to 8001-8080: 8000 falls to default deny.
     let mut input_narrow = fixture();
@@ -592,8 +594,11 @@ fn diffs_change_verdicts_without_reloading() {
         .policy
         .retain(|k, _| k.proto != PROTO_TCP || k.src != CLIENT);
     input_narrow.policy.extend(narrowed.policy);
-    let diff = dp.sync(&input_narrow).expect("apply narrowing");
+    let report = dp.sync(&input_narrow).expect("apply narrowing");
+    let diff = report.change;
     assert!(!diff.policy_deletes.is_empty() && !diff.policy_upserts.is_empty());
+    // The flow the fixture admitted on 8000 is tracked no more.
+    assert_eq!(report.flows_revoked, 1, "the 8000 flow is revoked");
     assert_eq!(dp.current(), &input_narrow);
     expect(
         &mut dp,
@@ -627,7 +632,9 @@ fn diffs_change_verdicts_without_reloading() {
         governed_deletes: vec![OPEN],
         ..Default::default()
     };
-    dp.apply(&again).expect("deletes of missing entries");
+    let inactive = 1 - dp.active_epoch();
+    dp.apply_epoch(inactive, &again)
+        .expect("deletes of missing entries");
     // Back to empty.
     dp.sync(&PolicyMaps::default()).expect("clear");
     assert_eq!(dp.current(), &PolicyMaps::default());
@@ -873,7 +880,161 @@ fn enforces_on_a_tun_device_where_packets_start_at_the_ip_header() {
             (PolicyVerdict::DefaultDenied, one(lens[2])),
             (PolicyVerdict::Unparsable, one(lens[4])),
             (PolicyVerdict::NotGoverned, one(lens[3])),
+            (PolicyVerdict::Established, Counters::default()),
         ],
         "verdict counters on the TUN device (bytes = IP packet lengths: no link header)"
     );
+}
+
+fn tcp_header(src_port: u16, dst_port: u16) -> Vec<u8> {
+    let mut h = src_port.to_be_bytes().to_vec();
+    h.extend_from_slice(&dst_port.to_be_bytes());
+    h.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x10, 0xff, 0xff, 0, 0, 0, 0]);
+    h
+}
+
+fn v4_tcp(src: Ipv4Addr, dst: Ipv4Addr, src_port: u16, dst_port: u16) -> Vec<u8> {
+    v4_raw(src, dst, PROTO_TCP, &tcp_header(src_port, dst_port))
+}
+
+fn v6_tcp(src: Ipv6Addr, dst: Ipv6Addr, src_port: u16, dst_port: u16) -> Vec<u8> {
+    v6_raw(src, dst, PROTO_TCP, &tcp_header(src_port, dst_port))
+}
+
+/// An ICMP (or ICMPv6) message of `kind` with echo identifier `id`.
+fn echo(kind: u8, id: u16) -> Vec<u8> {
+    let mut h = vec![kind, 0, 0, 0];
+    h.extend_from_slice(&id.to_be_bytes());
+    h.extend_from_slice(&[0, 1]);
+    h
+}
+
+/// Runs the egress classifier: it never drops.
+fn send(dp: &mut PolicyDatapath, frame: &[u8]) {
+    assert_eq!(
+        run(dp, POLICY_EGRESS_PROGRAM, frame),
+        TC_ACT_UNSPEC,
+        "egress passes"
+    );
+}
+
+#[test]
+fn replies_to_flows_the_node_opened_pass_as_established() {
+    let mut dp = loaded(&fixture());
+    let (est, dd, deny) = (
+        PolicyVerdict::Established,
+        PolicyVerdict::DefaultDenied,
+        PolicyVerdict::Denied,
+    );
+    // BLOCKED may send WEB no TCP at all (rule 6).
+    let reply = v4_tcp(BLOCKED_V4, WEB_V4, 22, 41000);
+    expect(&mut dp, "reply before WEB opened", &reply, deny, Some(6));
+    send(&mut dp, &v4_tcp(WEB_V4, BLOCKED_V4, 41000, 22));
+    expect(&mut dp, "reply to WEB's flow", &reply, est, None);
+    expect(&mut dp, "reply again", &reply, est, None);
+    let other_port = v4_tcp(BLOCKED_V4, WEB_V4, 22, 41001);
+    expect(&mut dp, "another local port", &other_port, deny, Some(6));
+    let other_remote = v4_tcp(BLOCKED_V4, WEB_V4, 23, 41000);
+    expect(&mut dp, "another remote port", &other_remote, deny, Some(6));
+    // IPv6, to an unknown (WORLD) address that may only reach 443.
+    let reply6 = v6_tcp(STRANGER_V6, WEB_V6, 80, 41000);
+    expect(&mut dp, "v6 reply before", &reply6, dd, None);
+    send(&mut dp, &v6_tcp(WEB_V6, STRANGER_V6, 41000, 80));
+    expect(&mut dp, "v6 reply", &reply6, est, None);
+    // ICMP echo: the reply to WEB's request passes, by identifier.
+    let pong = v4_raw(BLOCKED_V4, WEB_V4, PROTO_ICMP, &echo(0, 77));
+    expect(&mut dp, "echo reply before", &pong, dd, None);
+    send(
+        &mut dp,
+        &v4_raw(WEB_V4, BLOCKED_V4, PROTO_ICMP, &echo(8, 77)),
+    );
+    expect(&mut dp, "echo reply", &pong, est, None);
+    let other_id = v4_raw(BLOCKED_V4, WEB_V4, PROTO_ICMP, &echo(0, 78));
+    expect(&mut dp, "echo reply, other id", &other_id, dd, None);
+    // A tracked echo does not open the door to echo requests.
+    let ping_in = v4_raw(BLOCKED_V4, WEB_V4, PROTO_ICMP, &echo(8, 77));
+    expect(&mut dp, "echo request in", &ping_in, dd, None);
+    let ping6_in = v6_raw(STRANGER_V6, WEB_V6, 58, &echo(128, 5));
+    expect(&mut dp, "v6 echo request in", &ping6_in, dd, None);
+    send(&mut dp, &v6_raw(WEB_V6, STRANGER_V6, 58, &echo(128, 9)));
+    let pong6 = v6_raw(STRANGER_V6, WEB_V6, 58, &echo(129, 9));
+    expect(&mut dp, "v6 echo reply", &pong6, est, None);
+    // An echo reply the node sends does not track anything.
+    send(
+        &mut dp,
+        &v4_raw(WEB_V4, BLOCKED_V4, PROTO_ICMP, &echo(0, 99)),
+    );
+    let stray = v4_raw(BLOCKED_V4, WEB_V4, PROTO_ICMP, &echo(8, 99));
+    expect(&mut dp, "request after our reply", &stray, dd, None);
+    let flows = dp.tracked_flows().expect("tracked flows");
+    assert_eq!(flows.len(), 4, "three outbound flows and echo 9: {flows:?}");
+    assert!(flows.iter().all(|(_, v)| v.origin == CT_OUTBOUND));
+}
+
+#[test]
+fn allowed_flows_survive_policy_changes_until_revoked() {
+    let mut dp = loaded(&fixture());
+    let (ok, est, dd) = (
+        PolicyVerdict::Allowed,
+        PolicyVerdict::Established,
+        PolicyVerdict::DefaultDenied,
+    );
+    let first = v4_tcp(CLIENT_V4, WEB_V4, 40000, 8000);
+    expect(&mut dp, "first packet", &first, ok, Some(1));
+    expect(&mut dp, "second packet", &first, est, None);
+    let flows = dp.tracked_flows().expect("tracked flows");
+    assert_eq!(flows.len(), 1);
+    assert_eq!((flows[0].1.origin, flows[0].1.rule), (CT_INBOUND, 1));
+    // A flow WEB opened to BLOCKED, which policy would deny.
+    send(&mut dp, &v4_tcp(WEB_V4, BLOCKED_V4, 41000, 22));
+    let reply = v4_tcp(BLOCKED_V4, WEB_V4, 22, 41000);
+
+    // An unrelated change: the epoch flips, both flows keep passing.
+    let epoch = dp.active_epoch();
+    let mut unrelated = fixture();
+    unrelated.governed.insert(OPEN);
+    let report = dp.sync(&unrelated).expect("unrelated change");
+    assert_eq!(report.flows_revoked, 0);
+    assert_ne!(dp.active_epoch(), epoch, "the change flips the epoch");
+    expect(
+        &mut dp,
+        "allowed flow after an unrelated change",
+        &first,
+        est,
+        None,
+    );
+    expect(
+        &mut dp,
+        "opened flow after an unrelated change",
+        &reply,
+        est,
+        None,
+    );
+    // Syncing the same policy writes nothing and does not flip.
+    let epoch = dp.active_epoch();
+    let report = dp.sync(&unrelated).expect("same policy");
+    assert_eq!((report.written, report.flows_revoked), (0, 0));
+    assert!(report.change.is_empty());
+    assert_eq!(dp.active_epoch(), epoch);
+
+    // Revoke CLIENT's TCP rule: its flow ends, WEB's own flow stays.
+    let mut revoked = unrelated.clone();
+    revoked
+        .policy
+        .retain(|k, _| k.proto != PROTO_TCP || k.src != CLIENT);
+    let report = dp.sync(&revoked).expect("revoking change");
+    assert_eq!(report.flows_revoked, 1);
+    expect(&mut dp, "revoked flow", &first, dd, None);
+    expect(
+        &mut dp,
+        "opened flow after the revocation",
+        &reply,
+        est,
+        None,
+    );
+    // Both epochs were written by diffs: the stale one caught up.
+    let report = dp.sync(&fixture()).expect("back to the fixture");
+    assert!(report.written > 0);
+    assert_eq!(dp.current(), &fixture());
+    expect(&mut dp, "allowed again", &first, ok, Some(1));
 }
