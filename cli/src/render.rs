@@ -115,8 +115,14 @@ pub(crate) fn node(
     out.push_str(&format!("Peers ({}):\n", n.peers.len()));
     if n.peers.is_empty() {
         out.push_str("  none reported\n");
-        return out;
+    } else {
+        peers_table(&mut out, n, names, now);
     }
+    policy_section(&mut out, n.policy.as_ref());
+    out
+}
+
+fn peers_table(out: &mut String, n: &pb::Node, names: &BTreeMap<Vec<u8>, String>, now: u64) {
     let mut t = Table::new(&[
         "PEER",
         "PUBLIC KEY",
@@ -138,12 +144,43 @@ pub(crate) fn node(
             bytes(p.tx_bytes),
         ]);
     }
-    for line in t.render().lines() {
+    indent(out, &t.render());
+}
+
+/// The policy counters of a node's last report.
+fn policy_section(out: &mut String, policy: Option<&pb::PolicyStatus>) {
+    let Some(p) = policy else {
+        out.push_str("Policy: no counters reported (no eBPF policy datapath)\n");
+        return;
+    };
+    out.push_str(&format!(
+        "Policy (since the agent started; {} tracked flows):\n",
+        p.tracked_flows
+    ));
+    let mut t = Table::new(&["VERDICT", "PACKETS", "BYTES"]);
+    for v in &p.verdicts {
+        t.row(vec![
+            v.verdict.clone(),
+            v.packets.to_string(),
+            bytes(v.bytes),
+        ]);
+    }
+    indent(out, &t.render());
+    if !p.rules.is_empty() {
+        let mut t = Table::new(&["RULE", "PACKETS", "BYTES"]);
+        for r in &p.rules {
+            t.row(vec![r.rule.clone(), r.packets.to_string(), bytes(r.bytes)]);
+        }
+        indent(out, &t.render());
+    }
+}
+
+fn indent(out: &mut String, text: &str) {
+    for line in text.lines() {
         out.push_str("  ");
         out.push_str(line);
         out.push('\n');
     }
-    out
 }
 
 /// `peer list`.
@@ -348,6 +385,7 @@ mod tests {
                 },
             ],
             labels: Default::default(),
+            policy: None,
         }
     }
 
@@ -474,6 +512,7 @@ a1     n-1   a      100.64.0.1/10,fd7e::1/64   198.19.1.11:51820   yes         1
             .lines()
             .skip_while(|l| !l.starts_with("Peers"))
             .skip(1)
+            .take_while(|l| l.starts_with("  "))
             .collect();
         assert_eq!(peer_lines.len(), 3, "header and two peers:\n{out}");
         assert!(

@@ -24,6 +24,35 @@ pub(crate) struct NodeView {
     pub(crate) apply_error: String,
     pub(crate) peers: Vec<PeerStatusView>,
     pub(crate) labels: BTreeMap<String, String>,
+    /// The agent's policy counters (absent: no eBPF policy datapath, or
+    /// no report yet).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) policy: Option<PolicyStatusView>,
+}
+
+/// A node's policy counters, from the agent's report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub(crate) struct PolicyStatusView {
+    /// Per verdict (`allowed`, `denied`, `default_denied`, …).
+    pub(crate) verdicts: BTreeMap<String, CounterView>,
+    /// Per rule that decided packets.
+    pub(crate) rules: Vec<RuleCounterView>,
+    pub(crate) tracked_flows: u64,
+}
+
+/// Packets and bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub(crate) struct CounterView {
+    pub(crate) packets: u64,
+    pub(crate) bytes: u64,
+}
+
+/// The counter of one rule.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub(crate) struct RuleCounterView {
+    pub(crate) rule: String,
+    pub(crate) packets: u64,
+    pub(crate) bytes: u64,
 }
 
 /// A node's view of one of its WireGuard peers, from the agent's report.
@@ -218,6 +247,35 @@ impl From<&pb::Node> for NodeView {
             apply_error: n.apply_error.clone(),
             peers: n.peers.iter().map(PeerStatusView::from).collect(),
             labels: n.labels.clone().into_iter().collect(),
+            policy: n.policy.as_ref().map(PolicyStatusView::from),
+        }
+    }
+}
+
+impl From<&pb::PolicyStatus> for PolicyStatusView {
+    fn from(p: &pb::PolicyStatus) -> Self {
+        PolicyStatusView {
+            verdicts: p
+                .verdicts
+                .iter()
+                .map(|v| {
+                    let c = CounterView {
+                        packets: v.packets,
+                        bytes: v.bytes,
+                    };
+                    (v.verdict.clone(), c)
+                })
+                .collect(),
+            rules: p
+                .rules
+                .iter()
+                .map(|r| RuleCounterView {
+                    rule: r.rule.clone(),
+                    packets: r.packets,
+                    bytes: r.bytes,
+                })
+                .collect(),
+            tracked_flows: p.tracked_flows,
         }
     }
 }
@@ -332,6 +390,7 @@ mod tests {
                 endpoint: "198.19.1.12:51820".into(),
             }],
             labels: [("app".to_owned(), "web".to_owned())].into(),
+            policy: None,
         };
         let json = serde_json::to_value(NodeView::from(&node)).expect("node view serialises");
         let want = serde_json::json!({

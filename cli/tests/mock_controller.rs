@@ -52,6 +52,26 @@ fn node(name: &str, key: u8) -> pb::Node {
             endpoint: String::new(),
         }],
         labels: Default::default(),
+        policy: Some(pb::PolicyStatus {
+            verdicts: vec![
+                pb::VerdictCounter {
+                    verdict: "allowed".into(),
+                    packets: 7,
+                    bytes: 700,
+                },
+                pb::VerdictCounter {
+                    verdict: "default_denied".into(),
+                    packets: 3,
+                    bytes: 180,
+                },
+            ],
+            rules: vec![pb::RuleCounter {
+                rule: "db/ingress[0]".into(),
+                packets: 7,
+                bytes: 700,
+            }],
+            tracked_flows: 2,
+        }),
     }
 }
 
@@ -387,6 +407,9 @@ fn node_list_json_and_get_table() {
     );
     assert_eq!(nodes[0]["applied_revision"], 11);
     assert_eq!(nodes[0]["peers"][0]["rx_bytes"], 10);
+    assert_eq!(nodes[0]["policy"]["verdicts"]["default_denied"]["packets"], 3);
+    assert_eq!(nodes[0]["policy"]["rules"][0]["rule"], "db/ingress[0]");
+    assert_eq!(nodes[0]["policy"]["tracked_flows"], 2);
 
     let (stdout, _) = f.ok(&["node", "list"]);
     assert!(
@@ -404,6 +427,19 @@ fn node_list_json_and_get_table() {
             .lines()
             .any(|l| l.trim_start().starts_with("a2 ") && l.contains("never")),
         "peer a2:\n{stdout}"
+    );
+    assert!(stdout.contains("2 tracked flows"), "policy:\n{stdout}");
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.trim_start().starts_with("default_denied ") && l.contains(" 3 ")),
+        "verdict counters:\n{stdout}"
+    );
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.trim_start().starts_with("db/ingress[0] ") && l.contains(" 7 ")),
+        "rule counters:\n{stdout}"
     );
 }
 

@@ -216,10 +216,23 @@ impl TryFrom<pb::NodePolicy> for PolicyInput {
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let named = p.rules.len();
+        if let Some((i, t)) = tuples
+            .iter()
+            .enumerate()
+            .find(|(_, t)| t.rule as usize > named)
+        {
+            return Err(InvalidMessage::new(
+                M,
+                format!("tuples[{i}].rule"),
+                format!("rule slot {} but only {named} rules are named", t.rule),
+            ));
+        }
         Ok(PolicyInput {
             ipcache,
             governed: p.governed.into_iter().collect(),
             tuples,
+            rules: p.rules,
         })
     }
 }
@@ -249,6 +262,7 @@ impl From<&PolicyInput> for pb::NodePolicy {
                     rule: t.rule,
                 })
                 .collect(),
+            rules: p.rules.clone(),
         }
     }
 }
@@ -289,8 +303,9 @@ mod tests {
                     first: 5432,
                     last: 5432,
                     verdict: Verdict::Allow,
-                    rule: 0,
+                    rule: 1,
                 }],
+                rules: vec!["db/ingress[0]".into()],
             },
         }
     }
@@ -324,6 +339,11 @@ mod tests {
         w.policy.as_mut().expect("policy").tuples[0].last = 70000;
         let e = NodeConfig::try_from(w).expect_err("must fail");
         assert_eq!(e.field, "policy.tuples[0].last");
+        let mut w = pb::NodeConfig::from(&sample());
+        w.policy.as_mut().expect("policy").tuples[0].rule = 2;
+        let e = NodeConfig::try_from(w).expect_err("must fail");
+        assert_eq!(e.field, "policy.tuples[0].rule");
+        assert!(e.to_string().contains("only 1 rules are named"), "{e}");
     }
 
     #[test]

@@ -76,8 +76,9 @@ fn compile_state(state: &State) -> Compiled {
 }
 
 /// What the node with this id enforces, as the agent's lowering takes it.
-/// Every tuple counts in rule slot 0 (the compiler merges rules into
-/// disjoint ranges, so there is no cheap per-rule index yet).
+/// Each tuple counts in the slot of the rule that decides it: the node's
+/// deciding rules, sorted, are slots 1, 2, … and named in
+/// [`PolicyInput::rules`].
 pub fn node_policy(compiled: &Compiled, node_id: &str) -> PolicyInput {
     tables_to_input(&policy::compile_for_node(compiled, node_id))
 }
@@ -92,7 +93,19 @@ fn tables_to_input(tables: &PolicyTables) -> PolicyInput {
         policy::Verdict::Allow => policy_maps::Verdict::Allow,
         policy::Verdict::Deny => policy_maps::Verdict::Deny,
     };
+    // The node's rules, each once, in order; slot = 1 + index.
+    let names: std::collections::BTreeSet<&policy::RuleRef> =
+        tables.dsts.values().flat_map(|d| d.rules.iter()).collect();
+    let slot_of: BTreeMap<&policy::RuleRef, u32> = names.iter().copied().zip(1u32..).collect();
+    let slot = |d: &policy::DstPolicy, index: u32| {
+        d.rules
+            .get(index as usize)
+            .and_then(|r| slot_of.get(r))
+            .copied()
+            .unwrap_or(0)
+    };
     PolicyInput {
+        rules: names.iter().map(ToString::to_string).collect(),
         ipcache: tables.ipcache.iter().map(|(p, id)| (*p, *id)).collect(),
         governed: tables
             .dsts
@@ -111,7 +124,7 @@ fn tables_to_input(tables: &PolicyTables) -> PolicyInput {
                     first: k.first,
                     last: v.last,
                     verdict: verdict(v.verdict),
-                    rule: 0,
+                    rule: slot(d, v.rule),
                 })
             })
             .collect(),
@@ -211,6 +224,9 @@ spec:
   ingress:
     - from: {matchLabels: {role: web}}
       ports: [{protocol: TCP, port: 5432}]
+  deny:
+    - from: {matchLabels: {role: web}}
+      ports: [{protocol: TCP, port: 22}]
 "#,
         )
         .expect("valid policy");
@@ -231,6 +247,17 @@ spec:
             (allowed[0].protocol, allowed[0].first, allowed[0].last),
             (policy_maps::Protocol::Tcp, 5432, 5432)
         );
+        // Each tuple counts in the slot of the rule that decides it.
+        assert_eq!(db.rules, vec!["db/ingress[0]", "db/deny[0]"]);
+        assert_eq!(db.rule_name(allowed[0].rule), Some("db/ingress[0]"));
+        let denied: Vec<_> = db
+            .tuples
+            .iter()
+            .filter(|t| t.verdict == policy_maps::Verdict::Deny)
+            .collect();
+        assert_eq!(denied.len(), 1, "{db:?}");
+        assert_eq!(db.rule_name(denied[0].rule), Some("db/deny[0]"));
+        assert!(web.rules.is_empty());
         policy_maps::lower(&db).expect("the agent can lower it");
     }
 }

@@ -8,9 +8,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use ipnet::IpNet;
 use proptest::prelude::*;
 use weft_controller_core::policy::{
-    Compiled, Decision, Endpoint, Policy, PortRange, PortRule, Protocol, Rule, Selector, Verdict,
-    compile, compile_for_node, evaluate, explain, lookup, parse_documents, reachability_diff,
-    to_yaml, update,
+    Compiled, Decision, Endpoint, Policy, PortRange, PortRule, Protocol, Rule, RuleList, Selector,
+    Verdict, compile, compile_for_node, evaluate, explain, lookup, lookup_rule, parse_documents,
+    reachability_diff, to_yaml, update,
 };
 
 const KEYS: [&str; 3] = ["app", "tier", "env"];
@@ -187,6 +187,7 @@ proptest! {
         packets in prop::collection::vec(packet(), 1..40),
     ) {
         let compiled = compile(&policies, &endpoints);
+        let ordered: Vec<Policy> = compiled.policies.values().cloned().collect();
         for p in packets {
             // Indices past the endpoints generated are unknown addresses.
             let src_ep = p.src.and_then(|i| endpoints.get(usize::from(i)));
@@ -196,6 +197,18 @@ proptest! {
             let expected = evaluate(&policies, src_ep, dst_ep, p.protocol, p.port);
             let got = lookup(&compiled.tables, src, dst, p.protocol, p.port);
             prop_assert_eq!(got, expected, "packet {:?} ({} -> {})", p, src, dst);
+            // The deciding rule is the one explain names (over the policies
+            // as compiled: by name, the last of a name winning).
+            let rule = lookup_rule(&compiled.tables, src, dst, p.protocol, p.port)
+                .map(|r| (r.policy.clone(), r.list, r.index as usize));
+            let want = match explain(&ordered, src_ep, dst_ep, p.protocol, p.port).decision {
+                Decision::Deny { policy, rule } => Some((policy, RuleList::Deny, rule)),
+                Decision::Allow { policy, rule } => Some((policy, RuleList::Ingress, rule)),
+                Decision::DefaultDeny { .. }
+                | Decision::NotGoverned
+                | Decision::UnknownDestination => None,
+            };
+            prop_assert_eq!(rule, want, "deciding rule of {:?} ({} -> {})", p, src, dst);
             if let Some(node) = dst_ep.and_then(|e| e.node.as_deref()) {
                 let cut = compile_for_node(&compiled, node);
                 let on_node = lookup(&cut, src, dst, p.protocol, p.port);

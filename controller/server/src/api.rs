@@ -307,6 +307,7 @@ fn node_pb(n: &weft_controller_core::Node, st: Option<&NodeStatus>) -> pb::Node 
         apply_error: st.apply_error,
         peers: st.peers,
         labels: n.labels.clone().into_iter().collect(),
+        policy: st.policy,
     }
 }
 

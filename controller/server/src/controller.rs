@@ -33,6 +33,7 @@ pub(crate) struct NodeStatus {
     pub(crate) last_report_unix: u64,
     pub(crate) apply_error: String,
     pub(crate) peers: Vec<pb::PeerStatus>,
+    pub(crate) policy: Option<pb::PolicyStatus>,
 }
 
 pub(crate) struct Controller {
@@ -134,6 +135,7 @@ impl Controller {
         s.applied_revision = report.applied_revision;
         s.apply_error = report.apply_error;
         s.peers = report.peers;
+        s.policy = report.policy;
         s.last_report_unix = now_unix();
     }
 

@@ -185,6 +185,7 @@ async fn run(args: AgentArgs) -> Result<()> {
         applied: None,
         state,
         policy,
+        last_error: String::new(),
     };
     if let Some(cfg) = applier.state.load_config()? {
         info!(
@@ -237,19 +238,44 @@ async fn log_policy_counters(policy: Arc<Mutex<PolicyDatapath>>) {
             Err(_) => return,
         };
         let Ok(c) = counters else { continue };
-        if last == Some(c) {
+        let packets = |v: PolicyVerdict| c[v.index() as usize].packets;
+        // Ingress verdicts only: egress moves with every packet sent.
+        let now = [
+            PolicyVerdict::Allowed,
+            PolicyVerdict::Denied,
+            PolicyVerdict::DefaultDenied,
+            PolicyVerdict::Unparsable,
+            PolicyVerdict::NotGoverned,
+            PolicyVerdict::Established,
+        ]
+        .map(packets);
+        if last == Some(now) {
             continue;
         }
-        last = Some(c);
-        let packets = |v: PolicyVerdict| c[v.index() as usize].packets;
+        last = Some(now);
         info!(
             allowed = packets(PolicyVerdict::Allowed),
             denied = packets(PolicyVerdict::Denied),
             default_denied = packets(PolicyVerdict::DefaultDenied),
             unparsable = packets(PolicyVerdict::Unparsable),
             not_governed = packets(PolicyVerdict::NotGoverned),
+            established = packets(PolicyVerdict::Established),
             "policy counters (packets)"
         );
+    }
+}
+
+/// How reports and `weftctl node get` name a verdict.
+fn verdict_name(v: weft_ebpf_common::policy::PolicyVerdict) -> &'static str {
+    use weft_ebpf_common::policy::PolicyVerdict;
+    match v {
+        PolicyVerdict::Allowed => "allowed",
+        PolicyVerdict::Denied => "denied",
+        PolicyVerdict::DefaultDenied => "default_denied",
+        PolicyVerdict::Unparsable => "unparsable",
+        PolicyVerdict::NotGoverned => "not_governed",
+        PolicyVerdict::EgressPassed => "egress",
+        PolicyVerdict::Established => "established",
     }
 }
 
@@ -291,6 +317,9 @@ struct Applier {
     /// The policy datapath on the TUN device; `None` if it could not be
     /// loaded (then configs that govern this node are refused).
     policy: Option<Arc<Mutex<PolicyDatapath>>>,
+    /// Why the last config from the controller was not applied (empty:
+    /// it was).
+    last_error: String,
 }
 
 impl Applier {
@@ -353,6 +382,56 @@ impl Applier {
         Ok(())
     }
 
+    /// Packets per verdict, `None` without a policy datapath.
+    fn verdict_packets(&self) -> Option<Vec<u64>> {
+        let policy = self.policy.as_ref()?.lock().ok()?;
+        let verdicts = policy.verdict_counters().ok()?;
+        Some(verdicts.iter().map(|c| c.packets).collect())
+    }
+
+    /// The policy datapath's counters, with the applied policy's rule
+    /// names; `None` without a policy datapath.
+    fn policy_status(&self) -> Option<pb::PolicyStatus> {
+        let policy = self.policy.as_ref()?.lock().ok()?;
+        let counters = match policy.counters() {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(error = %format!("{e:#}"), "reading the policy counters failed");
+                return None;
+            }
+        };
+        let input = self.applied.as_ref().map(|c| &c.policy);
+        let verdicts = weft_ebpf_common::policy::PolicyVerdict::ALL
+            .iter()
+            .map(|&v| {
+                let c = counters.verdict(v);
+                pb::VerdictCounter {
+                    verdict: verdict_name(v).to_owned(),
+                    packets: c.packets,
+                    bytes: c.bytes,
+                }
+            })
+            .collect();
+        let rules = counters
+            .rules
+            .iter()
+            .filter(|(_, c)| c.packets != 0)
+            .map(|(&slot, c)| pb::RuleCounter {
+                rule: input
+                    .and_then(|p| p.rule_name(slot))
+                    .map_or_else(|| format!("rule slot {slot}"), str::to_owned),
+                packets: c.packets,
+                bytes: c.bytes,
+            })
+            .collect();
+        let tracked_flows = policy.tracked_flow_count().unwrap_or(0);
+        Some(pb::PolicyStatus {
+            verdicts,
+            rules,
+            tracked_flows,
+        })
+    }
+
     fn revision(&self) -> u64 {
         self.applied.as_ref().map(|c| c.revision).unwrap_or(0)
     }
@@ -404,11 +483,14 @@ async fn session(
     *connected = true;
     info!(controller = %id.controller_url, "connected to the controller");
     let mut report_tick = tokio::time::interval(REPORT_INTERVAL);
+    let mut counters_tick = tokio::time::interval(POLICY_COUNTERS_INTERVAL);
+    // Verdict packet counts as last reported.
+    let mut reported = None;
     loop {
         tokio::select! {
             msg = stream.message() => {
                 let Some(wire) = msg.context("config stream broke")? else { return Ok(()) };
-                let apply_error = match NodeConfig::try_from(wire) {
+                applier.last_error = match NodeConfig::try_from(wire) {
                     Ok(cfg) => {
                         let rev = cfg.revision;
                         match applier.apply(cfg, true).await {
@@ -418,18 +500,27 @@ async fn session(
                     }
                     Err(e) => { error!(error = %e, "controller sent an invalid config; keeping the current one"); e.to_string() }
                 };
-                report(&mut client, applier, apply_error).await?;
+                reported = report(&mut client, applier).await?;
             }
-            _ = report_tick.tick() => report(&mut client, applier, String::new()).await?,
+            _ = report_tick.tick() => reported = report(&mut client, applier).await?,
+            // Policy counters that moved are reported within a second, so
+            // `weftctl node get` shows drops as they happen.
+            _ = counters_tick.tick() => {
+                if applier.verdict_packets() != reported {
+                    reported = report(&mut client, applier).await?;
+                }
+            }
         }
     }
 }
 
+/// Reports the applied revision, the last error, the peers and the policy
+/// counters; returns the verdict packet counts it reported.
 async fn report(
     client: &mut AgentServiceClient<tonic::transport::Channel>,
     applier: &Applier,
-    apply_error: String,
-) -> Result<()> {
+) -> Result<Option<Vec<u64>>> {
+    let counted = applier.verdict_packets();
     let peers = applier
         .tunnel
         .peers()
@@ -450,10 +541,11 @@ async fn report(
     client
         .report(pb::ReportRequest {
             applied_revision: applier.revision(),
-            apply_error,
+            apply_error: applier.last_error.clone(),
             peers,
+            policy: applier.policy_status(),
         })
         .await
         .map_err(|s| anyhow::anyhow!("report refused: {}", s.message()))?;
-    Ok(())
+    Ok(counted)
 }

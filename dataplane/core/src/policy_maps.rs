@@ -120,6 +120,19 @@ pub struct PolicyInput {
     pub governed: BTreeSet<Identity>,
     /// Rule tuples.
     pub tuples: Vec<PolicyTuple>,
+    /// Names of the rules the tuples count in: slot `i + 1` is
+    /// `rules[i]` (e.g. `db/ingress[0]`); slot 0 is unnamed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<String>,
+}
+
+impl PolicyInput {
+    /// The name of rule counter `slot`, if the policy names it.
+    #[must_use]
+    pub fn rule_name(&self, slot: u32) -> Option<&str> {
+        let i = usize::try_from(slot.checked_sub(1)?).ok()?;
+        self.rules.get(i).map(String::as_str)
+    }
 }
 
 /// Why an input cannot be lowered.
@@ -828,7 +841,7 @@ mod tests {
                     ipcache.push((net, id));
                 }
             }
-            PolicyInput { ipcache, governed, tuples: kept }
+            PolicyInput { ipcache, governed, tuples: kept, rules: vec![] }
         }
     }
 

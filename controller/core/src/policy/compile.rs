@@ -55,13 +55,48 @@ pub struct TupleKey {
     pub first: u16,
 }
 
-/// End and verdict of a resolved port range.
+/// End, verdict and deciding rule of a resolved port range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub struct TupleValue {
     /// Last port of the range (inclusive).
     pub last: u16,
     /// The verdict for the whole range.
     pub verdict: Verdict,
+    /// Index in the destination's [`DstPolicy::rules`] of the rule that
+    /// decides the range: the first deny rule covering it (policies by
+    /// name, rules in file order), else the first allow rule, as
+    /// [`crate::policy::explain`] names it.
+    pub rule: u32,
+}
+
+/// Which list of a policy a rule is in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum RuleList {
+    /// `spec.ingress`.
+    Ingress,
+    /// `spec.deny`.
+    Deny,
+}
+
+/// One rule of one policy.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct RuleRef {
+    /// The policy's name.
+    pub policy: String,
+    /// Its list.
+    pub list: RuleList,
+    /// Index in the list.
+    pub index: u32,
+}
+
+impl std::fmt::Display for RuleRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let list = match self.list {
+            RuleList::Ingress => "ingress",
+            RuleList::Deny => "deny",
+        };
+        write!(f, "{}/{list}[{}]", self.policy, self.index)
+    }
 }
 
 /// The compiled policy of one destination identity.
@@ -72,6 +107,9 @@ pub struct DstPolicy {
     pub governed: bool,
     /// Disjoint port ranges per (src, protocol), keyed by their start.
     pub tuples: BTreeMap<TupleKey, TupleValue>,
+    /// The rules that decide some range ([`TupleValue::rule`] indexes
+    /// this), in policy and file order.
+    pub rules: Vec<RuleRef>,
 }
 
 /// What the dataplane enforces: the ipcache and per-destination tuples.
@@ -274,11 +312,12 @@ impl SourceCache {
     }
 }
 
-/// Port intervals (as u32, inclusive) collected per (src, protocol).
+/// Port intervals (as u32, inclusive) collected per (src, protocol), each
+/// with the ordinal of its rule (the order in which rules decide).
 #[derive(Default)]
 struct Intervals {
-    allow: Vec<(u32, u32)>,
-    deny: Vec<(u32, u32)>,
+    allow: Vec<(u32, u32, u32)>,
+    deny: Vec<(u32, u32, u32)>,
 }
 
 fn dst_policy(
@@ -289,87 +328,136 @@ fn dst_policy(
 ) -> DstPolicy {
     let mut governed = false;
     let mut collected: BTreeMap<(Identity, Protocol), Intervals> = BTreeMap::new();
+    // Ordinal → rule; ordinals follow policy (name) order, then file order.
+    let mut all_rules: Vec<RuleRef> = Vec::new();
     for policy in policies.values().filter(|p| dst.selected_by(&p.target)) {
         governed = true;
-        let rules = policy
-            .ingress
-            .iter()
-            .map(|r| (r, Verdict::Allow))
-            .chain(policy.deny.iter().map(|r| (r, Verdict::Deny)));
-        for (rule, verdict) in rules {
+        let rules = (0u32..)
+            .zip(&policy.ingress)
+            .map(|(i, r)| (i, r, RuleList::Ingress))
+            .chain(
+                (0u32..)
+                    .zip(&policy.deny)
+                    .map(|(i, r)| (i, r, RuleList::Deny)),
+            );
+        for (index, rule, list) in rules {
+            let ordinal = u32::try_from(all_rules.len()).unwrap_or(u32::MAX);
+            all_rules.push(RuleRef {
+                policy: policy.name.clone(),
+                list,
+                index,
+            });
             let port_rules = rule.port_rules();
             for src in sources.sources(rule.from.as_ref(), identities) {
                 for pr in &port_rules {
                     let iv = collected.entry((src, pr.protocol)).or_default();
-                    let range = (u32::from(pr.ports.first), u32::from(pr.ports.last));
-                    match verdict {
-                        Verdict::Allow => iv.allow.push(range),
-                        Verdict::Deny => iv.deny.push(range),
+                    let range = (u32::from(pr.ports.first), u32::from(pr.ports.last), ordinal);
+                    match list {
+                        RuleList::Ingress => iv.allow.push(range),
+                        RuleList::Deny => iv.deny.push(range),
                     }
                 }
             }
         }
     }
-    let mut tuples = BTreeMap::new();
+    // Ordinal → index in the rules that decide something.
+    let mut used: BTreeMap<u32, u32> = BTreeMap::new();
+    let mut resolved = Vec::new();
     for ((src, protocol), iv) in collected {
-        for (first, last, verdict) in resolve(iv) {
+        for (first, last, verdict, ordinal) in resolve(iv) {
             // Both ends come from u16 ports, so they fit back.
             let (Ok(first), Ok(last)) = (u16::try_from(first), u16::try_from(last)) else {
                 continue;
             };
-            tuples.insert(
+            used.insert(ordinal, 0);
+            resolved.push((src, protocol, first, last, verdict, ordinal));
+        }
+    }
+    let mut rules = Vec::with_capacity(used.len());
+    for (ordinal, index) in &mut used {
+        *index = u32::try_from(rules.len()).unwrap_or(u32::MAX);
+        if let Some(r) = all_rules.get(*ordinal as usize) {
+            rules.push(r.clone());
+        }
+    }
+    let tuples = resolved
+        .into_iter()
+        .map(|(src, protocol, first, last, verdict, ordinal)| {
+            (
                 TupleKey {
                     src,
                     protocol,
                     first,
                 },
-                TupleValue { last, verdict },
-            );
-        }
+                TupleValue {
+                    last,
+                    verdict,
+                    rule: used.get(&ordinal).copied().unwrap_or(0),
+                },
+            )
+        })
+        .collect();
+    DstPolicy {
+        governed,
+        tuples,
+        rules,
     }
-    DstPolicy { governed, tuples }
 }
 
-/// Disjoint, sorted ranges: deny where any deny covers, allow where only
-/// allows cover.
-fn resolve(iv: Intervals) -> Vec<(u32, u32, Verdict)> {
-    let deny = merge(iv.deny);
-    let allow = merge(iv.allow);
-    let mut out: Vec<(u32, u32, Verdict)> =
-        deny.iter().map(|&(a, b)| (a, b, Verdict::Deny)).collect();
-    // Allow minus deny; both lists are sorted and disjoint.
-    let mut d = 0;
-    for (mut a, b) in allow {
-        while a <= b {
-            while d < deny.len() && deny[d].1 < a {
-                d += 1;
-            }
-            match deny.get(d) {
-                Some(&(da, db)) if da <= b => {
-                    if a < da {
-                        out.push((a, da - 1, Verdict::Allow));
-                    }
-                    a = db + 1;
-                }
-                Some(_) | None => {
-                    out.push((a, b, Verdict::Allow));
-                    break;
-                }
-            }
+/// Disjoint, sorted ranges with their verdict and deciding rule ordinal:
+/// deny where any deny covers (the smallest covering deny ordinal), allow
+/// where only allows cover (the smallest covering allow ordinal); adjacent
+/// ranges with the same verdict and rule are joined.
+fn resolve(iv: Intervals) -> Vec<(u32, u32, Verdict, u32)> {
+    // Sweep over range boundaries with the covering ordinals of each kind
+    // (a multiset: ordinal → how many intervals of it cover).
+    let mut events: Vec<(u32, bool, Verdict, u32)> = Vec::new();
+    for (list, verdict) in [(&iv.deny, Verdict::Deny), (&iv.allow, Verdict::Allow)] {
+        for &(a, b, ordinal) in list {
+            events.push((a, true, verdict, ordinal));
+            events.push((b + 1, false, verdict, ordinal));
         }
     }
-    out.sort_unstable();
-    out
-}
-
-/// Sorted union of inclusive intervals, adjacent ones joined.
-fn merge(mut v: Vec<(u32, u32)>) -> Vec<(u32, u32)> {
-    v.sort_unstable();
-    let mut out: Vec<(u32, u32)> = Vec::with_capacity(v.len());
-    for (a, b) in v {
+    events.sort_unstable_by_key(|e| e.0);
+    let mut deny: BTreeMap<u32, u32> = BTreeMap::new();
+    let mut allow: BTreeMap<u32, u32> = BTreeMap::new();
+    let mut out: Vec<(u32, u32, Verdict, u32)> = Vec::new();
+    let mut i = 0;
+    while i < events.len() {
+        let at = events[i].0;
+        while i < events.len() && events[i].0 == at {
+            let (_, start, verdict, ordinal) = events[i];
+            let set = match verdict {
+                Verdict::Deny => &mut deny,
+                Verdict::Allow => &mut allow,
+            };
+            if start {
+                *set.entry(ordinal).or_insert(0) += 1;
+            } else if let Some(n) = set.get_mut(&ordinal) {
+                *n -= 1;
+                if *n == 0 {
+                    set.remove(&ordinal);
+                }
+            }
+            i += 1;
+        }
+        let Some(&(next, ..)) = events.get(i) else {
+            break;
+        };
+        let decided = match (deny.keys().next(), allow.keys().next()) {
+            (Some(&d), _) => Some((Verdict::Deny, d)),
+            (None, Some(&a)) => Some((Verdict::Allow, a)),
+            (None, None) => None,
+        };
+        let Some((verdict, ordinal)) = decided else {
+            continue;
+        };
+        let last = next - 1;
         match out.last_mut() {
-            Some(last) if a <= last.1 + 1 => last.1 = last.1.max(b),
-            Some(_) | None => out.push((a, b)),
+            Some(prev) if prev.1 + 1 == at && prev.2 == verdict && prev.3 == ordinal => {
+                prev.1 = last;
+            }
+            Some(_) | None => out.push((at, last, verdict, ordinal)),
         }
     }
     out
@@ -382,19 +470,36 @@ mod tests {
     #[test]
     fn deny_carves_holes_in_allows() {
         let iv = Intervals {
-            allow: vec![(80, 90), (85, 100), (200, 200)],
-            deny: vec![(85, 86), (95, 95), (300, 400)],
+            allow: vec![(80, 90, 0), (85, 100, 0), (200, 200, 0)],
+            deny: vec![(85, 86, 1), (95, 95, 1), (300, 400, 1)],
         };
         assert_eq!(
             resolve(iv),
             vec![
-                (80, 84, Verdict::Allow),
-                (85, 86, Verdict::Deny),
-                (87, 94, Verdict::Allow),
-                (95, 95, Verdict::Deny),
-                (96, 100, Verdict::Allow),
-                (200, 200, Verdict::Allow),
-                (300, 400, Verdict::Deny),
+                (80, 84, Verdict::Allow, 0),
+                (85, 86, Verdict::Deny, 1),
+                (87, 94, Verdict::Allow, 0),
+                (95, 95, Verdict::Deny, 1),
+                (96, 100, Verdict::Allow, 0),
+                (200, 200, Verdict::Allow, 0),
+                (300, 400, Verdict::Deny, 1),
+            ]
+        );
+    }
+
+    #[test]
+    fn the_first_covering_rule_decides() {
+        let iv = Intervals {
+            allow: vec![(80, 90, 2), (85, 100, 0), (95, 95, 3)],
+            deny: vec![(88, 89, 5), (86, 96, 4)],
+        };
+        assert_eq!(
+            resolve(iv),
+            vec![
+                (80, 84, Verdict::Allow, 2),
+                (85, 85, Verdict::Allow, 0),
+                (86, 96, Verdict::Deny, 4),
+                (97, 100, Verdict::Allow, 0),
             ]
         );
     }
@@ -402,9 +507,9 @@ mod tests {
     #[test]
     fn full_range_deny_leaves_nothing_allowed() {
         let iv = Intervals {
-            allow: vec![(0, 65535)],
-            deny: vec![(0, 65535)],
+            allow: vec![(0, 65535, 0)],
+            deny: vec![(0, 65535, 1)],
         };
-        assert_eq!(resolve(iv), vec![(0, 65535, Verdict::Deny)]);
+        assert_eq!(resolve(iv), vec![(0, 65535, Verdict::Deny, 1)]);
     }
 }

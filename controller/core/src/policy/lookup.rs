@@ -4,7 +4,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-use crate::policy::compile::{Identity, PolicyTables, TupleKey, WORLD};
+use crate::policy::compile::{Identity, PolicyTables, RuleRef, TupleKey, TupleValue, WORLD};
 use crate::policy::model::{Protocol, Verdict};
 
 /// The verdict for a packet from `src` to `dst` of `protocol` to `port`
@@ -21,12 +21,50 @@ pub fn lookup(
     protocol: Protocol,
     port: u16,
 ) -> Verdict {
+    match lookup_tuple(tables, src, dst, protocol, port) {
+        Found::Open => Verdict::Allow,
+        Found::Tuple(_, v) => v.verdict,
+        Found::DefaultDeny => Verdict::Deny,
+    }
+}
+
+/// The rule that decides a packet, as [`lookup`] finds it: `None` when the
+/// destination is open or no rule matches (default deny).
+pub fn lookup_rule<'t>(
+    tables: &'t PolicyTables,
+    src: IpAddr,
+    dst: IpAddr,
+    protocol: Protocol,
+    port: u16,
+) -> Option<&'t RuleRef> {
+    match lookup_tuple(tables, src, dst, protocol, port) {
+        Found::Tuple(rules, v) => rules.get(v.rule as usize),
+        Found::Open | Found::DefaultDeny => None,
+    }
+}
+
+enum Found<'t> {
+    /// Unknown, not hosted here, or not governed.
+    Open,
+    /// A tuple matched: the destination's rules and the tuple.
+    Tuple(&'t [RuleRef], TupleValue),
+    /// Governed and no tuple matched.
+    DefaultDeny,
+}
+
+fn lookup_tuple<'t>(
+    tables: &'t PolicyTables,
+    src: IpAddr,
+    dst: IpAddr,
+    protocol: Protocol,
+    port: u16,
+) -> Found<'t> {
     let src_id = identity_of(tables, src).unwrap_or(WORLD);
     let Some(dst_policy) = identity_of(tables, dst).and_then(|id| tables.dsts.get(&id)) else {
-        return Verdict::Allow;
+        return Found::Open;
     };
     if !dst_policy.governed {
-        return Verdict::Allow;
+        return Found::Open;
     }
     let port = if protocol.has_ports() { port } else { 0 };
     let probe = TupleKey {
@@ -35,8 +73,10 @@ pub fn lookup(
         first: port,
     };
     match dst_policy.tuples.range(..=probe).next_back() {
-        Some((k, v)) if k.src == src_id && k.protocol == protocol && port <= v.last => v.verdict,
-        Some(_) | None => Verdict::Deny,
+        Some((k, v)) if k.src == src_id && k.protocol == protocol && port <= v.last => {
+            Found::Tuple(&dst_policy.rules, *v)
+        }
+        Some(_) | None => Found::DefaultDeny,
     }
 }
 

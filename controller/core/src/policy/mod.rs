@@ -24,13 +24,13 @@ mod parse;
 mod yaml;
 
 pub use compile::{
-    CanonicalTables, Compiled, DstPolicy, Identity, IdentityKey, PolicyTables, TupleKey,
-    TupleValue, WORLD, compile, compile_for_node,
+    CanonicalTables, Compiled, DstPolicy, Identity, IdentityKey, PolicyTables, RuleList, RuleRef,
+    TupleKey, TupleValue, WORLD, compile, compile_for_node,
 };
 pub use diff::{ReachabilityChange, reachability_diff};
 pub use eval::{Decision, Explanation, evaluate, explain};
 pub use incremental::update;
-pub use lookup::{identity_of, lookup};
+pub use lookup::{identity_of, lookup, lookup_rule};
 pub use model::{Endpoint, Policy, PortRange, PortRule, Protocol, Rule, Selector, Verdict};
 pub use parse::{
     API_VERSION, KIND, MAX_INPUT_BYTES, MAX_RULES, PolicyError, PolicyErrors, is_label_key,

@@ -251,6 +251,18 @@ impl PolicyDatapath {
         Ok(revoke.len())
     }
 
+    /// How many flows the connection-tracking table holds (live or idle,
+    /// until evicted or revoked).
+    pub(crate) fn tracked_flow_count(&self) -> anyhow::Result<u64> {
+        let map = self
+            .ebpf
+            .map(CONNTRACK_MAP)
+            .with_context(|| format!("map {CONNTRACK_MAP} missing from the eBPF object"))?;
+        let ct: HashMap<&MapData, CtKey, CtValue> = HashMap::try_from(map)
+            .with_context(|| format!("{CONNTRACK_MAP} is not a hash of CtKey → CtValue"))?;
+        Ok(ct.keys().filter(Result::is_ok).count() as u64)
+    }
+
     /// The tracked flows (key and entry), for tests and diagnostics.
     #[cfg(test)]
     pub(crate) fn tracked_flows(&self) -> anyhow::Result<Vec<(CtKey, CtValue)>> {

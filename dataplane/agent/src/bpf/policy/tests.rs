@@ -164,6 +164,7 @@ fn fixture() -> PolicyMaps {
             ),
             tuple(BLOCKED, Protocol::Tcp, (0, u16::MAX), Verdict::Deny, 6),
         ],
+        rules: Vec::new(),
     })
     .expect("valid fixture")
 }
@@ -588,6 +589,7 @@ fn diffs_change_verdicts_without_reloading() {
             Verdict::Allow,
             1,
         )],
+        rules: Vec::new(),
     })
     .expect("valid");
     input_narrow
