@@ -11,9 +11,8 @@
 //! - With the controller killed and c1's agent killed (-9) and restarted,
 //!   the allowed flow works again and the denied ones stay denied.
 //!
-//! The classifier is stateless (no connection tracking): replies to
-//! connections a governed node opens are themselves subject to its policy,
-//! so e.g. c1 → a1 ping gets no reply here and is not asserted.
+//! Connection tracking (replies to what a governed node opens, flows
+//! across policy changes) and a larger matrix are in `policy_matrix.rs`.
 
 use std::net::IpAddr;
 use std::path::PathBuf;

@@ -121,8 +121,10 @@ fn tables_to_input(tables: &PolicyTables) -> PolicyInput {
                     dst: *dst,
                     src: k.src,
                     protocol: protocol(k.protocol),
-                    first: k.first,
-                    last: v.last,
+                    // ICMP has no ports: the compiler's "all ports" is 0..=0
+                    // for the datapath.
+                    first: if k.protocol.has_ports() { k.first } else { 0 },
+                    last: if k.protocol.has_ports() { v.last } else { 0 },
                     verdict: verdict(v.verdict),
                     rule: slot(d, v.rule),
                 })
@@ -224,6 +226,8 @@ spec:
   ingress:
     - from: {matchLabels: {role: web}}
       ports: [{protocol: TCP, port: 5432}]
+    - from: {matchLabels: {role: web}}
+      ports: [{protocol: ICMP}]
   deny:
     - from: {matchLabels: {role: web}}
       ports: [{protocol: TCP, port: 22}]
@@ -242,13 +246,19 @@ spec:
             .iter()
             .filter(|t| t.verdict == policy_maps::Verdict::Allow)
             .collect();
-        assert_eq!(allowed.len(), 1, "{db:?}");
+        assert_eq!(allowed.len(), 2, "{db:?}");
         assert_eq!(
             (allowed[0].protocol, allowed[0].first, allowed[0].last),
             (policy_maps::Protocol::Tcp, 5432, 5432)
         );
         // Each tuple counts in the slot of the rule that decides it.
-        assert_eq!(db.rules, vec!["db/ingress[0]", "db/deny[0]"]);
+        assert_eq!(db.rules, vec!["db/ingress[0]", "db/ingress[1]", "db/deny[0]"]);
+        let icmp: Vec<_> = allowed
+            .iter()
+            .filter(|t| t.protocol == policy_maps::Protocol::Icmp)
+            .collect();
+        assert_eq!((icmp[0].first, icmp[0].last), (0, 0), "ICMP has no ports");
+        assert_eq!(db.rule_name(icmp[0].rule), Some("db/ingress[1]"));
         assert_eq!(db.rule_name(allowed[0].rule), Some("db/ingress[0]"));
         let denied: Vec<_> = db
             .tuples

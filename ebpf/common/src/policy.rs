@@ -20,7 +20,9 @@
 //! program records every governed flow a policy allowed. A packet of a
 //! tracked flow passes as [`PolicyVerdict::Established`] without a policy
 //! lookup, so a policy change never drops an established flow; the agent
-//! removes the tracked inbound flows that a new policy no longer allows.
+//! marks the tracked inbound flows that a new policy no longer allows as
+//! revoked ([`CT_REVOKED`]). The egress program opens TCP flows on a SYN
+//! only, so the node's replies cannot re-open a revoked flow.
 //!
 //! Byte order: every multi-byte field of a key is big-endian (`[u8; N]`
 //! arrays, so the type says it), because LPM tries compare keys bit by bit
@@ -294,6 +296,10 @@ pub struct CtKey {
 pub const CT_OUTBOUND: u32 = 1;
 /// [`CtValue::origin`]: a policy allowed the flow into the node.
 pub const CT_INBOUND: u32 = 2;
+/// [`CtValue::origin`]: an inbound flow a later policy revoked. It passes
+/// nothing, and the node's own packets of the flow do not re-open it (only
+/// a new TCP connection, a SYN, or a policy that allows it again does).
+pub const CT_REVOKED: u32 = 3;
 
 /// Value of [`CONNTRACK_MAP`].
 #[repr(C)]
@@ -302,7 +308,7 @@ pub struct CtValue {
     /// `bpf_ktime_get_ns` when a packet of the flow was last seen (updated
     /// at most every [`CT_REFRESH_NS`]).
     pub last_seen_ns: u64,
-    /// [`CT_OUTBOUND`] or [`CT_INBOUND`].
+    /// [`CT_OUTBOUND`], [`CT_INBOUND`] or [`CT_REVOKED`].
     pub origin: u32,
     /// Rule slot that allowed an inbound flow (0 for outbound flows).
     pub rule: u32,

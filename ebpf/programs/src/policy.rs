@@ -22,10 +22,11 @@
 //! Fragment (first fragment only) and AH are walked, up to [`MAX_V6_EXT`].
 //!
 //! `weft_policy_egress` (local → remote) does not enforce: it records the
-//! flow in the tracking table (TCP, UDP, ICMP echo requests; a flow already
-//! there is refreshed), so replies to connections the node opens pass its
-//! ingress policy, counts (`EgressPassed`) and passes. A packet it cannot
-//! parse passes untracked.
+//! flows the node opens in the tracking table (a TCP SYN, a UDP datagram,
+//! an ICMP echo request; a flow already there is refreshed), so replies to
+//! connections the node opens pass its ingress policy, counts
+//! (`EgressPassed`) and passes. A packet it cannot parse passes untracked.
+//! A revoked flow is not re-opened by the node's own packets.
 //!
 //! Verdicts are `TC_ACT_UNSPEC` (pass: the next program, if any, or the stack
 //! decides) and `TC_ACT_SHOT` (drop).
@@ -41,7 +42,7 @@ use weft_ebpf_common::{
     Counters,
     policy::{
         CONFIG_EPOCH, CONFIG_L3_OFFSET, CONFIG_SLOTS, CONNTRACK_MAX_ENTRIES, CT_INBOUND,
-        CT_OUTBOUND, CT_REFRESH_NS, CtKey, CtValue, GOVERNED_MAX_ENTRIES, GovernedKey,
+        CT_OUTBOUND, CT_REFRESH_NS, CT_REVOKED, CtKey, CtValue, GOVERNED_MAX_ENTRIES, GovernedKey,
         IPCACHE_MAX_ENTRIES, IpcacheKey, POLICY_MAX_ENTRIES, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP,
         PROTO_UDP, PolicyKey, PolicyValue, PolicyVerdict, RULE_COUNTER_SLOTS, VERDICT_ALLOW,
         VERDICT_SLOTS, WORLD,
@@ -163,6 +164,8 @@ struct L4 {
     dst_port: u16,
     /// An ICMP(v6) echo request.
     echo_request: bool,
+    /// A TCP segment opening a connection (SYN without ACK).
+    tcp_syn: bool,
     /// Whether the flow can be tracked: TCP, UDP, an ICMP echo request or
     /// reply.
     trackable: bool,
@@ -282,7 +285,18 @@ fn track_egress(ctx: &TcContext) -> Result<(), Error> {
     };
     // SAFETY: a BPF helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    if refresh(&ct_key, l4.proto, now) || (is_icmp && !l4.echo_request) {
+    if refresh(&ct_key, l4.proto, now) {
+        return Ok(());
+    }
+    // Only what opens a flow creates an entry: a TCP SYN, a UDP datagram,
+    // an echo request. A revoked flow stays revoked unless a new TCP
+    // connection reuses its ports.
+    let opens = match l4.proto {
+        PROTO_TCP => l4.tcp_syn,
+        PROTO_UDP => !revoked(&ct_key, l4.proto, now),
+        _ => l4.echo_request && !revoked(&ct_key, l4.proto, now),
+    };
+    if !opens {
         return Ok(());
     }
     let entry = CtValue {
@@ -294,8 +308,8 @@ fn track_egress(ctx: &TcContext) -> Result<(), Error> {
     Ok(())
 }
 
-/// Whether `key` is a live tracked flow; if so, its timestamp is moved to
-/// `now` (at most every `CT_REFRESH_NS`).
+/// Whether `key` is a live tracked flow (not revoked); if so, its
+/// timestamp is moved to `now` (at most every `CT_REFRESH_NS`).
 #[inline(always)]
 fn refresh(key: &CtKey, proto: u8, now: u64) -> bool {
     let Some(entry) = WEFT_CT.get_ptr_mut(key) else {
@@ -304,7 +318,7 @@ fn refresh(key: &CtKey, proto: u8, now: u64) -> bool {
     // SAFETY: the kernel returned a pointer to the map value, valid while
     // the program runs; a racing writer can only store another timestamp.
     unsafe {
-        if !(*entry).live(proto, now) {
+        if (*entry).origin == CT_REVOKED || !(*entry).live(proto, now) {
             return false;
         }
         if now.saturating_sub((*entry).last_seen_ns) >= CT_REFRESH_NS {
@@ -312,6 +326,17 @@ fn refresh(key: &CtKey, proto: u8, now: u64) -> bool {
         }
     }
     true
+}
+
+/// Whether `key` is a revoked flow that has not idled out.
+#[inline(always)]
+fn revoked(key: &CtKey, proto: u8, now: u64) -> bool {
+    match WEFT_CT.get_ptr(key) {
+        // SAFETY: the kernel returned a pointer to the map value, valid
+        // while the program runs.
+        Some(entry) => unsafe { (*entry).origin == CT_REVOKED && (*entry).live(proto, now) },
+        None => false,
+    }
 }
 
 #[inline(always)]
@@ -425,11 +450,19 @@ fn l4(ctx: &TcContext, off: usize, proto: u8) -> Result<L4, Error> {
     match proto {
         PROTO_TCP | PROTO_UDP => {
             let ports: [u8; 4] = load(ctx, off)?;
+            let tcp_syn = if proto == PROTO_TCP {
+                // Flags: SYN 0x02, ACK 0x10.
+                let flags: u8 = load(ctx, off + 13)?;
+                flags & 0x12 == 0x02
+            } else {
+                false
+            };
             Ok(L4 {
                 proto,
                 src_port: u16::from_be_bytes([ports[0], ports[1]]),
                 dst_port: u16::from_be_bytes([ports[2], ports[3]]),
                 echo_request: false,
+                tcp_syn,
                 trackable: true,
             })
         }
@@ -453,6 +486,7 @@ fn l4(ctx: &TcContext, off: usize, proto: u8) -> Result<L4, Error> {
                 src_port: id,
                 dst_port: u16::from(hdr[0] == request),
                 echo_request: hdr[0] == request,
+                tcp_syn: false,
                 trackable: echo,
             })
         }
@@ -461,6 +495,7 @@ fn l4(ctx: &TcContext, off: usize, proto: u8) -> Result<L4, Error> {
             src_port: 0,
             dst_port: 0,
             echo_request: false,
+            tcp_syn: false,
             trackable: false,
         }),
     }

@@ -30,13 +30,13 @@ pub fn lookup(
 
 /// The rule that decides a packet, as [`lookup`] finds it: `None` when the
 /// destination is open or no rule matches (default deny).
-pub fn lookup_rule<'t>(
-    tables: &'t PolicyTables,
+pub fn lookup_rule(
+    tables: &PolicyTables,
     src: IpAddr,
     dst: IpAddr,
     protocol: Protocol,
     port: u16,
-) -> Option<&'t RuleRef> {
+) -> Option<&RuleRef> {
     match lookup_tuple(tables, src, dst, protocol, port) {
         Found::Tuple(rules, v) => rules.get(v.rule as usize),
         Found::Open | Found::DefaultDeny => None,

@@ -8,7 +8,7 @@
 //! inactive epoch (which holds the policy before last), then one write to
 //! the config map makes it active: each packet sees one whole policy.
 //! Afterwards the tracked inbound flows that the new policy no longer
-//! allows are removed from the connection-tracking table; every other
+//! allows are marked revoked in the connection-tracking table; every other
 //! tracked flow keeps passing.
 //!
 //! The agent loads it at start, attaches it to the TUN device before
@@ -31,8 +31,8 @@ use weft_dataplane_core::policy_maps::{
 };
 use weft_ebpf_common::Counters;
 use weft_ebpf_common::policy::{
-    CONFIG_EPOCH, CONFIG_L3_OFFSET, CONFIG_MAP, CONNTRACK_MAP, CT_INBOUND, CtKey, CtValue,
-    GOVERNED, GOVERNED_MAP, GovernedKey, IPCACHE_MAP, IpcacheKey, POLICY_EGRESS_PROGRAM,
+    CONFIG_EPOCH, CONFIG_L3_OFFSET, CONFIG_MAP, CONNTRACK_MAP, CT_INBOUND, CT_REVOKED, CtKey,
+    CtValue, GOVERNED, GOVERNED_MAP, GovernedKey, IPCACHE_MAP, IpcacheKey, POLICY_EGRESS_PROGRAM,
     POLICY_INGRESS_PROGRAM, POLICY_MAP, PROTO_ICMP, PolicyKey, PolicyValue, PolicyVerdict,
     RULE_COUNTERS_MAP, VERDICT_COUNTERS_MAP,
 };
@@ -227,9 +227,9 @@ impl PolicyDatapath {
         Ok(())
     }
 
-    /// Removes the tracked inbound flows that the active policy does not
-    /// allow (a revoked rule ends the flows it admitted; flows the node
-    /// opened, and flows still allowed, stay). Returns how many went.
+    /// Marks the tracked inbound flows that the active policy does not
+    /// allow as revoked (a revoked rule ends the flows it admitted; flows
+    /// the node opened, and flows still allowed, stay). Returns how many.
     fn revoke_denied_flows(&mut self) -> anyhow::Result<usize> {
         let policy = &self.epochs[self.active as usize];
         let mut ct: HashMap<&mut MapData, CtKey, CtValue> =
@@ -241,12 +241,16 @@ impl PolicyDatapath {
             // worst; the flows it skips meet this check on the next change.
             let Ok((key, value)) = entry else { break };
             if value.origin == CT_INBOUND && !flow_allowed(policy, &key) {
-                revoke.push(key);
+                revoke.push((key, value));
             }
         }
-        for key in &revoke {
-            remove_present(ct.remove(key))
-                .with_context(|| format!("{CONNTRACK_MAP}: removing {key:?}"))?;
+        for (key, value) in &revoke {
+            let tombstone = CtValue {
+                origin: CT_REVOKED,
+                ..*value
+            };
+            ct.insert(key, tombstone, 0)
+                .with_context(|| format!("{CONNTRACK_MAP}: revoking {key:?}"))?;
         }
         Ok(revoke.len())
     }
@@ -260,7 +264,11 @@ impl PolicyDatapath {
             .with_context(|| format!("map {CONNTRACK_MAP} missing from the eBPF object"))?;
         let ct: HashMap<&MapData, CtKey, CtValue> = HashMap::try_from(map)
             .with_context(|| format!("{CONNTRACK_MAP} is not a hash of CtKey → CtValue"))?;
-        Ok(ct.keys().filter(Result::is_ok).count() as u64)
+        Ok(ct
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, v)| v.origin != CT_REVOKED)
+            .count() as u64)
     }
 
     /// The tracked flows (key and entry), for tests and diagnostics.

@@ -888,19 +888,32 @@ fn enforces_on_a_tun_device_where_packets_start_at_the_ip_header() {
     );
 }
 
-fn tcp_header(src_port: u16, dst_port: u16) -> Vec<u8> {
+const SYN: u8 = 0x02;
+const ACK: u8 = 0x10;
+
+fn tcp_header(src_port: u16, dst_port: u16, flags: u8) -> Vec<u8> {
     let mut h = src_port.to_be_bytes().to_vec();
     h.extend_from_slice(&dst_port.to_be_bytes());
-    h.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x10, 0xff, 0xff, 0, 0, 0, 0]);
+    h.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
     h
 }
 
+/// A TCP segment with ACK set (not opening a connection).
 fn v4_tcp(src: Ipv4Addr, dst: Ipv4Addr, src_port: u16, dst_port: u16) -> Vec<u8> {
-    v4_raw(src, dst, PROTO_TCP, &tcp_header(src_port, dst_port))
+    v4_raw(src, dst, PROTO_TCP, &tcp_header(src_port, dst_port, ACK))
+}
+
+/// A TCP SYN (opening a connection).
+fn v4_syn(src: Ipv4Addr, dst: Ipv4Addr, src_port: u16, dst_port: u16) -> Vec<u8> {
+    v4_raw(src, dst, PROTO_TCP, &tcp_header(src_port, dst_port, SYN))
+}
+
+fn v6_syn(src: Ipv6Addr, dst: Ipv6Addr, src_port: u16, dst_port: u16) -> Vec<u8> {
+    v6_raw(src, dst, PROTO_TCP, &tcp_header(src_port, dst_port, SYN))
 }
 
 fn v6_tcp(src: Ipv6Addr, dst: Ipv6Addr, src_port: u16, dst_port: u16) -> Vec<u8> {
-    v6_raw(src, dst, PROTO_TCP, &tcp_header(src_port, dst_port))
+    v6_raw(src, dst, PROTO_TCP, &tcp_header(src_port, dst_port, ACK))
 }
 
 /// An ICMP (or ICMPv6) message of `kind` with echo identifier `id`.
@@ -931,7 +944,10 @@ fn replies_to_flows_the_node_opened_pass_as_established() {
     // BLOCKED may send WEB no TCP at all (rule 6).
     let reply = v4_tcp(BLOCKED_V4, WEB_V4, 22, 41000);
     expect(&mut dp, "reply before WEB opened", &reply, deny, Some(6));
+    // A TCP segment that opens nothing does not track.
     send(&mut dp, &v4_tcp(WEB_V4, BLOCKED_V4, 41000, 22));
+    expect(&mut dp, "reply to an ACK", &reply, deny, Some(6));
+    send(&mut dp, &v4_syn(WEB_V4, BLOCKED_V4, 41000, 22));
     expect(&mut dp, "reply to WEB's flow", &reply, est, None);
     expect(&mut dp, "reply again", &reply, est, None);
     let other_port = v4_tcp(BLOCKED_V4, WEB_V4, 22, 41001);
@@ -941,7 +957,7 @@ fn replies_to_flows_the_node_opened_pass_as_established() {
     // IPv6, to an unknown (WORLD) address that may only reach 443.
     let reply6 = v6_tcp(STRANGER_V6, WEB_V6, 80, 41000);
     expect(&mut dp, "v6 reply before", &reply6, dd, None);
-    send(&mut dp, &v6_tcp(WEB_V6, STRANGER_V6, 41000, 80));
+    send(&mut dp, &v6_syn(WEB_V6, STRANGER_V6, 41000, 80));
     expect(&mut dp, "v6 reply", &reply6, est, None);
     // ICMP echo: the reply to WEB's request passes, by identifier.
     let pong = v4_raw(BLOCKED_V4, WEB_V4, PROTO_ICMP, &echo(0, 77));
@@ -988,7 +1004,7 @@ fn allowed_flows_survive_policy_changes_until_revoked() {
     assert_eq!(flows.len(), 1);
     assert_eq!((flows[0].1.origin, flows[0].1.rule), (CT_INBOUND, 1));
     // A flow WEB opened to BLOCKED, which policy would deny.
-    send(&mut dp, &v4_tcp(WEB_V4, BLOCKED_V4, 41000, 22));
+    send(&mut dp, &v4_syn(WEB_V4, BLOCKED_V4, 41000, 22));
     let reply = v4_tcp(BLOCKED_V4, WEB_V4, 22, 41000);
 
     // An unrelated change: the epoch flips, both flows keep passing.
@@ -1027,6 +1043,15 @@ fn allowed_flows_survive_policy_changes_until_revoked() {
     let report = dp.sync(&revoked).expect("revoking change");
     assert_eq!(report.flows_revoked, 1);
     expect(&mut dp, "revoked flow", &first, dd, None);
+    // WEB's own packets of the revoked flow (an ACK, a retransmission) do
+    // not re-open it.
+    send(&mut dp, &v4_tcp(WEB_V4, CLIENT_V4, 8000, 40000));
+    expect(&mut dp, "revoked flow after WEB's ACK", &first, dd, None);
+    assert_eq!(
+        dp.tracked_flow_count().expect("count"),
+        1,
+        "only WEB's own flow is live"
+    );
     expect(
         &mut dp,
         "opened flow after the revocation",
