@@ -407,7 +407,10 @@ fn node_list_json_and_get_table() {
     );
     assert_eq!(nodes[0]["applied_revision"], 11);
     assert_eq!(nodes[0]["peers"][0]["rx_bytes"], 10);
-    assert_eq!(nodes[0]["policy"]["verdicts"]["default_denied"]["packets"], 3);
+    assert_eq!(
+        nodes[0]["policy"]["verdicts"]["default_denied"]["packets"],
+        3
+    );
     assert_eq!(nodes[0]["policy"]["rules"][0]["rule"], "db/ingress[0]");
     assert_eq!(nodes[0]["policy"]["tracked_flows"], 2);
 

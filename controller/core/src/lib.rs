@@ -1,8 +1,9 @@
 //! Pure core of the Weft controller.
 //!
 //! The desired state of the network ([`State`]: sites, nodes, external
-//! peers, join tokens, address allocations), its validated mutations, and
-//! the per-node WireGuard configs computed from it ([`netmap`]). No clock,
+//! peers, join tokens, address allocations), its validated mutations, the
+//! per-node WireGuard configs computed from it ([`netmap`]), and multi-site
+//! path computation with per-member routes ([`topology`]). No clock,
 //! randomness or I/O: times and generated ids are arguments.
 
 pub mod error;
@@ -12,6 +13,7 @@ pub mod netmap;
 pub mod policy;
 pub mod state;
 pub mod time;
+pub mod topology;
 
 pub use error::{Error, ErrorKind};
 pub use model::{

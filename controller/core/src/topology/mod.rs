@@ -1,0 +1,143 @@
+//! Topology: which member sends what to whom, across sites.
+//!
+//! - [`graph`]: sites with residency tags, link measurements, path costs.
+//! - [`paths`]: one shortest-path tree per destination site, residency
+//!   constraints, hysteresis ([`compute_paths`]).
+//! - [`explain`]: why a pair of sites has its route, or none
+//!   ([`PathTable::trace`]).
+//! - [`gateways`]: which of a site's gateways carries which destination.
+//! - [`fabric`]: per-member peers, routes and accepted sources derived from
+//!   the site paths, kept incrementally ([`Fabric`]).
+//!
+//! Two modes ([`TopologyMode`]): `FullMesh` (every member peers with every
+//! other, as [`crate::netmap`] computes) and `Gateways` (members mesh inside
+//! their site; traffic between sites goes through gateway nodes along the
+//! site paths).
+
+pub mod explain;
+pub mod fabric;
+pub mod gateways;
+pub mod graph;
+pub mod paths;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use serde::{Deserialize, Serialize};
+use weft_dataplane_core::Key;
+
+use crate::model::Member;
+use crate::state::State;
+
+pub use explain::{NoRoute, RelayReason, SiteRoute, SiteTrace};
+pub use fabric::{Affected, Fabric, MemberConfig, MemberHop, MemberTrace, PeerRoutes};
+pub use graph::{Link, Measurements, PathParams, ResidencyRule, SiteGraph, SiteSpec};
+pub use paths::{PathTable, compute_paths};
+
+/// How members of different sites reach each other.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TopologyMode {
+    /// Every member peers directly with every other member.
+    #[default]
+    FullMesh,
+    /// Members mesh inside their site; traffic between sites goes through
+    /// the sites' gateway nodes, relayed through other sites as the
+    /// measured paths say.
+    Gateways,
+}
+
+/// The operator's topology settings for a network.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopologyConfig {
+    /// Full mesh or gateways.
+    pub mode: TopologyMode,
+    /// Residency tags by site name.
+    pub site_tags: BTreeMap<String, BTreeSet<String>>,
+    /// Ids of the nodes that are gateways of their site.
+    pub gateways: BTreeSet<String>,
+    /// Residency rules.
+    pub residency: Vec<ResidencyRule>,
+    /// Path costs and hysteresis.
+    pub params: PathParams,
+}
+
+/// A node or external peer as topology sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberSpec {
+    /// Which member.
+    pub id: Member,
+    /// Its name (for peers' names and traces).
+    pub name: String,
+    /// Its site.
+    pub site: String,
+    /// WireGuard public key.
+    pub public_key: Key,
+    /// Underlay endpoint, if known.
+    pub endpoint: Option<SocketAddr>,
+    /// Overlay prefixes it owns: its /32 and /128, then any workload
+    /// prefixes it routes for.
+    pub prefixes: Vec<IpNet>,
+    /// Whether it is a gateway of its site (only nodes can be).
+    pub gateway: bool,
+}
+
+/// Everything the fabric is computed from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopologyInput {
+    /// Full mesh or gateways.
+    pub mode: TopologyMode,
+    /// Sites with their tags.
+    pub sites: Vec<SiteSpec>,
+    /// Residency rules.
+    pub residency: Vec<ResidencyRule>,
+    /// Nodes and external peers.
+    pub members: Vec<MemberSpec>,
+    /// Path costs and hysteresis.
+    pub params: PathParams,
+    /// Persistent keepalive given to every peer, `None` = off.
+    pub persistent_keepalive: Option<u16>,
+}
+
+impl TopologyInput {
+    /// The input for a state and the operator's topology settings.
+    pub fn from_state(state: &State, config: &TopologyConfig) -> Self {
+        let host = |v4, v6| vec![IpNet::V4(Ipv4Net::from(v4)), IpNet::V6(Ipv6Net::from(v6))];
+        let nodes = state.nodes().map(|n| MemberSpec {
+            id: Member::Node(n.id.clone()),
+            name: n.name.clone(),
+            site: n.site.clone(),
+            public_key: n.public_key,
+            endpoint: n.endpoint,
+            prefixes: host(n.ipv4, n.ipv6),
+            gateway: config.gateways.contains(&n.id),
+        });
+        let external = state.external_peers().map(|p| MemberSpec {
+            id: Member::ExternalPeer(p.name.clone()),
+            name: p.name.clone(),
+            site: p.site.clone(),
+            public_key: p.public_key,
+            endpoint: p.endpoint,
+            prefixes: host(p.ipv4, p.ipv6),
+            gateway: false,
+        });
+        TopologyInput {
+            mode: config.mode,
+            sites: state
+                .sites()
+                .map(|s| SiteSpec {
+                    name: s.name.clone(),
+                    tags: config.site_tags.get(&s.name).cloned().unwrap_or_default(),
+                })
+                .collect(),
+            residency: config.residency.clone(),
+            members: nodes.chain(external).collect(),
+            params: config.params,
+            persistent_keepalive: Some(state.settings().persistent_keepalive).filter(|k| *k != 0),
+        }
+    }
+}
