@@ -287,6 +287,32 @@ pub(crate) enum NodeCommand {
         #[arg(value_name = "KEY=VALUE|KEY-", required = true, value_parser = parse_label_change)]
         changes: Vec<LabelChange>,
     },
+    /// Advertise a workload prefix the node routes for (containers or VMs
+    /// behind it), or relabel one it advertises: every other node routes
+    /// the prefix to it through the overlay, and network policy selects
+    /// the workload by its labels. Refused if the prefix overlaps one
+    /// another node advertises or the overlay pools.
+    Advertise {
+        /// Node name or node ID.
+        #[arg(value_name = "NAME|ID")]
+        node: String,
+        /// The prefix, e.g. 100.100.2.0/24 or fd00:beef:2::/64.
+        #[arg(value_name = "CIDR")]
+        prefix: String,
+        /// Label KEY=VALUE of the workload; repeat for several.
+        #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+    },
+    /// Withdraw a workload prefix from a node: the other nodes remove
+    /// their routes to it.
+    Withdraw {
+        /// Node name or node ID.
+        #[arg(value_name = "NAME|ID")]
+        node: String,
+        /// The prefix, as advertised.
+        #[arg(value_name = "CIDR")]
+        prefix: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]

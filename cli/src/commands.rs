@@ -264,6 +264,38 @@ async fn node(api: &Api, command: NodeCommand, output: Output, now: u64) -> Resu
                 format!("node {:?} labels: {}\n", n.name, render::labels(&n.labels))
             })
         }
+        NodeCommand::Advertise {
+            node,
+            prefix,
+            labels,
+        } => {
+            let req = pb::AdvertisePrefixRequest {
+                node,
+                workload: Some(pb::Workload {
+                    prefix,
+                    labels: labels.into_iter().collect(),
+                }),
+            };
+            let n = api.check(c.advertise_prefix(req).await)?;
+            emit(output, &NodeView::from(&n), || {
+                format!(
+                    "node {:?} workloads: {}\n",
+                    n.name,
+                    render::workloads(&n.workloads)
+                )
+            })
+        }
+        NodeCommand::Withdraw { node, prefix } => {
+            let req = pb::WithdrawPrefixRequest { node, prefix };
+            let n = api.check(c.withdraw_prefix(req).await)?;
+            emit(output, &NodeView::from(&n), || {
+                format!(
+                    "node {:?} workloads: {}\n",
+                    n.name,
+                    render::workloads(&n.workloads)
+                )
+            })
+        }
     }
 }
 

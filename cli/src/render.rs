@@ -99,6 +99,7 @@ pub(crate) fn node(
         ("Endpoint", or_dash(&n.endpoint)),
         ("Addresses", or_dash(&n.addresses.join(", "))),
         ("Labels", labels(&n.labels)),
+        ("Workloads", workloads(&n.workloads)),
         ("Created", with_ago(n.created_unix, now)),
         ("Connected", yes_no(n.connected)),
         ("Revision", applied),
@@ -130,6 +131,8 @@ fn peers_table(out: &mut String, n: &pb::Node, names: &BTreeMap<Vec<u8>, String>
         "LATEST HANDSHAKE",
         "RX",
         "TX",
+        "RTT",
+        "LOSS",
     ]);
     for p in &n.peers {
         t.row(vec![
@@ -142,9 +145,28 @@ fn peers_table(out: &mut String, n: &pb::Node, names: &BTreeMap<Vec<u8>, String>
             ago(p.last_handshake_unix, now),
             bytes(p.rx_bytes),
             bytes(p.tx_bytes),
+            probe_rtt(p.probe.as_ref()),
+            probe_loss(p.probe.as_ref()),
         ]);
     }
     indent(out, &t.render());
+}
+
+/// A probed peer's median round-trip time, or why there is none.
+fn probe_rtt(p: Option<&pb::PeerProbe>) -> String {
+    match p {
+        None => "-".to_owned(),
+        Some(p) if !p.reachable => "unreachable".to_owned(),
+        Some(p) if p.samples == 0 || p.rtt_us == 0 => "-".to_owned(),
+        Some(p) => format!("{:.1} ms", p.rtt_us as f64 / 1000.0),
+    }
+}
+
+fn probe_loss(p: Option<&pb::PeerProbe>) -> String {
+    match p {
+        Some(p) if p.samples > 0 => format!("{:.0}%", f64::from(p.loss_permille) / 10.0),
+        Some(_) | None => "-".to_owned(),
+    }
 }
 
 /// The policy counters of a node's last report.
@@ -227,6 +249,24 @@ pub(crate) fn external_peer(p: &pb::ExternalPeer, now: u64) -> String {
 }
 
 /// Labels as `k=v, k2=v2` (sorted), or `none`.
+/// Workload prefixes with their labels, e.g. `100.100.2.0/24 (app=pg)`.
+pub(crate) fn workloads(workloads: &[pb::Workload]) -> String {
+    if workloads.is_empty() {
+        return "none".to_owned();
+    }
+    workloads
+        .iter()
+        .map(|w| {
+            if w.labels.is_empty() {
+                w.prefix.clone()
+            } else {
+                format!("{} ({})", w.prefix, labels(&w.labels))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 pub(crate) fn labels(labels: &std::collections::HashMap<String, String>) -> String {
     if labels.is_empty() {
         return "none".to_string();
@@ -375,6 +415,7 @@ mod tests {
                     rx_bytes: 2048,
                     tx_bytes: 100,
                     endpoint: "198.19.1.12:51820".into(),
+                    probe: None,
                 },
                 pb::PeerStatus {
                     public_key: vec![3; 32],
@@ -382,10 +423,12 @@ mod tests {
                     rx_bytes: 0,
                     tx_bytes: 0,
                     endpoint: String::new(),
+                    probe: None,
                 },
             ],
             labels: Default::default(),
             policy: None,
+            workloads: vec![],
         }
     }
 

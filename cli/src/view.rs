@@ -24,6 +24,9 @@ pub(crate) struct NodeView {
     pub(crate) apply_error: String,
     pub(crate) peers: Vec<PeerStatusView>,
     pub(crate) labels: BTreeMap<String, String>,
+    /// Workload prefixes the node routes for, with their labels.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub(crate) workloads: BTreeMap<String, BTreeMap<String, String>>,
     /// The agent's policy counters (absent: no eBPF policy datapath, or
     /// no report yet).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -63,6 +66,18 @@ pub(crate) struct PeerStatusView {
     pub(crate) rx_bytes: u64,
     pub(crate) tx_bytes: u64,
     pub(crate) endpoint: String,
+    /// The node's probes of this peer (absent: not probed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) probe: Option<PeerProbeView>,
+}
+
+/// Round-trip time, loss and reachability from the node's probes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub(crate) struct PeerProbeView {
+    pub(crate) rtt_us: u64,
+    pub(crate) loss_permille: u32,
+    pub(crate) reachable: bool,
+    pub(crate) samples: u32,
 }
 
 /// An external (non-agent) WireGuard peer.
@@ -247,6 +262,11 @@ impl From<&pb::Node> for NodeView {
             apply_error: n.apply_error.clone(),
             peers: n.peers.iter().map(PeerStatusView::from).collect(),
             labels: n.labels.clone().into_iter().collect(),
+            workloads: n
+                .workloads
+                .iter()
+                .map(|w| (w.prefix.clone(), w.labels.clone().into_iter().collect()))
+                .collect(),
             policy: n.policy.as_ref().map(PolicyStatusView::from),
         }
     }
@@ -288,6 +308,12 @@ impl From<&pb::PeerStatus> for PeerStatusView {
             rx_bytes: p.rx_bytes,
             tx_bytes: p.tx_bytes,
             endpoint: p.endpoint.clone(),
+            probe: p.probe.map(|q| PeerProbeView {
+                rtt_us: q.rtt_us,
+                loss_permille: q.loss_permille,
+                reachable: q.reachable,
+                samples: q.samples,
+            }),
         }
     }
 }
@@ -388,9 +414,11 @@ mod tests {
                 rx_bytes: 10,
                 tx_bytes: 20,
                 endpoint: "198.19.1.12:51820".into(),
+                probe: None,
             }],
             labels: [("app".to_owned(), "web".to_owned())].into(),
             policy: None,
+            workloads: vec![],
         };
         let json = serde_json::to_value(NodeView::from(&node)).expect("node view serialises");
         let want = serde_json::json!({

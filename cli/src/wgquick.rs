@@ -67,6 +67,8 @@ mod tests {
             addresses: vec!["100.64.0.9/10".into(), "fd7e:1::9/64".into()],
             mtu: 1420,
             policy: None,
+            routes: vec![],
+            forwarding: false,
             peers: vec![
                 pb::PeerConfig {
                     name: "a1".into(),

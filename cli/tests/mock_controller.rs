@@ -50,8 +50,10 @@ fn node(name: &str, key: u8) -> pb::Node {
             rx_bytes: 10,
             tx_bytes: 20,
             endpoint: String::new(),
+            probe: None,
         }],
         labels: Default::default(),
+        workloads: vec![],
         policy: Some(pb::PolicyStatus {
             verdicts: vec![
                 pb::VerdictCounter {
@@ -227,6 +229,20 @@ impl AdminService for Mock {
         authorised(&r)?;
         unimplemented()
     }
+    async fn advertise_prefix(
+        &self,
+        r: Request<pb::AdvertisePrefixRequest>,
+    ) -> Result<Response<pb::Node>, Status> {
+        authorised(&r)?;
+        unimplemented()
+    }
+    async fn withdraw_prefix(
+        &self,
+        r: Request<pb::WithdrawPrefixRequest>,
+    ) -> Result<Response<pb::Node>, Status> {
+        authorised(&r)?;
+        unimplemented()
+    }
 
     async fn apply_policies(
         &self,
@@ -277,6 +293,8 @@ impl AdminService for Mock {
             addresses: vec!["100.64.0.9/10".into()],
             mtu: 1420,
             policy: None,
+            routes: vec![],
+            forwarding: false,
             peers: vec![pb::PeerConfig {
                 name: "a1".into(),
                 public_key: vec![1; 32],

@@ -48,6 +48,12 @@ pub fn parse_endpoint(
         .map_err(|e| InvalidMessage::new(message, field, format!("{s:?} is not IP:PORT ({e})")))
 }
 
+/// Parses a workload prefix (a CIDR) from a string field.
+pub fn parse_net(message: &'static str, field: &str, s: &str) -> Result<IpNet, InvalidMessage> {
+    s.parse::<IpNet>()
+        .map_err(|e| InvalidMessage::new(message, field, format!("{s:?} is not a CIDR ({e})")))
+}
+
 fn parse_nets(
     message: &'static str,
     field: &str,
@@ -131,6 +137,8 @@ impl TryFrom<pb::NodeConfig> for NodeConfig {
         Ok(NodeConfig {
             revision: c.revision,
             policy,
+            routes: parse_nets(M, "routes", &c.routes)?,
+            forwarding: c.forwarding,
             addresses: parse_nets(M, "addresses", &c.addresses)?,
             mtu,
             peers,
@@ -150,6 +158,8 @@ impl From<&NodeConfig> for pb::NodeConfig {
             mtu: u32::from(c.mtu),
             peers: c.peers.values().map(pb::PeerConfig::from).collect(),
             policy: (c.policy != PolicyInput::default()).then(|| pb::NodePolicy::from(&c.policy)),
+            routes: c.routes.iter().map(ToString::to_string).collect(),
+            forwarding: c.forwarding,
         }
     }
 }
@@ -307,6 +317,11 @@ mod tests {
                 }],
                 rules: vec!["db/ingress[0]".into()],
             },
+            routes: vec![
+                "100.100.2.0/24".parse().expect("valid"),
+                "fd00:beef:2::/64".parse().expect("valid"),
+            ],
+            forwarding: true,
         }
     }
 
@@ -322,6 +337,11 @@ mod tests {
         w.peers[0].allowed_ips[1] = "not-a-cidr".into();
         let e = NodeConfig::try_from(w).expect_err("must fail");
         assert_eq!(e.field, "peers[0].allowed_ips[1]");
+        let mut w = pb::NodeConfig::from(&sample());
+        w.routes[1] = "fd00:beef:2::/129".into();
+        let e = NodeConfig::try_from(w).expect_err("must fail");
+        assert_eq!(e.field, "routes[1]");
+        assert!(e.to_string().contains("is not a CIDR"), "{e}");
         let mut w = pb::NodeConfig::from(&sample());
         w.peers[0].public_key = vec![1, 2, 3];
         let e = NodeConfig::try_from(w).expect_err("must fail");

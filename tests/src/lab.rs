@@ -85,6 +85,9 @@ pub struct NodeRec {
     /// status` works while the controller is down).
     #[serde(default)]
     pub overlay: Vec<String>,
+    /// Extra `weft-agent` arguments (e.g. `--advertise`), for every start.
+    #[serde(default)]
+    pub extra_args: Vec<String>,
 }
 
 /// An extra host on a site's LAN without an agent (e.g. a wireguard-go peer).
@@ -124,6 +127,9 @@ pub struct LabState {
     pub procs: Vec<ProcRecord>,
     /// Whether WAN delays are in place (the delay line runs).
     pub netem: bool,
+    /// The controller's `--ipv4-pool`, if not the default.
+    #[serde(default)]
+    pub ipv4_pool: Option<String>,
 }
 
 /// Result of `ping -c N`.
@@ -253,6 +259,7 @@ pub struct LabBuilder {
     start_agents: bool,
     persistent: bool,
     topology_only: bool,
+    ipv4_pool: Option<String>,
 }
 
 impl Default for LabBuilder {
@@ -265,6 +272,7 @@ impl Default for LabBuilder {
             start_agents: true,
             persistent: false,
             topology_only: false,
+            ipv4_pool: None,
         }
     }
 }
@@ -308,6 +316,14 @@ impl LabBuilder {
     /// the topology itself, or to run something else in it).
     pub fn topology_only(mut self, yes: bool) -> Self {
         self.topology_only = yes;
+        self
+    }
+
+    /// The controller's IPv4 overlay pool (`weft-controller --ipv4-pool`),
+    /// e.g. `100.64.0.0/16` to leave the rest of 100.64.0.0/10 for
+    /// workload prefixes (default: the controller's, 100.64.0.0/10).
+    pub fn ipv4_pool(mut self, pool: &str) -> Self {
+        self.ipv4_pool = Some(pool.to_owned());
         self
     }
 
@@ -374,6 +390,7 @@ impl LabBuilder {
                 hosts: Vec::new(),
                 procs: Vec::new(),
                 netem: false,
+                ipv4_pool: self.ipv4_pool.clone(),
             },
             children: BTreeMap::new(),
             owned: true,
@@ -778,12 +795,15 @@ impl Lab {
     pub fn spawn_controller(&mut self) -> Result<()> {
         let bin = bins::path("weft-controller")?;
         let data = self.controller_data_dir();
-        let args = vec![
+        let mut args = vec![
             "--data-dir".into(),
             data.display().to_string(),
             "--listen".into(),
             format!("{CONTROLLER_IP}:{CONTROLLER_PORT}"),
         ];
+        if let Some(pool) = &self.st.ipv4_pool {
+            args.extend(["--ipv4-pool".into(), pool.clone()]);
+        }
         self.spawn("controller", "ctl", &bin, &args)
     }
 
@@ -852,7 +872,9 @@ impl Lab {
                     .ok_or_else(|| anyhow!("node {name} has no join token"))?,
             )
         };
-        let args = self.agent_args(&node.name, node.underlay, &node.state_dir, token.as_deref());
+        let mut args =
+            self.agent_args(&node.name, node.underlay, &node.state_dir, token.as_deref());
+        args.extend(node.extra_args.iter().cloned());
         let t0 = Instant::now();
         self.spawn(&format!("agent-{name}"), &node.ns, &bin, &args)?;
         self.st.nodes[idx].started = true;
@@ -946,7 +968,71 @@ impl Lab {
         bins::path("weft-agent").unwrap_or_else(|e| panic!("{e:#}"))
     }
 
+    /// Sets extra `weft-agent` arguments of a node, used from its next
+    /// start on (e.g. `--advertise CIDR:KEY=VALUE`).
+    pub fn set_agent_extra_args(&mut self, node: &str, args: &[&str]) {
+        let n = self
+            .st
+            .nodes
+            .iter_mut()
+            .find(|n| n.name == node)
+            .unwrap_or_else(|| panic!("no node {node:?}"));
+        n.extra_args = args.iter().map(|a| (*a).to_owned()).collect();
+        self.save_state();
+    }
+
     // ----- topology ---------------------------------------------------------
+
+    /// Adds a workload behind `node`: a namespace `<P>-<name>` joined to
+    /// the node's namespace by a veth pair (`w-<name>` on the node side,
+    /// `eth0` inside). Each `(gateway, address)` pair, e.g.
+    /// `("100.100.2.1/24", "100.100.2.10/24")`, puts the gateway on the
+    /// node side and the address inside, whose default route (of that
+    /// family, inside the workload namespace only) points at the gateway.
+    /// Returns the namespace name; it is removed with the lab.
+    pub fn add_workload(&mut self, node: &str, name: &str, nets: &[(&str, &str)]) -> String {
+        self.try_add_workload(node, name, nets)
+            .unwrap_or_else(|e| panic!("adding workload {name} behind {node}: {e:#}"))
+    }
+
+    fn try_add_workload(
+        &mut self,
+        node: &str,
+        name: &str,
+        nets: &[(&str, &str)],
+    ) -> Result<String> {
+        let node_ns = self.node(node).ns.clone();
+        let ns = self.ns(name);
+        let port = format!("w-{name}");
+        ensure!(port.len() <= 15, "workload name {name:?} too long");
+        self.add_ns(&ns)?;
+        netns::veth(&node_ns, &port, &ns, "eth0")?;
+        netns::ip(&ns, "link set lo up")?;
+        let addr_of = |cidr: &str| -> Result<IpAddr> {
+            let ip = cidr.split('/').next().unwrap_or_default();
+            ip.parse::<IpAddr>()
+                .with_context(|| format!("{cidr:?} is not ADDRESS/LEN"))
+        };
+        for (gateway, address) in nets {
+            let v6 = addr_of(gateway)?.is_ipv6();
+            let family = if v6 { "-6 " } else { "" };
+            let nodad = if v6 { " nodad" } else { "" };
+            netns::ip(
+                &node_ns,
+                &format!("{family}addr add {gateway} dev {port}{nodad}"),
+            )?;
+            netns::ip(&ns, &format!("{family}addr add {address} dev eth0{nodad}"))?;
+        }
+        netns::ip(&node_ns, &format!("link set {port} up"))?;
+        netns::ip(&ns, "link set eth0 up")?;
+        for (gateway, _) in nets {
+            let gw = addr_of(gateway)?;
+            let family = if gw.is_ipv6() { "-6 " } else { "" };
+            // Inside the workload namespace only: never in a node's.
+            netns::ip(&ns, &format!("{family}route add default via {gw}"))?;
+        }
+        Ok(ns)
+    }
 
     /// Adds a host namespace `<P>-<name>` on `site`'s LAN at 198.19.<i>.<octet>
     /// (routes like a node's, no agent). Returns the namespace name.
@@ -1129,6 +1215,7 @@ impl Lab {
                     token: None,
                     started: false,
                     overlay: Vec::new(),
+                    extra_args: Vec::new(),
                 });
             }
         }

@@ -1,6 +1,6 @@
 //! Errors of the controller core, worded for an operator to act on as-is.
 
-use crate::model::{MAX_LABELS, Member};
+use crate::model::{MAX_ADVERTISED, MAX_LABELS, Member};
 use crate::policy::PolicyErrors;
 use crate::time::rfc3339;
 
@@ -113,6 +113,28 @@ pub enum Error {
     #[error("no node or external peer is named {0:?}")]
     EndpointNotFound(String),
 
+    /// A workload prefix is malformed or cannot be routed.
+    #[error("invalid workload prefix {prefix}: {reason}")]
+    InvalidPrefix { prefix: String, reason: String },
+    /// A workload prefix overlaps one advertised already.
+    #[error("workload prefix {prefix} overlaps {other}, already advertised by node {node:?}")]
+    PrefixOverlap {
+        prefix: String,
+        other: String,
+        node: String,
+    },
+    /// A workload prefix overlaps an overlay address pool.
+    #[error(
+        "workload prefix {prefix} overlaps the network's overlay pool {pool}; advertise prefixes outside it"
+    )]
+    PrefixInPool { prefix: String, pool: String },
+    /// The node does not advertise this prefix.
+    #[error("node {node:?} does not advertise {prefix}")]
+    PrefixNotAdvertised { node: String, prefix: String },
+    /// More workload prefixes than one node may advertise.
+    #[error("node {node:?} would advertise {count} prefixes; at most {MAX_ADVERTISED} are allowed")]
+    TooManyPrefixes { node: String, count: usize },
+
     /// No overlay address is left.
     #[error("address pool {pool} is exhausted ({in_use} addresses in use)")]
     PoolExhausted { pool: String, in_use: usize },
@@ -155,19 +177,24 @@ impl Error {
             | Error::TooManyLabels { .. }
             | Error::LabelSetAndRemoved(_)
             | Error::InvalidPolicies(_)
-            | Error::InvalidPolicy { .. } => ErrorKind::InvalidArgument,
+            | Error::InvalidPolicy { .. }
+            | Error::InvalidPrefix { .. }
+            | Error::PrefixInPool { .. }
+            | Error::TooManyPrefixes { .. } => ErrorKind::InvalidArgument,
             Error::SiteNotFound(_)
             | Error::TokenNotFound(_)
             | Error::NodeNotFound(_)
             | Error::ExternalPeerNotFound(_)
             | Error::PolicyNotFound(_)
-            | Error::EndpointNotFound(_) => ErrorKind::NotFound,
+            | Error::EndpointNotFound(_)
+            | Error::PrefixNotAdvertised { .. } => ErrorKind::NotFound,
             Error::SiteExists(_)
             | Error::TokenExists(_)
             | Error::NodeIdTaken { .. }
             | Error::NameTaken { .. }
             | Error::KeyInUse { .. }
-            | Error::CertInUse { .. } => ErrorKind::AlreadyExists,
+            | Error::CertInUse { .. }
+            | Error::PrefixOverlap { .. } => ErrorKind::AlreadyExists,
             Error::TokenInvalid(_) | Error::TokenUsed { .. } | Error::TokenExpired { .. } => {
                 ErrorKind::PermissionDenied
             }

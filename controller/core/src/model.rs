@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use ipnet::{Ipv4Net, Ipv6Net};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 use weft_dataplane_core::Key;
 use weft_dataplane_core::config::DEFAULT_MTU;
@@ -119,6 +119,11 @@ pub struct Node {
     /// Labels policy selects on (absent in stores written before labels).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: Labels,
+    /// Workload prefixes the node routes for (containers or VMs behind
+    /// it), each with the labels policy selects that workload by (absent
+    /// in stores written before workload prefixes).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub advertised: BTreeMap<IpNet, Labels>,
 }
 
 /// A plain WireGuard peer (no agent), configured by hand by an operator.
@@ -255,6 +260,82 @@ pub fn check_label(key: &str, value: &str) -> Result<(), Error> {
     Ok(())
 }
 
+/// Most workload prefixes one node may advertise.
+pub const MAX_ADVERTISED: usize = 256;
+
+/// Checks a workload prefix on its own (overlaps are the state's to
+/// check): host bits clear, not a default route, and a unicast network
+/// that may be routed (not loopback, link-local or multicast).
+pub fn check_prefix(prefix: IpNet) -> Result<(), Error> {
+    let bad = |reason: String| {
+        Err(Error::InvalidPrefix {
+            prefix: prefix.to_string(),
+            reason,
+        })
+    };
+    if prefix != prefix.trunc() {
+        return bad(format!(
+            "host bits are set; did you mean {}?",
+            prefix.trunc()
+        ));
+    }
+    if prefix.prefix_len() == 0 {
+        return bad("a default route cannot be advertised".to_owned());
+    }
+    let special = match prefix {
+        IpNet::V4(n) => {
+            let a = n.network();
+            a.is_loopback()
+                || a.is_link_local()
+                || a.is_multicast()
+                || a.is_broadcast()
+                || a.is_unspecified()
+        }
+        IpNet::V6(n) => {
+            let a = n.network();
+            a.is_loopback()
+                || a.is_multicast()
+                || a.is_unspecified()
+                || (a.segments()[0] & 0xffc0) == 0xfe80
+        }
+    };
+    if special {
+        return bad(
+            "loopback, link-local, multicast and unspecified addresses cannot be routed".to_owned(),
+        );
+    }
+    Ok(())
+}
+
+/// Checks an IPv4 overlay pool chosen when a network is created: a
+/// private-use network (RFC 1918 or RFC 6598 shared address space), host
+/// bits clear, between a /8 and a /24.
+pub fn check_ipv4_pool(pool: Ipv4Net) -> Result<(), Error> {
+    if pool != pool.trunc() {
+        return Err(Error::InvalidSettings(format!(
+            "IPv4 pool {pool} has host bits set; did you mean {}?",
+            pool.trunc()
+        )));
+    }
+    if !(8..=24).contains(&pool.prefix_len()) {
+        return Err(Error::InvalidSettings(format!(
+            "IPv4 pool {pool} must be between a /8 and a /24"
+        )));
+    }
+    let private = [
+        Ipv4Net::new_assert(Ipv4Addr::new(10, 0, 0, 0), 8),
+        Ipv4Net::new_assert(Ipv4Addr::new(172, 16, 0, 0), 12),
+        Ipv4Net::new_assert(Ipv4Addr::new(192, 168, 0, 0), 16),
+        DEFAULT_IPV4_POOL,
+    ];
+    if !private.iter().any(|p| p.contains(&pool)) {
+        return Err(Error::InvalidSettings(format!(
+            "IPv4 pool {pool} is not inside a private-use range (RFC 1918 or 100.64.0.0/10)"
+        )));
+    }
+    Ok(())
+}
+
 /// Checks a node id or join token id.
 pub fn check_id(kind: &'static str, id: &str) -> Result<(), Error> {
     let ok = (1..=64).contains(&id.len())
@@ -354,5 +435,48 @@ mod tests {
             .expect_err("host bits must be refused")
             .to_string();
         assert!(err.contains("did you mean 100.64.0.0/10"), "{err}");
+    }
+
+    #[test]
+    fn a_chosen_ipv4_pool_is_private_and_between_a_slash_8_and_a_slash_24() {
+        let pool = |s: &str| -> Ipv4Net { s.parse().expect("valid net") };
+        for good in ["100.64.0.0/16", "100.64.0.0/10", "100.100.0.0/24"] {
+            assert_eq!(check_ipv4_pool(pool(good)), Ok(()), "{good}");
+        }
+        for (bad, why) in [
+            ("100.64.0.0/25", "between a /8 and a /24"),
+            ("100.64.0.1/16", "did you mean 100.64.0.0/16"),
+            ("100.0.0.0/8", "not inside a private-use range"),
+            ("198.18.0.0/16", "not inside a private-use range"),
+        ] {
+            let err = check_ipv4_pool(pool(bad))
+                .expect_err("must be refused")
+                .to_string();
+            assert!(err.contains(why), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn workload_prefixes_must_be_routable_networks() {
+        let net = |s: &str| -> IpNet { s.parse().expect("valid net") };
+        for good in ["100.100.2.0/24", "fd00:beef:2::/64", "100.100.2.10/32"] {
+            assert_eq!(check_prefix(net(good)), Ok(()), "{good}");
+        }
+        for bad in [
+            "0.0.0.0/0",
+            "::/0",
+            "100.100.2.1/24",
+            "127.0.0.0/8",
+            "169.254.0.0/16",
+            "224.0.0.0/4",
+            "fe80::/64",
+            "ff00::/8",
+            "::1/128",
+        ] {
+            assert!(
+                matches!(check_prefix(net(bad)), Err(Error::InvalidPrefix { .. })),
+                "{bad} must be refused"
+            );
+        }
     }
 }

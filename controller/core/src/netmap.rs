@@ -1,7 +1,9 @@
 //! Per-member WireGuard configs computed from the state.
 //!
 //! Topology v0 is a full mesh: every member peers with every other member,
-//! routing exactly that member's /32 and /128 to it.
+//! routing that member's /32 and /128 to it, plus the workload prefixes a
+//! node advertises. A node gets kernel routes (`routes`) for the workload
+//! prefixes of every other node, and forwards when it advertises some.
 //!
 //! Each node's config also carries its compiled network policy: the policy
 //! of the whole network is compiled once per call ([`policy::compile`]) and
@@ -136,9 +138,11 @@ fn tables_to_input(tables: &PolicyTables) -> PolicyInput {
 /// Every member as a peer, by key.
 fn all_peers(state: &State) -> BTreeMap<Key, PeerConfig> {
     let keepalive = Some(state.settings().persistent_keepalive).filter(|k| *k != 0);
-    let nodes = state
-        .nodes()
-        .map(|n| peer(&n.name, n.public_key, n.endpoint, n.ipv4, n.ipv6, keepalive));
+    let nodes = state.nodes().map(|n| {
+        let mut p = peer(&n.name, n.public_key, n.endpoint, n.ipv4, n.ipv6, keepalive);
+        p.allowed_ips.extend(n.advertised.keys().copied());
+        p
+    });
     let external = state
         .external_peers()
         .map(|p| peer(&p.name, p.public_key, p.endpoint, p.ipv4, p.ipv6, keepalive));
@@ -181,6 +185,15 @@ fn config_for(
     // (settings are validated); fall back to host routes rather than panic.
     let v4 = Ipv4Net::new(ipv4, settings.ipv4_pool.prefix_len()).unwrap_or(Ipv4Net::from(ipv4));
     let v6 = Ipv6Net::new(ipv6, IPV6_ONLINK_PREFIX_LEN).unwrap_or(Ipv6Net::from(ipv6));
+    // Workload prefixes of the other nodes; a node's own are behind it.
+    let routes: Vec<IpNet> = state
+        .nodes()
+        .filter(|n| n.public_key != *key)
+        .flat_map(|n| n.advertised.keys().copied())
+        .collect();
+    let forwarding = state
+        .nodes()
+        .any(|n| n.public_key == *key && !n.advertised.is_empty());
     NodeConfig {
         revision: state.revision(),
         node_id: id.to_owned(),
@@ -191,6 +204,8 @@ fn config_for(
         // Set by the callers for nodes; external peers run plain
         // WireGuard and enforce nothing.
         policy: PolicyInput::default(),
+        routes,
+        forwarding,
     }
 }
 
@@ -252,7 +267,10 @@ spec:
             (policy_maps::Protocol::Tcp, 5432, 5432)
         );
         // Each tuple counts in the slot of the rule that decides it.
-        assert_eq!(db.rules, vec!["db/ingress[0]", "db/ingress[1]", "db/deny[0]"]);
+        assert_eq!(
+            db.rules,
+            vec!["db/ingress[0]", "db/ingress[1]", "db/deny[0]"]
+        );
         let icmp: Vec<_> = allowed
             .iter()
             .filter(|t| t.protocol == policy_maps::Protocol::Icmp)

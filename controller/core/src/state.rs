@@ -15,8 +15,8 @@ use weft_dataplane_core::Key;
 use crate::error::Error;
 use crate::ipam::{self, Ipam};
 use crate::model::{
-    ExternalPeer, JoinToken, Labels, Member, NetworkSettings, Node, Registration, Site, check_id,
-    check_labels, check_name,
+    ExternalPeer, JoinToken, Labels, MAX_ADVERTISED, Member, NetworkSettings, Node, Registration,
+    Site, check_id, check_labels, check_name, check_prefix,
 };
 use crate::policy::{Endpoint, Policy, parse_documents, to_yaml};
 
@@ -258,6 +258,7 @@ impl State {
             created_unix: now,
             cert_fingerprint: reg.cert_fingerprint,
             labels: reg.labels,
+            advertised: BTreeMap::new(),
         };
         Ok(self.nodes.entry(reg.node_id).or_insert(node))
     }
@@ -313,6 +314,106 @@ impl State {
             self.revision += 1;
         }
         Ok(labels)
+    }
+
+    // ---- workload prefixes ----
+
+    /// Advertises workload prefixes from a node (by id or name), each with
+    /// its labels; a prefix the node advertises already is relabelled.
+    /// All or nothing: every prefix is checked first ([`check_prefix`],
+    /// not inside an overlay pool, no overlap with any other advertised
+    /// prefix of any node). Returns whether anything changed (the revision
+    /// is bumped only then).
+    pub fn advertise_prefixes(
+        &mut self,
+        id_or_name: &str,
+        prefixes: &BTreeMap<IpNet, Labels>,
+    ) -> Result<bool, Error> {
+        let node = self
+            .node(id_or_name)
+            .ok_or_else(|| Error::NodeNotFound(id_or_name.to_owned()))?;
+        let id = node.id.clone();
+        let mut next = node.advertised.clone();
+        for (prefix, labels) in prefixes {
+            check_labels(labels)?;
+            self.check_prefix_free(&id, *prefix)?;
+            next.insert(*prefix, labels.clone());
+        }
+        // Prefixes of one request must not overlap each other either.
+        if let Some((a, b)) = first_overlap(prefixes.keys().copied()) {
+            return Err(Error::PrefixOverlap {
+                prefix: b.to_string(),
+                other: a.to_string(),
+                node: node.name.clone(),
+            });
+        }
+        if next.len() > MAX_ADVERTISED {
+            return Err(Error::TooManyPrefixes {
+                node: node.name.clone(),
+                count: next.len(),
+            });
+        }
+        let node = self
+            .nodes
+            .get_mut(&id)
+            .ok_or_else(|| Error::NodeNotFound(id_or_name.to_owned()))?;
+        if node.advertised == next {
+            return Ok(false);
+        }
+        node.advertised = next;
+        self.revision += 1;
+        Ok(true)
+    }
+
+    /// Withdraws a workload prefix from a node (by id or name).
+    pub fn withdraw_prefix(&mut self, id_or_name: &str, prefix: IpNet) -> Result<(), Error> {
+        let node = self
+            .node(id_or_name)
+            .ok_or_else(|| Error::NodeNotFound(id_or_name.to_owned()))?;
+        let id = node.id.clone();
+        if !node.advertised.contains_key(&prefix) {
+            return Err(Error::PrefixNotAdvertised {
+                node: node.name.clone(),
+                prefix: prefix.to_string(),
+            });
+        }
+        if let Some(node) = self.nodes.get_mut(&id) {
+            node.advertised.remove(&prefix);
+        }
+        self.revision += 1;
+        Ok(())
+    }
+
+    /// Whether node `node_id` may advertise `prefix`: a routable network
+    /// outside the overlay pools that overlaps no prefix advertised by any
+    /// node (the same prefix of the same node excepted: relabelling).
+    fn check_prefix_free(&self, node_id: &str, prefix: IpNet) -> Result<(), Error> {
+        check_prefix(prefix)?;
+        let pool = match prefix {
+            IpNet::V4(_) => IpNet::V4(self.settings.ipv4_pool),
+            IpNet::V6(_) => IpNet::V6(self.settings.ipv6_prefix),
+        };
+        if overlaps(pool, prefix) {
+            return Err(Error::PrefixInPool {
+                prefix: prefix.to_string(),
+                pool: pool.to_string(),
+            });
+        }
+        for node in self.nodes.values() {
+            for other in node.advertised.keys() {
+                if node.id == node_id && *other == prefix {
+                    continue;
+                }
+                if overlaps(*other, prefix) {
+                    return Err(Error::PrefixOverlap {
+                        prefix: prefix.to_string(),
+                        other: other.to_string(),
+                        node: node.name.clone(),
+                    });
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Deletes a node by id or name and releases its addresses.
@@ -485,7 +586,9 @@ impl State {
     }
 
     /// Every node (`node` = its id) and external peer (`node` = `None`)
-    /// as something policy selects, with its /32 and /128, by name.
+    /// as something policy selects, with its /32 and /128, and every
+    /// workload prefix (named `NODE/PREFIX`, hosted and enforced by the
+    /// node advertising it, with the workload's own labels only), by name.
     pub fn endpoints(&self) -> Vec<Endpoint> {
         let node = |n: &Node| Endpoint {
             name: n.name.clone(),
@@ -501,11 +604,21 @@ impl State {
             labels: p.labels.clone(),
             prefixes: host_prefixes(p.ipv4, p.ipv6),
         };
+        let workloads = self.nodes.values().flat_map(|n| {
+            n.advertised.iter().map(|(prefix, labels)| Endpoint {
+                name: workload_name(&n.name, *prefix),
+                site: n.site.clone(),
+                node: Some(n.id.clone()),
+                labels: labels.clone(),
+                prefixes: vec![*prefix],
+            })
+        });
         let mut all: Vec<Endpoint> = self
             .nodes
             .values()
             .map(node)
             .chain(self.external_peers.values().map(peer))
+            .chain(workloads)
             .collect();
         all.sort_by(|a, b| a.name.cmp(&b.name));
         all
@@ -629,6 +742,34 @@ impl State {
         }
         for node in self.nodes.values() {
             check_labels(&node.labels)?;
+            if node.advertised.len() > MAX_ADVERTISED {
+                return bad(format!(
+                    "node {} advertises {} prefixes, more than {MAX_ADVERTISED}",
+                    node.name,
+                    node.advertised.len()
+                ));
+            }
+            for (prefix, labels) in &node.advertised {
+                check_labels(labels)?;
+                check_prefix(*prefix)?;
+                let pool = match prefix {
+                    IpNet::V4(_) => IpNet::V4(self.settings.ipv4_pool),
+                    IpNet::V6(_) => IpNet::V6(self.settings.ipv6_prefix),
+                };
+                if overlaps(pool, *prefix) {
+                    return bad(format!(
+                        "node {} advertises {prefix}, inside the overlay pool {pool}",
+                        node.name
+                    ));
+                }
+            }
+        }
+        let all = self
+            .nodes
+            .values()
+            .flat_map(|n| n.advertised.keys().copied());
+        if let Some((a, b)) = first_overlap(all) {
+            return bad(format!("advertised prefixes {a} and {b} overlap"));
         }
         for peer in self.external_peers.values() {
             check_labels(&peer.labels)?;
@@ -739,6 +880,39 @@ fn check_policy(policy: &Policy) -> Result<(), String> {
 /// A member's overlay addresses as host prefixes.
 fn host_prefixes(v4: Ipv4Addr, v6: Ipv6Addr) -> Vec<IpNet> {
     vec![IpNet::V4(Ipv4Net::from(v4)), IpNet::V6(Ipv6Net::from(v6))]
+}
+
+/// The policy endpoint name of a workload prefix of node `node`.
+pub fn workload_name(node: &str, prefix: IpNet) -> String {
+    format!("{node}/{prefix}")
+}
+
+/// Whether two prefixes share an address (prefixes of different families
+/// never do).
+pub fn overlaps(a: IpNet, b: IpNet) -> bool {
+    a.contains(&b) || b.contains(&a)
+}
+
+/// Some pair of overlapping prefixes among `prefixes`, in O(n log n): in
+/// address order, CIDR blocks are nested or disjoint, so a block overlaps
+/// an earlier one exactly when it starts before the furthest end seen.
+pub fn first_overlap(prefixes: impl IntoIterator<Item = IpNet>) -> Option<(IpNet, IpNet)> {
+    let mut sorted: Vec<IpNet> = prefixes.into_iter().collect();
+    // `IpAddr` orders every IPv4 address before every IPv6 one, so the
+    // families never mix in the comparisons below.
+    sorted.sort_by_key(|p| (p.network(), p.prefix_len()));
+    let mut widest: Option<IpNet> = None;
+    for p in sorted {
+        if let Some(w) = widest
+            && p.network() <= w.broadcast()
+        {
+            return Some((w, p));
+        }
+        if widest.is_none_or(|w| p.broadcast() > w.broadcast()) {
+            widest = Some(p);
+        }
+    }
+    None
 }
 
 /// Keys and address indices met so far by `State::validate`.

@@ -1,14 +1,17 @@
 //! Property tests: random operation sequences keep the state consistent,
 //! IPAM never hands out a live address twice, refused operations change
-//! nothing, and the netmap is a symmetric full mesh.
+//! nothing, and the netmap is a symmetric full mesh; advertised workload
+//! prefixes never overlap each other or the overlay pools, and every node
+//! routes exactly the other nodes' prefixes.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use ipnet::IpNet;
 use proptest::prelude::*;
+use weft_controller_core::state::{first_overlap, overlaps};
 use weft_controller_core::{
-    Error, NetworkSettings, Registration, State, all_node_configs, external_peer_config,
+    Error, Labels, NetworkSettings, Registration, State, all_node_configs, external_peer_config,
     node_config,
 };
 use weft_dataplane_core::{Key, NodeConfig};
@@ -45,6 +48,35 @@ enum Op {
         key: u8,
     },
     DeletePeer(u8),
+    Advertise {
+        id: u8,
+        prefixes: Vec<(u8, u8)>,
+    },
+    Withdraw {
+        id: u8,
+        prefix: u8,
+    },
+}
+
+/// Candidate workload prefixes: nested, disjoint, inside the overlay pools
+/// (the /29 IPv4 pool and the ULA /48 below), and a default route.
+const PREFIXES: [&str; 10] = [
+    "100.100.0.0/16",
+    "100.100.2.0/24",
+    "100.100.2.128/25",
+    "100.100.3.0/24",
+    "100.64.0.0/24",
+    "fd00:beef::/48",
+    "fd00:beef:2::/64",
+    "fd00:beef:3::/64",
+    "fd7e:4a1:1234:5::/64",
+    "0.0.0.0/0",
+];
+
+fn prefix(i: u8) -> IpNet {
+    PREFIXES[usize::from(i) % PREFIXES.len()]
+        .parse()
+        .expect("valid prefix")
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -61,6 +93,9 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (0..12u8, any::<bool>()).prop_map(|(name_or_id, by_name)| Op::DeleteNode { name_or_id, by_name }),
         3 => (0..12u8, 0..3u8, 0..16u8).prop_map(|(name, site, key)| Op::AddPeer { name, site, key }),
         2 => (0..12u8).prop_map(Op::DeletePeer),
+        4 => (0..12u8, prop::collection::vec((0..10u8, 0..3u8), 1..3))
+            .prop_map(|(id, prefixes)| Op::Advertise { id, prefixes }),
+        2 => (0..12u8, 0..10u8).prop_map(|(id, prefix)| Op::Withdraw { id, prefix }),
     ]
 }
 
@@ -141,6 +176,21 @@ fn apply(s: &mut State, op: &Op, now: u64) -> Result<bool, Error> {
             )
             .map(|_| true),
         Op::DeletePeer(name) => s.delete_external_peer(&format!("m{name}")).map(|()| true),
+        Op::Advertise { id, ref prefixes } => {
+            let wanted: BTreeMap<IpNet, Labels> = prefixes
+                .iter()
+                .map(|&(p, app)| {
+                    let labels = [("app".to_owned(), format!("a{app}"))]
+                        .into_iter()
+                        .collect();
+                    (prefix(p), labels)
+                })
+                .collect();
+            s.advertise_prefixes(&format!("n-{id}"), &wanted)
+        }
+        Op::Withdraw { id, prefix: p } => s
+            .withdraw_prefix(&format!("n-{id}"), prefix(p))
+            .map(|()| true),
     }
 }
 
@@ -177,6 +227,19 @@ fn assert_netmap_invariants(s: &State) {
             s.settings().ipv4_pool.prefix_len()
         );
         assert_eq!(config.addresses[1].prefix_len(), 64);
+        let others: BTreeSet<IpNet> = s
+            .nodes()
+            .filter(|n| n.id != node.id)
+            .flat_map(|n| n.advertised.keys().copied())
+            .collect();
+        assert_eq!(
+            config.routes.iter().copied().collect::<BTreeSet<_>>(),
+            others,
+            "{} routes exactly the other nodes' prefixes",
+            node.name
+        );
+        assert_eq!(config.routes.len(), others.len(), "no route twice");
+        assert_eq!(config.forwarding, !node.advertised.is_empty());
         configs.insert(node.public_key, config);
     }
     for peer in s.external_peers() {
@@ -209,14 +272,24 @@ fn assert_netmap_invariants(s: &State) {
                 other.node_name
             );
             let other_addrs: Vec<IpAddr> = other.addresses.iter().map(IpNet::addr).collect();
-            let allowed: Vec<IpAddr> = peer.allowed_ips.iter().map(IpNet::addr).collect();
+            let allowed: Vec<IpAddr> = peer.allowed_ips.iter().take(2).map(IpNet::addr).collect();
             assert_eq!(
                 allowed, other_addrs,
-                "allowed IPs of {} are its addresses",
+                "allowed IPs of {} start with its addresses",
+                peer.name
+            );
+            let advertised: Vec<IpNet> = s
+                .nodes()
+                .find(|n| n.public_key == *peer_key)
+                .map(|n| n.advertised.keys().copied().collect())
+                .unwrap_or_default();
+            assert_eq!(
+                peer.allowed_ips[2..],
+                advertised[..],
+                "then come the prefixes {} advertises",
                 peer.name
             );
             for net in &peer.allowed_ips {
-                assert!(net.prefix_len() == net.max_prefix_len(), "host routes only");
                 assert!(
                     seen.insert(*net),
                     "allowed IP {net} appears twice in {}",
@@ -271,8 +344,53 @@ proptest! {
             }
             assert_netmap_invariants(&s);
         }
+        let all: Vec<IpNet> = s.nodes().flat_map(|n| n.advertised.keys().copied()).collect();
+        for (i, a) in all.iter().enumerate() {
+            prop_assert!(a.prefix_len() > 0, "default route {} advertised", a);
+            prop_assert!(
+                !overlaps(*a, IpNet::V4(s.settings().ipv4_pool))
+                    && !overlaps(*a, IpNet::V6(s.settings().ipv6_prefix)),
+                "{} overlaps an overlay pool", a
+            );
+            for b in &all[i + 1..] {
+                prop_assert!(!overlaps(*a, *b), "{} and {} overlap", a, b);
+            }
+        }
         let back: State = serde_json::from_str(&serde_json::to_string(&s).expect("serializes"))
             .expect("deserializes");
         prop_assert_eq!(back, s);
+    }
+}
+
+fn naive_overlap(prefixes: &[IpNet]) -> bool {
+    prefixes
+        .iter()
+        .enumerate()
+        .any(|(i, a)| prefixes[i + 1..].iter().any(|b| overlaps(*a, *b)))
+}
+
+proptest! {
+    #[test]
+    fn first_overlap_agrees_with_pairwise_comparison(
+        nets in prop::collection::vec(
+            prop_oneof![
+                (0u32..64, 8u8..=30).prop_map(|(a, len)| {
+                    // Inside 100.64.0.0/10, bits spread over the prefix.
+                    let addr = std::net::Ipv4Addr::from(0x6440_0000 | (a << 16) | (a << 9));
+                    IpNet::V4(ipnet::Ipv4Net::new(addr, len.max(10)).expect("valid").trunc())
+                }),
+                (0u16..64, 16u8..=128).prop_map(|(a, len)| {
+                    let addr = std::net::Ipv6Addr::new(0xfd00, a, a << 3, 0, 0, 0, 0, 0);
+                    IpNet::V6(ipnet::Ipv6Net::new(addr, len).expect("valid").trunc())
+                }),
+            ],
+            0..12,
+        ),
+    ) {
+        let found = first_overlap(nets.iter().copied());
+        prop_assert_eq!(found.is_some(), naive_overlap(&nets), "{:?}", found);
+        if let Some((a, b)) = found {
+            prop_assert!(overlaps(a, b), "{} and {} do not overlap", a, b);
+        }
     }
 }

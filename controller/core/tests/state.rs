@@ -591,6 +591,7 @@ fn a_store_written_before_labels_and_policies_still_loads() {
     assert!(s.node("a1").expect("node a1").labels.is_empty());
     assert!(s.external_peer("laptop").expect("peer").labels.is_empty());
     assert_eq!(s.policies().count(), 0);
+    assert!(s.node("a1").expect("node a1").advertised.is_empty());
     // Nothing new is written for it either: an old controller can read it back.
     let again: serde_json::Value = serde_json::to_value(&s).expect("serializes");
     let old: serde_json::Value = serde_json::from_str(text).expect("json");
@@ -607,4 +608,277 @@ fn a_damaged_stored_policy_is_an_inconsistency() {
     let err = damaged.validate().expect_err("invalid policy found");
     assert_eq!(err.kind(), ErrorKind::Internal);
     assert!(err.to_string().contains("policy \"web\""), "{err}");
+}
+
+fn net(s: &str) -> ipnet::IpNet {
+    s.parse().expect("valid prefix")
+}
+
+fn workload(
+    prefix: &str,
+    labels: &[(&str, &str)],
+) -> std::collections::BTreeMap<ipnet::IpNet, weft_controller_core::Labels> {
+    let labels = labels
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    [(net(prefix), labels)].into_iter().collect()
+}
+
+/// A state with nodes a1 and b1 registered (two tokens), in an IPv4
+/// pool of 100.64.0.0/16 so that workloads can use the rest of the /10.
+fn two_nodes() -> State {
+    let mut settings = settings();
+    settings.ipv4_pool = "100.64.0.0/16".parse().expect("valid pool");
+    let mut s = State::new(settings).expect("valid settings");
+    s.create_site("eu-west", NOW).expect("site can be created");
+    s.create_token("abc123", [7; 32], "eu-west", NOW, HOUR)
+        .expect("token can be created");
+    s.register_node(reg("n-a1", "a1", 1), NOW)
+        .expect("registers");
+    s.create_token("def456", [7; 32], "eu-west", NOW, HOUR)
+        .expect("token can be created");
+    let mut r = reg("n-b1", "b1", 2);
+    r.token_id = "def456".to_owned();
+    s.register_node(r, NOW).expect("registers");
+    s
+}
+
+#[test]
+fn workload_prefixes_are_advertised_relabelled_and_withdrawn() {
+    let mut s = two_nodes();
+    let rev = s.revision();
+    assert_eq!(
+        s.advertise_prefixes("b1", &workload("100.100.2.0/24", &[("app", "pg")])),
+        Ok(true)
+    );
+    assert_eq!(s.revision(), rev + 1);
+    assert_eq!(
+        s.advertise_prefixes("b1", &workload("100.100.2.0/24", &[("app", "pg")])),
+        Ok(false),
+        "the same advertisement again changes nothing"
+    );
+    assert_eq!(s.revision(), rev + 1);
+    assert_eq!(
+        s.advertise_prefixes("n-b1", &workload("100.100.2.0/24", &[("app", "db")])),
+        Ok(true),
+        "relabelled"
+    );
+    s.advertise_prefixes("b1", &workload("fd00:beef:2::/64", &[]))
+        .expect("IPv6 workload");
+    let b1 = s.node("b1").expect("b1");
+    assert_eq!(b1.advertised.len(), 2);
+    assert_eq!(
+        b1.advertised[&net("100.100.2.0/24")]
+            .get("app")
+            .map(String::as_str),
+        Some("db")
+    );
+    s.validate().expect("valid");
+    let back: State = serde_json::from_str(&json(&s)).expect("round trips");
+    assert_eq!(back, s);
+
+    // Each workload is a policy endpoint of its own, hosted by b1, with
+    // only its own labels.
+    let endpoints = s.endpoints();
+    let w = endpoints
+        .iter()
+        .find(|e| e.name == "b1/100.100.2.0/24")
+        .expect("workload endpoint");
+    assert_eq!(w.node.as_deref(), Some("n-b1"));
+    assert_eq!(w.prefixes, vec![net("100.100.2.0/24")]);
+    assert_eq!(w.labels.len(), 1);
+    assert!(s.endpoint("b1/fd00:beef:2::/64").is_some());
+
+    s.withdraw_prefix("b1", net("100.100.2.0/24"))
+        .expect("withdrawn");
+    assert_refused(
+        &mut s,
+        "node \"b1\" does not advertise 100.100.2.0/24",
+        |s| s.withdraw_prefix("b1", net("100.100.2.0/24")),
+    );
+    assert_eq!(s.node("b1").expect("b1").advertised.len(), 1);
+}
+
+#[test]
+fn overlapping_or_unroutable_prefixes_are_refused_and_change_nothing() {
+    let mut s = two_nodes();
+    s.advertise_prefixes("b1", &workload("100.100.2.0/24", &[("app", "pg")]))
+        .expect("advertised");
+    s.advertise_prefixes("b1", &workload("fd00:beef:2::/64", &[]))
+        .expect("advertised");
+    let cases = [
+        (
+            "100.100.2.128/25",
+            "workload prefix 100.100.2.128/25 overlaps 100.100.2.0/24, already advertised by node \"b1\"",
+        ),
+        (
+            "100.100.0.0/16",
+            "workload prefix 100.100.0.0/16 overlaps 100.100.2.0/24, already advertised by node \"b1\"",
+        ),
+        (
+            "fd00:beef::/32",
+            "workload prefix fd00:beef::/32 overlaps fd00:beef:2::/64, already advertised by node \"b1\"",
+        ),
+        (
+            "100.64.1.0/24",
+            "workload prefix 100.64.1.0/24 overlaps the network's overlay pool 100.64.0.0/16; advertise prefixes outside it",
+        ),
+        (
+            "fd7e:4a1:1234:77::/64",
+            "workload prefix fd7e:4a1:1234:77::/64 overlaps the network's overlay pool fd7e:4a1:1234::/48; advertise prefixes outside it",
+        ),
+        (
+            "0.0.0.0/0",
+            "invalid workload prefix 0.0.0.0/0: a default route cannot be advertised",
+        ),
+        (
+            "::/0",
+            "invalid workload prefix ::/0: a default route cannot be advertised",
+        ),
+        (
+            "100.100.9.1/24",
+            "invalid workload prefix 100.100.9.1/24: host bits are set; did you mean 100.100.9.0/24?",
+        ),
+        (
+            "127.0.0.0/8",
+            "invalid workload prefix 127.0.0.0/8: loopback, link-local, multicast and unspecified addresses cannot be routed",
+        ),
+    ];
+    for (prefix, expected) in cases {
+        assert_refused(&mut s, expected, |s| {
+            s.advertise_prefixes("a1", &workload(prefix, &[]))
+                .map(|_| ())
+        });
+    }
+    // All or nothing: one bad prefix refuses the whole request.
+    let mut both = workload("100.100.5.0/24", &[]);
+    both.extend(workload("100.100.2.0/26", &[]));
+    assert_refused(
+        &mut s,
+        "workload prefix 100.100.2.0/26 overlaps 100.100.2.0/24, already advertised by node \"b1\"",
+        |s| s.advertise_prefixes("a1", &both).map(|_| ()),
+    );
+    // Two overlapping prefixes in one request.
+    let mut nested = workload("100.100.6.0/24", &[]);
+    nested.extend(workload("100.100.6.0/25", &[]));
+    assert_refused(
+        &mut s,
+        "workload prefix 100.100.6.0/25 overlaps 100.100.6.0/24, already advertised by node \"a1\"",
+        |s| s.advertise_prefixes("a1", &nested).map(|_| ()),
+    );
+    assert_refused(
+        &mut s,
+        "invalid label key \"-x\": use up to 253 characters from A-Z, a-z, 0-9, '.', '_', '-', '/', starting and ending with a letter or digit",
+        |s| {
+            s.advertise_prefixes("a1", &workload("100.100.7.0/24", &[("-x", "1")]))
+                .map(|_| ())
+        },
+    );
+    assert_refused(&mut s, "node \"z9\" not found", |s| {
+        s.advertise_prefixes("z9", &workload("100.100.7.0/24", &[]))
+            .map(|_| ())
+    });
+    // Deleting the node frees its prefixes.
+    s.delete_node("b1").expect("deleted");
+    s.advertise_prefixes("a1", &workload("100.100.2.0/25", &[]))
+        .expect("free again");
+}
+
+#[test]
+fn overlapping_stored_prefixes_are_an_inconsistency() {
+    let mut s = two_nodes();
+    s.advertise_prefixes("a1", &workload("100.100.2.0/24", &[]))
+        .expect("advertised");
+    let mut v = serde_json::to_value(&s).expect("serializes");
+    v["nodes"]["n-b1"]["advertised"] = serde_json::json!({"100.100.2.64/26": {}});
+    let damaged: State = serde_json::from_value(v).expect("still deserializes");
+    let err = damaged.validate().expect_err("overlap found");
+    assert_eq!(err.kind(), ErrorKind::Internal);
+    assert!(
+        err.to_string()
+            .contains("100.100.2.0/24 and 100.100.2.64/26 overlap"),
+        "{err}"
+    );
+}
+
+#[test]
+fn peers_route_workload_prefixes_and_policy_selects_workloads_by_their_labels() {
+    use weft_dataplane_core::policy_maps::Verdict;
+    let mut s = two_nodes();
+    let web = [("role".to_owned(), "web".to_owned())].into();
+    s.set_node_labels("a1", &web, &[]).expect("labels");
+    // b1's own labels must not leak onto its workload.
+    let db = [("app".to_owned(), "node-label".to_owned())].into();
+    s.set_node_labels("b1", &db, &[]).expect("labels");
+    let mut ads = workload("100.100.2.0/24", &[("app", "pg")]);
+    ads.extend(workload("fd00:beef:2::/64", &[("app", "pg")]));
+    s.advertise_prefixes("b1", &ads).expect("advertised");
+    let policy = weft_controller_core::policy::parse_documents(
+        "pg.yaml",
+        r#"
+apiVersion: weft.dev/v1
+kind: NetworkPolicy
+metadata: {name: pg}
+spec:
+  target: {matchLabels: {app: pg}}
+  ingress:
+    - from: {matchLabels: {role: web}}
+      ports: [{protocol: TCP, port: 5432}]
+"#,
+    )
+    .expect("valid policy");
+    s.apply_policies(policy).expect("applied");
+
+    let a1 = weft_controller_core::node_config(&s, "n-a1").expect("a1 config");
+    let b1 = weft_controller_core::node_config(&s, "n-b1").expect("b1 config");
+    assert_eq!(
+        a1.routes,
+        vec![net("100.100.2.0/24"), net("fd00:beef:2::/64")]
+    );
+    assert!(!a1.forwarding);
+    assert!(b1.routes.is_empty(), "a node's own prefixes are behind it");
+    assert!(b1.forwarding);
+    let to_b1 = a1
+        .peers
+        .values()
+        .find(|p| p.name == "b1")
+        .expect("b1 is a1's peer");
+    assert_eq!(to_b1.allowed_ips.len(), 4, "{:?}", to_b1.allowed_ips);
+    assert!(to_b1.allowed_ips.contains(&net("100.100.2.0/24")));
+    assert!(to_b1.allowed_ips.contains(&net("fd00:beef:2::/64")));
+
+    // The workload is governed on b1 (which hosts it), not on a1; b1 node
+    // itself (app=node-label) is not governed.
+    let id_of = |cfg: &weft_dataplane_core::NodeConfig, p: &str| {
+        cfg.policy
+            .ipcache
+            .iter()
+            .find(|(prefix, _)| *prefix == net(p))
+            .map(|(_, id)| *id)
+            .expect("prefix in the ipcache")
+    };
+    let pg = id_of(&b1, "100.100.2.0/24");
+    assert_eq!(
+        id_of(&b1, "fd00:beef:2::/64"),
+        pg,
+        "same labels, same identity"
+    );
+    assert_eq!(b1.policy.governed, [pg].into_iter().collect());
+    assert!(a1.policy.governed.is_empty());
+    let web_id = a1
+        .policy
+        .ipcache
+        .iter()
+        .find(|(p, _)| p.addr() == std::net::IpAddr::V4(s.node("a1").expect("a1").ipv4))
+        .map(|(_, id)| *id)
+        .expect("a1 in the ipcache");
+    let allowed: Vec<_> = b1
+        .policy
+        .tuples
+        .iter()
+        .filter(|t| t.verdict == Verdict::Allow)
+        .map(|t| (t.src, t.dst, t.first, t.last))
+        .collect();
+    assert_eq!(allowed, vec![(web_id, pg, 5432, 5432)]);
 }

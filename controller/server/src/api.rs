@@ -17,7 +17,7 @@ use weft_controller_core::policy::{
     self as core_policy, Decision, PolicyError, PolicyErrors, Protocol, Verdict,
 };
 use weft_controller_core::{Error as CoreError, ErrorKind, Labels, Registration, State, netmap};
-use weft_proto::convert::{InvalidMessage, parse_endpoint, parse_key};
+use weft_proto::convert::{InvalidMessage, parse_endpoint, parse_key, parse_net};
 use weft_proto::pb::{
     self, admin_service_server::AdminService, agent_service_server::AgentService,
 };
@@ -185,6 +185,21 @@ impl AgentService for AgentApi {
         let remote = req.remote_addr();
         let w = req.into_inner();
         let endpoint = advertised_endpoint(&w.endpoint, w.listen_port, remote, "WatchRequest")?;
+        let advertise = workloads("WatchRequest", "advertise", &w.advertise)?;
+        if !advertise.is_empty() {
+            let changed = self
+                .controller
+                .mutate("advertise workload prefixes", |s| {
+                    s.advertise_prefixes(&node_id, &advertise)
+                })
+                .map_err(|e| {
+                    warn!(node = %node_id, error = %e, "agent's advertised prefixes refused");
+                    status(e)
+                })?;
+            if changed {
+                info!(node = %node_id, prefixes = ?advertise.keys().collect::<Vec<_>>(), "workload prefixes advertised by the agent");
+            }
+        }
         if endpoint.is_some() {
             self.controller
                 .set_endpoint(&node_id, endpoint)
@@ -308,7 +323,37 @@ fn node_pb(n: &weft_controller_core::Node, st: Option<&NodeStatus>) -> pb::Node 
         peers: st.peers,
         labels: n.labels.clone().into_iter().collect(),
         policy: st.policy,
+        workloads: n
+            .advertised
+            .iter()
+            .map(|(prefix, labels)| pb::Workload {
+                prefix: prefix.to_string(),
+                labels: labels.clone().into_iter().collect(),
+            })
+            .collect(),
     }
+}
+
+/// Wire workloads as prefix -> labels, each prefix parsed (labels and
+/// overlaps are the core's to check); a prefix given twice is refused.
+fn workloads(
+    msg: &'static str,
+    field: &str,
+    wire: &[pb::Workload],
+) -> Result<std::collections::BTreeMap<ipnet::IpNet, Labels>, Status> {
+    let mut out = std::collections::BTreeMap::new();
+    for (i, w) in wire.iter().enumerate() {
+        let field = format!("{field}[{i}].prefix");
+        let prefix = parse_net(msg, &field, &w.prefix).map_err(invalid)?;
+        if out.insert(prefix, labels(w.labels.clone())).is_some() {
+            return Err(invalid(InvalidMessage::new(
+                msg,
+                field,
+                format!("{prefix} is given twice"),
+            )));
+        }
+    }
+    Ok(out)
 }
 
 fn peer_pb(p: &weft_controller_core::ExternalPeer) -> pb::ExternalPeer {
@@ -706,6 +751,55 @@ impl AdminService for AdminApi {
             })
             .map_err(status)?;
         info!(node = %node.id, labels = ?node.labels, "node labels set");
+        let out = self
+            .controller
+            .read(|_, st| node_pb(&node, st.get(&node.id)));
+        Ok(Response::new(out))
+    }
+
+    async fn advertise_prefix(
+        &self,
+        req: Request<pb::AdvertisePrefixRequest>,
+    ) -> Result<Response<pb::Node>, Status> {
+        const M: &str = "AdvertisePrefixRequest";
+        let r = req.into_inner();
+        let w = r
+            .workload
+            .ok_or_else(|| invalid(InvalidMessage::new(M, "workload", "missing")))?;
+        let advertise = workloads(M, "workload", std::slice::from_ref(&w))?;
+        let node = self
+            .controller
+            .mutate("advertise workload prefix", |s| {
+                s.advertise_prefixes(&r.node, &advertise)?;
+                s.node(&r.node)
+                    .cloned()
+                    .ok_or_else(|| CoreError::NodeNotFound(r.node.clone()))
+            })
+            .map_err(status)?;
+        info!(node = %node.id, prefix = %w.prefix, labels = ?w.labels, "workload prefix advertised");
+        let out = self
+            .controller
+            .read(|_, st| node_pb(&node, st.get(&node.id)));
+        Ok(Response::new(out))
+    }
+
+    async fn withdraw_prefix(
+        &self,
+        req: Request<pb::WithdrawPrefixRequest>,
+    ) -> Result<Response<pb::Node>, Status> {
+        const M: &str = "WithdrawPrefixRequest";
+        let r = req.into_inner();
+        let prefix = parse_net(M, "prefix", &r.prefix).map_err(invalid)?;
+        let node = self
+            .controller
+            .mutate("withdraw workload prefix", |s| {
+                s.withdraw_prefix(&r.node, prefix)?;
+                s.node(&r.node)
+                    .cloned()
+                    .ok_or_else(|| CoreError::NodeNotFound(r.node.clone()))
+            })
+            .map_err(status)?;
+        info!(node = %node.id, prefix = %prefix, "workload prefix withdrawn");
         let out = self
             .controller
             .read(|_, st| node_pb(&node, st.get(&node.id)));

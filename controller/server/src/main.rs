@@ -21,6 +21,7 @@ use rand::Rng as _;
 use sha2::{Digest, Sha256};
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tracing::{info, warn};
+use weft_controller_core::model::check_ipv4_pool;
 use weft_controller_core::{NetworkSettings, State};
 use weft_proto::admin_config::{ADMIN_CONF, AdminConfig};
 use weft_proto::pb::admin_service_server::AdminServiceServer;
@@ -56,6 +57,15 @@ struct Args {
     /// listening on all addresses).
     #[arg(long, env = "WEFT_ADVERTISE_URL")]
     advertise_url: Option<String>,
+
+    /// IPv4 overlay pool of a new network, in CIDR notation: a private-use
+    /// network (RFC 1918 or inside 100.64.0.0/10) from a /8 to a /24.
+    /// Used only when the data dir holds no store yet (default
+    /// 100.64.0.0/10); given with an existing store it must equal the
+    /// stored pool. A smaller pool leaves room for workload prefixes
+    /// (`weft-agent --advertise`) in the same range.
+    #[arg(long, env = "WEFT_IPV4_POOL", value_name = "CIDR")]
+    ipv4_pool: Option<ipnet::Ipv4Net>,
 }
 
 fn main() -> Result<()> {
@@ -81,6 +91,16 @@ async fn run(args: Args) -> Result<()> {
     let mut store = FileStore::new(dir);
     let (state, fresh) = match store.load()? {
         Some(state) => {
+            if let Some(pool) = args.ipv4_pool
+                && pool != state.settings().ipv4_pool
+            {
+                bail!(
+                    "--ipv4-pool {pool} disagrees with the pool of the existing network in {} ({}); \
+                     the pool is fixed when the network is created",
+                    dir.display(),
+                    state.settings().ipv4_pool
+                );
+            }
             info!(
                 revision = state.revision(),
                 nodes = state.nodes().count(),
@@ -88,10 +108,14 @@ async fn run(args: Args) -> Result<()> {
             );
             (state, false)
         }
-        None => (
-            State::new(NetworkSettings::with_ipv6_prefix(random_ula()))?,
-            true,
-        ),
+        None => {
+            let mut settings = NetworkSettings::with_ipv6_prefix(random_ula());
+            if let Some(pool) = args.ipv4_pool {
+                check_ipv4_pool(pool).context("--ipv4-pool")?;
+                settings.ipv4_pool = pool;
+            }
+            (State::new(settings)?, true)
+        }
     };
     let ca = Arc::new(Ca::load_or_create(dir, fresh)?);
     if fresh {

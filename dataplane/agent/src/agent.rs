@@ -63,6 +63,12 @@ pub(crate) struct AgentArgs {
     #[arg(long, env = "WEFT_LISTEN_PORT", default_value_t = 51820)]
     listen_port: u16,
 
+    /// UDP port of peer probes (round-trip time, loss, reachability to each
+    /// peer's endpoint, reported to the controller); the same on every
+    /// node. 0 turns probing off.
+    #[arg(long, env = "WEFT_PROBE_PORT", default_value_t = crate::probe::DEFAULT_PORT)]
+    probe_port: u16,
+
     /// Underlay endpoint IP:PORT to advertise to peers (default: the address
     /// the controller sees this agent connect from, with --listen-port).
     #[arg(long, env = "WEFT_ENDPOINT")]
@@ -84,6 +90,33 @@ pub(crate) struct AgentArgs {
         value_parser = parse_label
     )]
     labels: Vec<(String, String)>,
+
+    /// Workload prefix this node routes for (containers or VMs behind it),
+    /// with optional labels policy selects the workload by:
+    /// CIDR[:KEY=VALUE,KEY=VALUE], e.g. 100.100.2.0/24:app=pg. Repeat for
+    /// several (WEFT_ADVERTISE: space-separated). Sent at every connection
+    /// and added to (or relabelled in) the node's advertisements; withdraw
+    /// with `weftctl node withdraw`. The controller refuses a prefix that
+    /// overlaps another node's or the overlay pools.
+    #[arg(
+        long = "advertise",
+        env = "WEFT_ADVERTISE",
+        value_name = "CIDR[:KEY=VALUE,...]",
+        value_delimiter = ' ',
+        value_parser = parse_advertisement
+    )]
+    advertise: Vec<pb::Workload>,
+
+    /// Routing table for the routes to other nodes' workload prefixes
+    /// (one `ip rule` per address family, priority 5182, looks it up).
+    /// Only routes Weft marked as its own (proto 87) in it are changed.
+    #[arg(
+        long,
+        env = "WEFT_ROUTE_TABLE",
+        default_value_t = weft_dataplane_core::routes::DEFAULT_ROUTE_TABLE,
+        value_parser = clap::value_parser!(u32).range(1..=0xffff_fffe)
+    )]
+    route_table: u32,
 }
 
 /// Parses `KEY=VALUE` (the controller checks the key and value).
@@ -92,6 +125,30 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
         .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
         .filter(|(k, _)| !k.is_empty())
         .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))
+}
+
+/// Parses `CIDR[:KEY=VALUE,...]`; the labels start at the first ':' after
+/// the prefix length (IPv6 addresses have colons of their own).
+fn parse_advertisement(s: &str) -> Result<pb::Workload, String> {
+    let slash = s
+        .find('/')
+        .ok_or_else(|| format!("{s:?} is not CIDR[:KEY=VALUE,...]: no prefix length"))?;
+    let (prefix, labels) = match s[slash..].find(':') {
+        Some(i) => (&s[..slash + i], &s[slash + i + 1..]),
+        None => (s, ""),
+    };
+    let net: ipnet::IpNet = prefix
+        .parse()
+        .map_err(|e| format!("{prefix:?} is not a CIDR ({e})"))?;
+    let labels = labels
+        .split(',')
+        .filter(|l| !l.trim().is_empty())
+        .map(parse_label)
+        .collect::<Result<_, _>>()?;
+    Ok(pb::Workload {
+        prefix: net.to_string(),
+        labels,
+    })
 }
 
 pub(crate) fn main(args: AgentArgs) -> Result<()> {
@@ -177,6 +234,13 @@ async fn run(args: AgentArgs) -> Result<()> {
         }
     };
     let counters_task = policy.clone().map(|p| tokio::spawn(log_policy_counters(p)));
+    let probes = if args.probe_port == 0 {
+        None
+    } else {
+        crate::probe::start(args.probe_port, tunnel.clone())
+            .inspect_err(|e| warn!(error = %format!("{e:#}"), "peer probes unavailable"))
+            .ok()
+    };
     let mut applier = Applier {
         tunnel: tunnel.clone(),
         netlink: Netlink::open()?,
@@ -186,6 +250,8 @@ async fn run(args: AgentArgs) -> Result<()> {
         state,
         policy,
         last_error: String::new(),
+        probes,
+        route_table: args.route_table,
     };
     if let Some(cfg) = applier.state.load_config()? {
         info!(
@@ -320,6 +386,10 @@ struct Applier {
     /// Why the last config from the controller was not applied (empty:
     /// it was).
     last_error: String,
+    /// Peer probe statistics; `None` when probing is off or failed to start.
+    probes: Option<crate::probe::SharedStats>,
+    /// Weft's routing table (workload prefixes of other nodes).
+    route_table: u32,
 }
 
 impl Applier {
@@ -340,6 +410,14 @@ impl Applier {
         }
         self.tunnel.apply(actions.clone()).await?;
         apply_peer_actions(&mut self.peers, &actions);
+        // Workload prefixes: forwarding on when this node routes for some,
+        // then the routes to other nodes' prefixes into the tunnel.
+        if cfg.forwarding {
+            crate::sysctl::enable_forwarding()?;
+        }
+        self.netlink
+            .apply_routes(&self.ifname, self.route_table, &cfg.routes)
+            .await?;
         if persist {
             self.state.save_config(&cfg)?;
         }
@@ -380,6 +458,20 @@ impl Applier {
             );
         }
         Ok(())
+    }
+
+    /// What a prompt report watches: verdict counts and peer reachability.
+    fn watched(&self) -> Watched {
+        let reachable = self
+            .probes
+            .as_ref()
+            .and_then(|p| p.lock().ok())
+            .map(|s| s.iter().map(|(k, v)| (*k, v.reachable)).collect())
+            .unwrap_or_default();
+        Watched {
+            verdicts: self.verdict_packets(),
+            reachable,
+        }
     }
 
     /// Packets per verdict, `None` without a policy datapath.
@@ -476,6 +568,7 @@ async fn session(
             known_revision: applier.revision(),
             endpoint: args.endpoint.map(|e| e.to_string()).unwrap_or_default(),
             listen_port: u32::from(args.listen_port),
+            advertise: args.advertise.clone(),
         })
         .await
         .map_err(|s| anyhow::anyhow!("watch refused: {}", s.message()))?
@@ -484,8 +577,8 @@ async fn session(
     info!(controller = %id.controller_url, "connected to the controller");
     let mut report_tick = tokio::time::interval(REPORT_INTERVAL);
     let mut counters_tick = tokio::time::interval(POLICY_COUNTERS_INTERVAL);
-    // Verdict packet counts as last reported.
-    let mut reported = None;
+    // What the last report said that triggers a prompt one on change.
+    let mut reported = Watched::default();
     loop {
         tokio::select! {
             msg = stream.message() => {
@@ -503,10 +596,11 @@ async fn session(
                 reported = report(&mut client, applier).await?;
             }
             _ = report_tick.tick() => reported = report(&mut client, applier).await?,
-            // Policy counters that moved are reported within a second, so
-            // `weftctl node get` shows drops as they happen.
+            // Policy counters that moved and peers whose reachability
+            // changed are reported within a second, so the controller (and
+            // `weftctl node get`) see drops and broken paths as they happen.
             _ = counters_tick.tick() => {
-                if applier.verdict_packets() != reported {
+                if applier.watched() != reported {
                     reported = report(&mut client, applier).await?;
                 }
             }
@@ -514,19 +608,40 @@ async fn session(
     }
 }
 
-/// Reports the applied revision, the last error, the peers and the policy
-/// counters; returns the verdict packet counts it reported.
+/// The parts of a report whose change triggers a prompt report.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+struct Watched {
+    /// Packets per policy verdict.
+    verdicts: Option<Vec<u64>>,
+    /// Peers the probes find reachable.
+    reachable: BTreeMap<Key, bool>,
+}
+
+/// Reports the applied revision, the last error, the peers (with their
+/// probes) and the policy counters; returns what it reported of
+/// [`Watched`].
 async fn report(
     client: &mut AgentServiceClient<tonic::transport::Channel>,
     applier: &Applier,
-) -> Result<Option<Vec<u64>>> {
-    let counted = applier.verdict_packets();
+) -> Result<Watched> {
+    let counted = applier.watched();
+    let probed = applier
+        .probes
+        .as_ref()
+        .and_then(|p| p.lock().ok().map(|s| s.clone()))
+        .unwrap_or_default();
     let peers = applier
         .tunnel
         .peers()
         .await?
         .into_iter()
         .map(|p| pb::PeerStatus {
+            probe: probed.get(&p.public_key).map(|s| pb::PeerProbe {
+                rtt_us: s.rtt_us.unwrap_or(0),
+                loss_permille: s.loss_permille,
+                reachable: s.reachable,
+                samples: s.samples,
+            }),
             public_key: p.public_key.0.to_vec(),
             last_handshake_unix: p
                 .last_handshake
@@ -548,4 +663,30 @@ async fn report(
         .await
         .map_err(|s| anyhow::anyhow!("report refused: {}", s.message()))?;
     Ok(counted)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn advertisements_parse_with_and_without_labels() {
+        let w = parse_advertisement("100.100.2.0/24:app=pg,tier=db").expect("valid");
+        assert_eq!(w.prefix, "100.100.2.0/24");
+        assert_eq!(w.labels.len(), 2);
+        assert_eq!(w.labels.get("app").map(String::as_str), Some("pg"));
+        let w = parse_advertisement("fd00:beef:2::/64:app=pg").expect("valid");
+        assert_eq!(w.prefix, "fd00:beef:2::/64");
+        assert_eq!(w.labels.get("app").map(String::as_str), Some("pg"));
+        let w = parse_advertisement("fd00:beef:2::/64").expect("valid");
+        assert!(w.labels.is_empty());
+        for bad in [
+            "100.100.2.0",
+            "100.100.2.0/33",
+            "fd00:beef:2::/64:app",
+            "x/24",
+        ] {
+            assert!(parse_advertisement(bad).is_err(), "{bad} must be refused");
+        }
+    }
 }

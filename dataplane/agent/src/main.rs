@@ -9,7 +9,9 @@ mod agent;
 mod bpf;
 mod enrol;
 mod netlink;
+mod probe;
 mod state;
+mod sysctl;
 mod tunnel;
 mod wg;
 

@@ -1,16 +1,28 @@
-//! Interface addresses and link state through rtnetlink, applied by diff.
-//! One netlink handle for the whole agent (the kernel answers EBUSY to a
-//! second concurrent dump on one socket).
+//! Interface addresses, link state, and routes to workload prefixes (in
+//! Weft's own routing table, with one rule per family) through rtnetlink,
+//! applied by diff. One netlink handle for the whole agent (the kernel
+//! answers EBUSY to a second concurrent dump on one socket).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use anyhow::{Context, Result, anyhow};
 use futures::TryStreamExt as _;
 use ipnet::IpNet;
+use netlink_packet_route::AddressFamily;
 use netlink_packet_route::address::AddressAttribute;
-use rtnetlink::{AddressMessageBuilder, Handle, LinkUnspec};
+use netlink_packet_route::route::{
+    RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope,
+};
+use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
+use rtnetlink::{AddressMessageBuilder, Handle, IpVersion, LinkUnspec, RouteMessageBuilder};
 use tracing::info;
 use weft_dataplane_core::plan::{AddressAction, plan_addresses};
+use weft_dataplane_core::routes::{
+    Family, ROUTE_PROTOCOL, RULE_PRIORITY, RouteAction, RouteState, desired_state, plan_routes,
+};
+
+/// `header.table` of a route or rule whose table id is in an attribute.
+const RT_TABLE_COMPAT: u8 = 252;
 
 /// The agent's netlink handle.
 #[derive(Debug, Clone)]
@@ -131,6 +143,217 @@ impl Netlink {
         }
         Ok(())
     }
+}
+
+impl Netlink {
+    /// Weft's routes (in `table`, marked with [`ROUTE_PROTOCOL`], out of
+    /// `ifname`) and rules ([`RULE_PRIORITY`], looking up `table`) as they
+    /// are in the kernel; everything else is ignored.
+    pub(crate) async fn weft_routes(&self, ifname: &str, table: u32) -> Result<RouteState> {
+        let index = self.link_index(ifname).await?;
+        let mut state = RouteState::default();
+        for query in [
+            RouteMessageBuilder::<Ipv4Addr>::new().build(),
+            RouteMessageBuilder::<Ipv6Addr>::new().build(),
+        ] {
+            let mut stream = self.handle.route().get(query).execute();
+            while let Some(msg) = stream.try_next().await.context("listing routes")? {
+                if route_table(&msg) != table
+                    || msg.header.protocol != RouteProtocol::Other(ROUTE_PROTOCOL)
+                    || !msg.attributes.contains(&RouteAttribute::Oif(index))
+                {
+                    continue;
+                }
+                let dst = msg.attributes.iter().find_map(|a| {
+                    if let RouteAttribute::Destination(d) = a {
+                        route_address(d)
+                    } else {
+                        None
+                    }
+                });
+                if let Some(net) =
+                    dst.and_then(|a| IpNet::new(a, msg.header.destination_prefix_length).ok())
+                {
+                    state.routes.insert(net);
+                }
+            }
+        }
+        for (version, family) in [(IpVersion::V4, Family::V4), (IpVersion::V6, Family::V6)] {
+            let mut stream = self.handle.rule().get(version).execute();
+            while let Some(msg) = stream.try_next().await.context("listing rules")? {
+                if is_weft_rule(&msg, table) {
+                    state.rules.insert(family);
+                }
+            }
+        }
+        Ok(state)
+    }
+
+    /// Brings Weft's routes into `ifname` in `table`, and the rules looking
+    /// it up, to exactly `routes` by diff. Idempotent; routes and rules
+    /// Weft did not create are never touched.
+    pub(crate) async fn apply_routes(
+        &self,
+        ifname: &str,
+        table: u32,
+        routes: &[IpNet],
+    ) -> Result<()> {
+        let index = self.link_index(ifname).await?;
+        let observed = self.weft_routes(ifname, table).await?;
+        for action in plan_routes(&desired_state(routes), &observed) {
+            match action {
+                RouteAction::AddRule(family) => {
+                    let add = self
+                        .handle
+                        .rule()
+                        .add()
+                        .table_id(table)
+                        .priority(RULE_PRIORITY)
+                        .action(RuleAction::ToTable);
+                    let r = match family {
+                        Family::V4 => add.v4().execute().await,
+                        Family::V6 => add.v6().execute().await,
+                    };
+                    match r {
+                        Ok(()) => {
+                            info!(
+                                ?family,
+                                table,
+                                priority = RULE_PRIORITY,
+                                "routing rule added"
+                            );
+                        }
+                        Err(e) if is_errno(&e, libc::EEXIST) => {}
+                        Err(e) => {
+                            return Err(e).with_context(|| {
+                                format!("adding the {family:?} rule for table {table}")
+                            });
+                        }
+                    }
+                }
+                RouteAction::RemoveRule(family) => {
+                    let mut msg = RuleMessage::default();
+                    msg.header.family = match family {
+                        Family::V4 => AddressFamily::Inet,
+                        Family::V6 => AddressFamily::Inet6,
+                    };
+                    msg.header.action = RuleAction::ToTable;
+                    msg.header.table = RT_TABLE_COMPAT;
+                    msg.attributes.push(RuleAttribute::Table(table));
+                    msg.attributes.push(RuleAttribute::Priority(RULE_PRIORITY));
+                    match self.handle.rule().del(msg).execute().await {
+                        Ok(()) => info!(?family, table, "routing rule removed"),
+                        Err(e) if is_errno(&e, libc::ENOENT) => {}
+                        Err(e) => {
+                            return Err(e).with_context(|| {
+                                format!("removing the {family:?} rule for table {table}")
+                            });
+                        }
+                    }
+                }
+                RouteAction::AddRoute(net) => {
+                    match self
+                        .handle
+                        .route()
+                        .add(route_message(net, index, table))
+                        .execute()
+                        .await
+                    {
+                        Ok(()) => info!(route = %net, interface = ifname, table, "route added"),
+                        Err(e) if is_errno(&e, libc::EEXIST) => {}
+                        Err(e) => {
+                            return Err(e).with_context(|| {
+                                format!("adding the route {net} via {ifname} to table {table}")
+                            });
+                        }
+                    }
+                }
+                RouteAction::RemoveRoute(net) => {
+                    match self
+                        .handle
+                        .route()
+                        .del(route_message(net, index, table))
+                        .execute()
+                        .await
+                    {
+                        Ok(()) => info!(route = %net, interface = ifname, table, "route removed"),
+                        Err(e) if is_errno(&e, libc::ESRCH) || is_errno(&e, libc::ENOENT) => {}
+                        Err(e) => {
+                            return Err(e).with_context(|| {
+                                format!("removing the route {net} from table {table}")
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A route of `net` out of interface `index` in `table`, marked as Weft's.
+fn route_message(net: IpNet, index: u32, table: u32) -> RouteMessage {
+    let protocol = RouteProtocol::Other(ROUTE_PROTOCOL);
+    match net {
+        IpNet::V4(n) => RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(n.network(), n.prefix_len())
+            .output_interface(index)
+            .table_id(table)
+            .protocol(protocol)
+            .scope(RouteScope::Link)
+            .build(),
+        IpNet::V6(n) => RouteMessageBuilder::<Ipv6Addr>::new()
+            .destination_prefix(n.network(), n.prefix_len())
+            .output_interface(index)
+            .table_id(table)
+            .protocol(protocol)
+            .build(),
+    }
+}
+
+/// An IP address of a route attribute.
+fn route_address(a: &RouteAddress) -> Option<IpAddr> {
+    if let RouteAddress::Inet(v4) = a {
+        Some(IpAddr::V4(*v4))
+    } else if let RouteAddress::Inet6(v6) = a {
+        Some(IpAddr::V6(*v6))
+    } else {
+        None
+    }
+}
+
+/// The table of a route: the attribute if present, else the header's.
+fn route_table(msg: &RouteMessage) -> u32 {
+    msg.attributes
+        .iter()
+        .find_map(|a| {
+            if let RouteAttribute::Table(t) = a {
+                Some(*t)
+            } else {
+                None
+            }
+        })
+        .unwrap_or(u32::from(msg.header.table))
+}
+
+/// Whether a rule is Weft's: our priority, looking up our table.
+fn is_weft_rule(msg: &RuleMessage, table: u32) -> bool {
+    let rule_table = msg
+        .attributes
+        .iter()
+        .find_map(|a| {
+            if let RuleAttribute::Table(t) = a {
+                Some(*t)
+            } else {
+                None
+            }
+        })
+        .unwrap_or(u32::from(msg.header.table));
+    rule_table == table
+        && msg.header.action == RuleAction::ToTable
+        && msg
+            .attributes
+            .contains(&RuleAttribute::Priority(RULE_PRIORITY))
 }
 
 fn is_errno(e: &rtnetlink::Error, errno: i32) -> bool {

@@ -31,6 +31,15 @@ pub struct NodeConfig {
     /// configs persisted before policy existed still load.
     #[serde(default)]
     pub policy: PolicyInput,
+    /// Workload prefixes other nodes advertise, reachable through the
+    /// overlay: the agent routes them into the tunnel in Weft's own
+    /// routing table. Defaults to none (configs persisted before them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<IpNet>,
+    /// This node advertises workload prefixes and must forward packets
+    /// between the overlay and them (IPv4 and IPv6 forwarding on).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub forwarding: bool,
 }
 
 /// One WireGuard peer of a node.
@@ -57,6 +66,7 @@ mod tests {
             "addresses":["100.64.0.1/10"],"mtu":1420,"peers":{}}"#;
         let cfg: NodeConfig = serde_json::from_str(json).expect("old config loads");
         assert_eq!(cfg.policy, PolicyInput::default());
+        assert!(cfg.routes.is_empty() && !cfg.forwarding);
         let again: NodeConfig =
             serde_json::from_str(&serde_json::to_string(&cfg).expect("serializes"))
                 .expect("round trips");

@@ -2,12 +2,15 @@
 //!
 //! No clock, no sockets, no files: the desired configuration of a node
 //! ([`config::NodeConfig`]), and the plans that turn an observed state into
-//! the desired one ([`plan`]). The agent crate carries the plans out.
+//! the desired one ([`plan`], [`routes`] for workload prefixes), and peer-probe statistics ([`probe`]). The
+//! agent crate carries the plans out.
 
 pub mod config;
 pub mod key;
 pub mod plan;
 pub mod policy_maps;
+pub mod probe;
+pub mod routes;
 
 pub use config::{NodeConfig, PeerConfig};
 pub use key::{Key, KeyError};
