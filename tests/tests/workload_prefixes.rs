@@ -77,6 +77,19 @@ fn connects(lab: &Lab, from: &str, to: IpAddr, port: u16, timeout: Duration) -> 
         .success()
 }
 
+/// One TCP connect from `from`, with source address `src`.
+fn connects_from(lab: &Lab, from: &str, src: IpAddr, to: IpAddr, port: u16) -> bool {
+    let (src, to, port) = (src.to_string(), to.to_string(), port.to_string());
+    lab.exec(
+        from,
+        &[
+            "timeout", "1.5", "nc", "-z", "-w", "1", "-s", &src, &to, &port,
+        ],
+    )
+    .status
+    .success()
+}
+
 fn stdout(lab: &Lab, ns: &str, script: &str) -> String {
     let out = lab.sh(ns, script);
     String::from_utf8_lossy(&out.stdout).into_owned()
@@ -155,7 +168,17 @@ fn workload_prefixes() {
     // IPv4 by weftctl, IPv6 by the agent's flag.
     let out = lab.weftctl_ok(&["node", "advertise", "b1", PREFIX_V4, "--label", "app=pg"]);
     assert!(out.contains(PREFIX_V4), "advertise output: {out}");
-    lab.set_agent_extra_args("b1", &["--advertise", &format!("{PREFIX_V6}:app=pg")]);
+    // b1 also governs its workload interface, so its own traffic to the
+    // workload meets the policy.
+    lab.set_agent_extra_args(
+        "b1",
+        &[
+            "--advertise",
+            &format!("{PREFIX_V6}:app=pg"),
+            "--workload-interface",
+            "w-pg",
+        ],
+    );
     lab.kill_agent("b1", Signal::SIGTERM);
     lab.start_agent("b1");
     lab.wait_until(
@@ -311,8 +334,27 @@ fn workload_prefixes() {
         rules.get("pg/ingress[0]").copied().unwrap_or(0) > 0,
         "b1 counts the allowed packets under pg/ingress[0]: {rules:?}"
     );
-    // Nodes themselves stay open: the node's labels did not leak onto it.
+    // Traffic from b1 itself to its workload is judged on the workload
+    // interface: dropped while b1 is not role=web, allowed once it is.
     let (b1_v4, _) = lab.node_addresses("b1");
+    let b1_src = IpAddr::V4(b1_v4);
+    assert!(
+        !connects_from(&lab, "b1", b1_src, wl4, 5432),
+        "b1 (not role=web) -> its workload TCP 5432 must be dropped on w-pg"
+    );
+    lab.weftctl_ok(&["node", "label", "b1", "role=web"]);
+    lab.wait_until(
+        Duration::from_secs(10),
+        "b1 (now role=web) -> its workload TCP 5432 to connect",
+        || connects_from(&lab, "b1", b1_src, wl4, 5432),
+    );
+    lab.weftctl_ok(&["node", "label", "b1", "role-"]);
+    lab.wait_until(
+        Duration::from_secs(10),
+        "b1 (role removed) -> its workload TCP 5432 to be dropped again",
+        || !connects_from(&lab, "b1", b1_src, wl4, 5432),
+    );
+    // Nodes themselves stay open: the node's labels did not leak onto it.
     assert!(
         lab.ping_once("c1", IpAddr::V4(b1_v4), 2000),
         "b1 itself is not governed by the workload's policy"

@@ -69,6 +69,14 @@ pub(crate) struct AgentArgs {
     #[arg(long, env = "WEFT_PROBE_PORT", default_value_t = crate::probe::DEFAULT_PORT)]
     probe_port: u16,
 
+    /// Node-side interface leading to workloads (a veth or bridge port);
+    /// repeatable. The policy classifiers are attached to it too, so
+    /// traffic from this node (and its other workloads) to the workloads
+    /// is governed, not only traffic arriving through the tunnel. The agent
+    /// refuses to start if the interface does not exist.
+    #[arg(long = "workload-interface", value_name = "IFNAME")]
+    workload_interfaces: Vec<String>,
+
     /// Underlay endpoint IP:PORT to advertise to peers (default: the address
     /// the controller sees this agent connect from, with --listen-port).
     #[arg(long, env = "WEFT_ENDPOINT")]
@@ -234,6 +242,17 @@ async fn run(args: AgentArgs) -> Result<()> {
         }
     };
     let counters_task = policy.clone().map(|p| tokio::spawn(log_policy_counters(p)));
+    let mut workload_policy = Vec::new();
+    for ifname in &args.workload_interfaces {
+        let mut datapath = PolicyDatapath::load(LinkLayer::Ethernet).with_context(|| {
+            format!("loading the policy classifiers for workload interface {ifname}")
+        })?;
+        datapath
+            .attach_workload(ifname, tunnel.ifname())
+            .with_context(|| format!("workload interface {ifname}"))?;
+        info!(ifname = %ifname, "eBPF policy datapath attached to a workload interface");
+        workload_policy.push(datapath);
+    }
     let probes = if args.probe_port == 0 {
         None
     } else {
@@ -252,6 +271,7 @@ async fn run(args: AgentArgs) -> Result<()> {
         last_error: String::new(),
         probes,
         route_table: args.route_table,
+        workload_policy,
     };
     if let Some(cfg) = applier.state.load_config()? {
         info!(
@@ -388,6 +408,9 @@ struct Applier {
     last_error: String,
     /// Peer probe statistics; `None` when probing is off or failed to start.
     probes: Option<crate::probe::SharedStats>,
+    /// The policy datapaths of workload interfaces, kept equal to the main
+    /// one's maps.
+    workload_policy: Vec<PolicyDatapath>,
     /// Weft's routing table (workload prefixes of other nodes).
     route_table: u32,
 }
@@ -430,6 +453,11 @@ impl Applier {
     fn apply_policy(&mut self, cfg: &NodeConfig) -> Result<()> {
         let maps = policy_maps::lower(&cfg.policy)
             .with_context(|| format!("revision {}: invalid policy", cfg.revision))?;
+        for datapath in &mut self.workload_policy {
+            datapath
+                .sync(&maps)
+                .context("updating a workload interface's policy maps")?;
+        }
         let Some(policy) = &self.policy else {
             if cfg.policy.governed.is_empty() {
                 return Ok(());
@@ -477,15 +505,33 @@ impl Applier {
     /// Packets per verdict, `None` without a policy datapath.
     fn verdict_packets(&self) -> Option<Vec<u64>> {
         let policy = self.policy.as_ref()?.lock().ok()?;
-        let verdicts = policy.verdict_counters().ok()?;
-        Some(verdicts.iter().map(|c| c.packets).collect())
+        let mut packets: Vec<u64> = policy
+            .verdict_counters()
+            .ok()?
+            .iter()
+            .map(|c| c.packets)
+            .collect();
+        for datapath in &self.workload_policy {
+            for (total, c) in packets.iter_mut().zip(datapath.verdict_counters().ok()?) {
+                *total = total.wrapping_add(c.packets);
+            }
+        }
+        Some(packets)
     }
 
     /// The policy datapath's counters, with the applied policy's rule
     /// names; `None` without a policy datapath.
     fn policy_status(&self) -> Option<pb::PolicyStatus> {
         let policy = self.policy.as_ref()?.lock().ok()?;
-        let counters = match policy.counters() {
+        // The TUN device's and every workload interface's: a packet is
+        // judged (and counted) at one of them only.
+        let counters = std::iter::once(&*policy)
+            .chain(self.workload_policy.iter())
+            .map(PolicyDatapath::counters)
+            .try_fold(crate::bpf::policy::PolicyCounters::default(), |total, c| {
+                c.map(|c| total.merge(&c))
+            });
+        let counters = match counters {
             Ok(c) => c,
             Err(e) => {
                 warn!(error = %format!("{e:#}"), "reading the policy counters failed");

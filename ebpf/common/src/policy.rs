@@ -61,8 +61,13 @@ pub const CONFIG_L3_OFFSET: u32 = 0;
 /// Slot of [`CONFIG_MAP`]: the active epoch (0 or 1) of the ipcache, policy
 /// and governed maps.
 pub const CONFIG_EPOCH: u32 = 1;
+/// Slot of [`CONFIG_MAP`]: an interface index (0: none). The enforcing
+/// classifier passes, without a lookup or a count, a packet that entered
+/// the node through this interface: on a workload interface, traffic from
+/// the TUN device, which the TUN device's own classifier already judged.
+pub const CONFIG_SKIP_INGRESS_IFINDEX: u32 = 2;
 /// Number of slots of [`CONFIG_MAP`].
-pub const CONFIG_SLOTS: u32 = 2;
+pub const CONFIG_SLOTS: u32 = 3;
 /// Number of epochs (copies of the policy maps).
 pub const EPOCHS: u32 = 2;
 

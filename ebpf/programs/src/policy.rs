@@ -41,7 +41,7 @@ use aya_ebpf::{
 use weft_ebpf_common::{
     Counters,
     policy::{
-        CONFIG_EPOCH, CONFIG_L3_OFFSET, CONFIG_SLOTS, CONNTRACK_MAX_ENTRIES, CT_INBOUND,
+        CONFIG_EPOCH, CONFIG_L3_OFFSET, CONFIG_SKIP_INGRESS_IFINDEX, CONFIG_SLOTS, CONNTRACK_MAX_ENTRIES, CT_INBOUND,
         CT_OUTBOUND, CT_REFRESH_NS, CT_REVOKED, CtKey, CtValue, GOVERNED_MAX_ENTRIES, GovernedKey,
         IPCACHE_MAX_ENTRIES, IpcacheKey, POLICY_MAX_ENTRIES, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP,
         PROTO_UDP, PolicyKey, PolicyValue, PolicyVerdict, RULE_COUNTER_SLOTS, VERDICT_ALLOW,
@@ -98,9 +98,13 @@ enum Error {
     Unparsable,
 }
 
-/// Enforces policy on what enters the kernel from the device.
+/// Enforces policy on what enters the kernel from the device (on a
+/// workload interface, attached to egress: what goes to the workload).
 #[classifier]
 fn weft_policy_ingress(ctx: TcContext) -> i32 {
+    if judged_elsewhere(&ctx) {
+        return TC_ACT_UNSPEC;
+    }
     let verdict = match try_ingress(&ctx) {
         Ok(verdict) => verdict,
         Err(Error::NoConfig | Error::Unparsable) => PolicyVerdict::Unparsable,
@@ -120,6 +124,18 @@ fn weft_policy_egress(ctx: TcContext) -> i32 {
         ctx.len(),
     );
     TC_ACT_UNSPEC
+}
+
+/// Whether the packet entered the node through the interface the loader
+/// named in `CONFIG_SKIP_INGRESS_IFINDEX` (whose classifier judged it).
+#[inline(always)]
+fn judged_elsewhere(ctx: &TcContext) -> bool {
+    let Ok(skip) = config(CONFIG_SKIP_INGRESS_IFINDEX) else {
+        return false;
+    };
+    // SAFETY: `skb` is the context the kernel passed to this program,
+    // valid while it runs; `ingress_ifindex` is a readable field.
+    skip != 0 && unsafe { (*ctx.skb.skb).ingress_ifindex } == skip
 }
 
 #[inline(always)]

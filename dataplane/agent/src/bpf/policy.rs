@@ -31,10 +31,10 @@ use weft_dataplane_core::policy_maps::{
 };
 use weft_ebpf_common::Counters;
 use weft_ebpf_common::policy::{
-    CONFIG_EPOCH, CONFIG_L3_OFFSET, CONFIG_MAP, CONNTRACK_MAP, CT_INBOUND, CT_REVOKED, CtKey,
-    CtValue, GOVERNED, GOVERNED_MAP, GovernedKey, IPCACHE_MAP, IpcacheKey, POLICY_EGRESS_PROGRAM,
-    POLICY_INGRESS_PROGRAM, POLICY_MAP, PROTO_ICMP, PolicyKey, PolicyValue, PolicyVerdict,
-    RULE_COUNTERS_MAP, VERDICT_COUNTERS_MAP,
+    CONFIG_EPOCH, CONFIG_L3_OFFSET, CONFIG_MAP, CONFIG_SKIP_INGRESS_IFINDEX, CONNTRACK_MAP,
+    CT_INBOUND, CT_REVOKED, CtKey, CtValue, GOVERNED, GOVERNED_MAP, GovernedKey, IPCACHE_MAP,
+    IpcacheKey, POLICY_EGRESS_PROGRAM, POLICY_INGRESS_PROGRAM, POLICY_MAP, PROTO_ICMP, PolicyKey,
+    PolicyValue, PolicyVerdict, RULE_COUNTERS_MAP, VERDICT_COUNTERS_MAP,
 };
 
 use super::{OBJECT, classifier, tcx_supported};
@@ -100,6 +100,19 @@ pub(crate) struct PolicyCounters {
 }
 
 impl PolicyCounters {
+    /// The sum of two sets of counters (of two datapaths).
+    #[must_use]
+    pub(crate) fn merge(mut self, other: &PolicyCounters) -> PolicyCounters {
+        for (total, c) in self.verdicts.iter_mut().zip(other.verdicts) {
+            *total = total.merge(c);
+        }
+        for (rule, c) in &other.rules {
+            let total = self.rules.entry(*rule).or_default();
+            *total = total.merge(*c);
+        }
+        self
+    }
+
     /// The counter of one verdict.
     pub(crate) fn verdict(&self, verdict: PolicyVerdict) -> Counters {
         self.verdicts[verdict.index() as usize]
@@ -131,6 +144,36 @@ impl PolicyDatapath {
             epochs: [PolicyMaps::default(), PolicyMaps::default()],
             active: 0,
         })
+    }
+
+    /// Attaches the classifiers to a workload interface: the node-side end
+    /// of a link to workloads (a veth, a bridge port). What the node sends
+    /// the workloads leaves through it, so the enforcing classifier goes on
+    /// its egress and the tracking one on its ingress. Packets that came in
+    /// through `judged_by` (the TUN device, whose classifier already
+    /// enforced the policy on them) pass without a second lookup or count.
+    pub(crate) fn attach_workload(&mut self, ifname: &str, judged_by: &str) -> anyhow::Result<()> {
+        let skip = if_index(judged_by)?;
+        let mut config: Array<&mut MapData, u32> =
+            Array::try_from(map_mut(&mut self.ebpf, CONFIG_MAP)?)
+                .with_context(|| format!("{CONFIG_MAP} is not an array of u32"))?;
+        config
+            .set(CONFIG_SKIP_INGRESS_IFINDEX, skip, 0)
+            .with_context(|| format!("setting {CONFIG_MAP}[skip ingress ifindex]"))?;
+        if !tcx_supported()
+            && let Err(e) = tc::qdisc_add_clsact(ifname)
+        {
+            tracing::debug!(ifname, error = %e, "adding clsact qdisc");
+        }
+        for (program, hook) in [
+            (POLICY_INGRESS_PROGRAM, TcAttachType::Egress),
+            (POLICY_EGRESS_PROGRAM, TcAttachType::Ingress),
+        ] {
+            classifier(&mut self.ebpf, program)?
+                .attach(ifname, hook)
+                .with_context(|| format!("attaching {program} to {ifname} {hook:?}"))?;
+        }
+        Ok(())
     }
 
     /// Attaches both classifiers to `ifname` (in the calling thread's
@@ -335,6 +378,21 @@ impl PolicyDatapath {
     fn ebpf_mut(&mut self) -> &mut Ebpf {
         &mut self.ebpf
     }
+}
+
+/// The index of interface `ifname` in this network namespace.
+#[allow(unsafe_code)] // if_nametoindex(3)
+fn if_index(ifname: &str) -> anyhow::Result<u32> {
+    let name = std::ffi::CString::new(ifname)
+        .with_context(|| format!("interface name {ifname:?} contains a NUL byte"))?;
+    // SAFETY: `name` is a valid NUL-terminated string for the call.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    anyhow::ensure!(
+        index != 0,
+        "interface {ifname:?} not found: {}",
+        std::io::Error::last_os_error()
+    );
+    Ok(index)
 }
 
 fn map_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut aya::maps::Map> {
