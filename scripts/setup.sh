@@ -64,7 +64,24 @@ install_ebpf_toolchain() {
   "$ROOT/scripts/setup-ebpf.sh"
 }
 
+# bench/overlay.sh compares the tunnel with boringtun-cli (built from
+# crates.io) and wireguard-go; `--perf` uses perf. Only with `setup.sh bench`.
+install_bench_tools() {
+  PACKAGES=(linux-perf)
+  install_packages
+  local bt="${CARGO_HOME:-$HOME/.cargo}/bin/boringtun-cli"
+  if [ -x "$bt" ] && "$bt" --version 2>/dev/null | grep -q '0\.7\.1'; then
+    log "boringtun-cli 0.7.1: present"
+  else
+    log "installing boringtun-cli 0.7.1"
+    cargo install boringtun-cli --version 0.7.1 --locked
+  fi
+}
+
 install_packages
 install_rust
 install_ebpf_toolchain
+if [ "${1:-}" = bench ]; then
+  install_bench_tools
+fi
 log "done"

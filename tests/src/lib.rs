@@ -11,6 +11,7 @@ pub mod matrix;
 pub mod netns;
 pub mod process;
 pub mod wan_delay;
+pub mod wgnet;
 
 use std::time::{Duration, Instant};
 

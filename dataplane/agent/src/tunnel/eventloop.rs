@@ -1,93 +1,45 @@
 //! The tunnel task: one `tokio::select!` over the TUN device, the UDP
 //! socket, a timer tick and the command channel. It owns all state, so the
 //! packet path takes no locks; buffers are allocated once.
+//!
+//! Outbound, each wake-up reads TUN packets (TCP super-segments of up to
+//! 64 KB with offload), cuts them into MTU-sized segments, encrypts them
+//! into one send buffer and sends it with a few `sendmmsg` calls carrying
+//! UDP GSO messages. Inbound, `recvmmsg` with UDP GRO returns many
+//! datagrams per call; decrypted TCP segments of one flow are joined into
+//! one super-packet per TUN write.
 
 use std::io;
-use std::net::{Ipv6Addr, SocketAddr, SocketAddrV6};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::{Packet, Tunn, TunnResult};
-use socket2::{Domain, Protocol, Socket, Type};
-use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot};
 use weft_dataplane_core::Key;
 use weft_dataplane_core::plan::PeerAction;
 
 use super::Command;
+use super::offload::{
+    Coalescer, F_NEEDS_CSUM, GSO_NONE, TsoPlan, VNET_HDR_LEN, VnetHdr, complete_checksum,
+};
 use super::peers::{Peers, normalise};
 use super::tun::Tun;
 use super::uapi::{self, Request, SetRequest};
+pub(crate) use super::udp::Udp;
+use super::udp::{RecvBatch, SendBatch};
 
 /// Timer resolution of boringtun's `update_timers` is a second; 250 ms
 /// keeps handshake retries and keepalives punctual enough.
 const TICK: Duration = Duration::from_millis(250);
-/// Packets handled per wake-up before the loop looks at the other sources.
-const BATCH: usize = 64;
-/// Large enough for any datagram or TUN packet.
-const BUF_SIZE: usize = 65_536 + 64;
-/// Socket buffers: absorb bursts instead of dropping them.
-const SOCKET_BUFFER: usize = 4 << 20;
+/// TUN reads per wake-up before the loop looks at the other sources.
+const TUN_BATCH: usize = 64;
+/// `recvmmsg` calls per wake-up before the loop looks at the other sources.
+const UDP_BATCH: usize = 8;
+/// Large enough for any TUN packet (vnet header + 64 KB) or datagram.
+const BUF_SIZE: usize = VNET_HDR_LEN + 65_536 + 64;
 /// WireGuard message type of a cookie reply (not an authenticated packet).
 const COOKIE_REPLY: u8 = 3;
-
-/// Our UDP socket: dual-stack `[::]:port` when IPv6 exists, else IPv4.
-#[derive(Debug)]
-pub(crate) struct Udp {
-    sock: UdpSocket,
-    v6: bool,
-    port: u16,
-}
-
-impl Udp {
-    /// Binds `port` (0: random) on all addresses. Call inside a runtime.
-    pub(crate) fn bind(port: u16) -> io::Result<Udp> {
-        let (sock, v6) = match Self::socket(Domain::IPV6, port) {
-            Ok(s) => (s, true),
-            Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => {
-                (Self::socket(Domain::IPV4, port)?, false)
-            }
-            Err(e) => return Err(e),
-        };
-        let sock = UdpSocket::from_std(sock.into())?;
-        let port = sock.local_addr()?.port();
-        Ok(Udp { sock, v6, port })
-    }
-
-    fn socket(domain: Domain, port: u16) -> io::Result<Socket> {
-        let s = Socket::new(domain, Type::DGRAM.cloexec(), Some(Protocol::UDP))?;
-        let addr = if domain == Domain::IPV6 {
-            // IPv4 peers arrive as ::ffff:a.b.c.d on the same socket.
-            s.set_only_v6(false)?;
-            SocketAddr::from((Ipv6Addr::UNSPECIFIED, port))
-        } else {
-            SocketAddr::from(([0, 0, 0, 0], port))
-        };
-        // Best effort: the kernel caps them at rmem_max/wmem_max.
-        let _ = s.set_recv_buffer_size(SOCKET_BUFFER);
-        let _ = s.set_send_buffer_size(SOCKET_BUFFER);
-        s.set_nonblocking(true)?;
-        s.bind(&addr.into())?;
-        Ok(s)
-    }
-
-    pub(crate) fn port(&self) -> u16 {
-        self.port
-    }
-
-    /// Sends one datagram; errors are logged, not returned (UDP is lossy).
-    async fn send(&self, buf: &[u8], to: SocketAddr) {
-        let to = match to {
-            SocketAddr::V4(a) if self.v6 => {
-                SocketAddr::V6(SocketAddrV6::new(a.ip().to_ipv6_mapped(), a.port(), 0, 0))
-            }
-            other @ (SocketAddr::V4(_) | SocketAddr::V6(_)) => other,
-        };
-        if let Err(e) = self.sock.send_to(buf, to).await {
-            tracing::debug!(to = %to, error = %e, "UDP send failed");
-        }
-    }
-}
 
 /// All tunnel state, owned by the tunnel task.
 #[derive(Debug)]
@@ -96,8 +48,15 @@ pub(crate) struct Engine {
     udp: Udp,
     peers: Peers,
     fwmark: u32,
-    src: Vec<u8>,
+    /// One packet read from the TUN device, vnet header first.
+    tun_buf: Vec<u8>,
+    /// A segment to encrypt, or a decrypted packet.
+    scratch: Vec<u8>,
+    /// Handshake and timer messages.
     dst: Vec<u8>,
+    rx: RecvBatch,
+    tx: SendBatch,
+    gro: Coalescer,
 }
 
 impl Engine {
@@ -107,8 +66,12 @@ impl Engine {
             udp,
             peers: Peers::new(private_key, rand::random::<u32>()),
             fwmark: 0,
-            src: vec![0; BUF_SIZE],
+            tun_buf: vec![0; BUF_SIZE],
+            scratch: vec![0; BUF_SIZE],
             dst: vec![0; BUF_SIZE],
+            rx: RecvBatch::default(),
+            tx: SendBatch::default(),
+            gro: Coalescer::default(),
         }
     }
 
@@ -130,7 +93,7 @@ impl Engine {
                         break None;
                     }
                 }
-                r = self.udp.sock.readable() => match r {
+                r = self.udp.readable() => match r {
                     Ok(()) => self.handle_udp().await,
                     Err(e) => tracing::warn!(error = %e, "UDP socket poll failed"),
                 },
@@ -233,127 +196,123 @@ impl Engine {
         Ok(())
     }
 
-    /// Packets from the TUN device: route, encrypt, send.
+    /// Packets from the TUN device: route, segment, encrypt, send.
     async fn handle_tun(&mut self) -> io::Result<()> {
-        let Engine {
-            tun,
-            udp,
-            peers,
-            src,
-            dst,
-            ..
-        } = self;
-        for _ in 0..BATCH {
-            let n = match tun.try_read(src) {
+        for _ in 0..TUN_BATCH {
+            let n = match self.tun.try_read(&mut self.tun_buf) {
                 Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             };
-            let packet = &src[..n];
-            let Some(slot) = Tunn::dst_address(packet).and_then(|ip| peers.route(ip)) else {
-                continue;
-            };
-            let Some((peer, _)) = peers.get_mut(slot) else {
-                continue;
-            };
-            let Some(tunn) = peer.tunn.as_mut() else {
-                continue; // no private key yet
-            };
-            match tunn.encapsulate(packet, dst) {
-                TunnResult::WriteToNetwork(out) => {
-                    if let Some(ep) = peer.endpoint {
-                        peer.tx_bytes += out.len() as u64;
-                        udp.send(out, ep).await;
-                    }
-                }
-                TunnResult::Err(e) => {
-                    tracing::debug!(peer = %peer.public_key, error = ?e, "encapsulate failed")
-                }
-                TunnResult::Done
-                | TunnResult::WriteToTunnelV4(..)
-                | TunnResult::WriteToTunnelV6(..) => {}
-            }
+            self.encrypt_tun_packet(n).await;
+        }
+        if !self.tx.is_empty() {
+            self.udp.send_batch(&mut self.tx).await;
         }
         Ok(())
     }
 
-    /// Datagrams from the network: find the peer, decrypt, check, deliver.
-    async fn handle_udp(&mut self) {
+    /// Encrypts the `n` bytes in `tun_buf` (a vnet header and a packet,
+    /// maybe a TCP super-segment) into the send batch.
+    async fn encrypt_tun_packet(&mut self, n: usize) {
         let Engine {
-            tun,
             udp,
             peers,
-            src,
-            dst,
+            tun_buf,
+            scratch,
+            tx,
             ..
         } = self;
-        for _ in 0..BATCH {
-            let (n, from) = match udp.sock.try_recv_from(src) {
-                Ok(r) => r,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+        let Some(hdr) = VnetHdr::decode(&tun_buf[..n]) else {
+            return;
+        };
+        let pkt = &mut tun_buf[VNET_HDR_LEN..n];
+        let Some(slot) = Tunn::dst_address(pkt).and_then(|ip| peers.route(ip)) else {
+            return;
+        };
+        let Some((peer, _)) = peers.get_mut(slot) else {
+            return;
+        };
+        let Some(tunn) = peer.tunn.as_mut() else {
+            return; // no private key yet
+        };
+        if hdr.gso_type == GSO_NONE {
+            if hdr.flags & F_NEEDS_CSUM != 0
+                && complete_checksum(
+                    pkt,
+                    usize::from(hdr.csum_start),
+                    usize::from(hdr.csum_offset),
+                )
+                .is_none()
+            {
+                tracing::debug!(?hdr, "dropped TUN packet: bad checksum offsets");
+                return;
+            }
+            if tx.is_full() {
+                udp.send_batch(tx).await;
+            }
+            encapsulate(tunn, pkt, tx, peer.endpoint, &mut peer.tx_bytes, udp);
+            return;
+        }
+        let plan = match TsoPlan::new(pkt, &hdr) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::debug!(?hdr, error = ?e, "dropped TUN packet: cannot segment");
+                return;
+            }
+        };
+        for i in 0..plan.count() {
+            if tx.is_full() {
+                udp.send_batch(tx).await;
+            }
+            let len = plan.segment(pkt, i, scratch);
+            encapsulate(
+                tunn,
+                &scratch[..len],
+                tx,
+                peer.endpoint,
+                &mut peer.tx_bytes,
+                udp,
+            );
+        }
+    }
+
+    /// Datagrams from the network: find the peer, decrypt, check, deliver.
+    async fn handle_udp(&mut self) {
+        for _ in 0..UDP_BATCH {
+            match self.udp.try_recv(&mut self.rx) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => {
                     // e.g. ICMP errors reported on the socket: not fatal.
                     tracing::debug!(error = %e, "UDP receive failed");
                     continue;
                 }
-            };
-            let from = normalise(from);
-            let datagram = &src[..n];
-            let Some(slot) = find_peer(peers, datagram, from, dst, udp).await else {
-                continue;
-            };
-            let Some((peer, routes)) = peers.get_mut(slot) else {
-                continue;
-            };
-            let Some(tunn) = peer.tunn.as_mut() else {
-                continue;
-            };
-            let authenticated = match tunn.decapsulate(Some(from.ip()), datagram, dst) {
-                TunnResult::Done => datagram.first() != Some(&COOKIE_REPLY),
-                TunnResult::Err(e) => {
-                    tracing::trace!(from = %from, error = ?e, "dropped datagram");
-                    false
-                }
-                TunnResult::WriteToNetwork(out) => {
-                    let is_cookie = out.first() == Some(&COOKIE_REPLY);
-                    peer.tx_bytes += out.len() as u64;
-                    udp.send(out, from).await;
-                    if !is_cookie {
-                        // Packets queued while the handshake was pending.
-                        while let TunnResult::WriteToNetwork(out) = tunn.decapsulate(None, &[], dst)
-                        {
-                            peer.tx_bytes += out.len() as u64;
-                            udp.send(out, from).await;
-                        }
+            }
+            for i in 0..self.rx.len() {
+                let Engine {
+                    tun,
+                    udp,
+                    peers,
+                    scratch,
+                    rx,
+                    gro,
+                    ..
+                } = self;
+                let Some((from, datagrams)) = rx.message(i) else {
+                    continue;
+                };
+                let from = normalise(from);
+                for datagram in datagrams {
+                    if gro.is_full() {
+                        flush_tun(tun, gro).await;
                     }
-                    !is_cookie
-                }
-                TunnResult::WriteToTunnelV4(packet, addr) => {
-                    if routes.source_allowed(addr.into(), slot) {
-                        write_tun(tun, packet).await;
-                    } else {
-                        tracing::debug!(peer = %peer.public_key, source = %addr, "dropped packet: source not in allowed IPs");
-                    }
-                    true
-                }
-                TunnResult::WriteToTunnelV6(packet, addr) => {
-                    if routes.source_allowed(addr.into(), slot) {
-                        write_tun(tun, packet).await;
-                    } else {
-                        tracing::debug!(peer = %peer.public_key, source = %addr, "dropped packet: source not in allowed IPs");
-                    }
-                    true
-                }
-            };
-            if authenticated {
-                peer.rx_bytes += n as u64;
-                if peer.endpoint != Some(from) {
-                    tracing::info!(peer = %peer.public_key, endpoint = %from, "peer endpoint changed");
-                    peer.endpoint = Some(from);
+                    decrypt_datagram(peers, udp, gro, scratch, datagram, from).await;
                 }
             }
         }
+        flush_tun(&self.tun, &mut self.gro).await;
     }
 
     /// Handshake retries, rekeys and keepalives; rate limiter reset.
@@ -422,8 +381,105 @@ async fn find_peer(
     }
 }
 
-async fn write_tun(tun: &Tun, packet: &[u8]) {
-    if let Err(e) = tun.write(packet).await {
-        tracing::debug!(error = %e, "TUN write failed");
+/// Encrypts one IP packet for `tunn` into the send batch (a handshake
+/// initiation instead when there is no session yet; the packet is queued).
+fn encapsulate(
+    tunn: &mut Tunn,
+    packet: &[u8],
+    tx: &mut SendBatch,
+    endpoint: Option<SocketAddr>,
+    tx_bytes: &mut u64,
+    udp: &Udp,
+) {
+    let len = match tunn.encapsulate(packet, tx.slot()) {
+        TunnResult::WriteToNetwork(out) => out.len(),
+        TunnResult::Err(e) => {
+            tracing::debug!(error = ?e, "encapsulate failed");
+            return;
+        }
+        TunnResult::Done | TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => {
+            return;
+        }
+    };
+    if let Some(ep) = endpoint {
+        *tx_bytes += len as u64;
+        tx.commit(len, ep, udp.gso_max());
     }
+}
+
+/// Decrypts one datagram from `from`; data goes to the coalescer, protocol
+/// answers straight to the network.
+async fn decrypt_datagram(
+    peers: &mut Peers,
+    udp: &Udp,
+    gro: &mut Coalescer,
+    scratch: &mut [u8],
+    datagram: &[u8],
+    from: SocketAddr,
+) {
+    let Some(slot) = find_peer(peers, datagram, from, scratch, udp).await else {
+        return;
+    };
+    let Some((peer, routes)) = peers.get_mut(slot) else {
+        return;
+    };
+    let Some(tunn) = peer.tunn.as_mut() else {
+        return;
+    };
+    let authenticated = match tunn.decapsulate(Some(from.ip()), datagram, scratch) {
+        TunnResult::Done => datagram.first() != Some(&COOKIE_REPLY),
+        TunnResult::Err(e) => {
+            tracing::trace!(from = %from, error = ?e, "dropped datagram");
+            false
+        }
+        TunnResult::WriteToNetwork(out) => {
+            let is_cookie = out.first() == Some(&COOKIE_REPLY);
+            peer.tx_bytes += out.len() as u64;
+            udp.send(out, from).await;
+            if !is_cookie {
+                // Packets queued while the handshake was pending.
+                while let TunnResult::WriteToNetwork(out) = tunn.decapsulate(None, &[], scratch) {
+                    peer.tx_bytes += out.len() as u64;
+                    udp.send(out, from).await;
+                }
+            }
+            !is_cookie
+        }
+        TunnResult::WriteToTunnelV4(packet, addr) => {
+            if routes.source_allowed(addr.into(), slot) {
+                gro.push(packet);
+            } else {
+                tracing::debug!(peer = %peer.public_key, source = %addr, "dropped packet: source not in allowed IPs");
+            }
+            true
+        }
+        TunnResult::WriteToTunnelV6(packet, addr) => {
+            if routes.source_allowed(addr.into(), slot) {
+                gro.push(packet);
+            } else {
+                tracing::debug!(peer = %peer.public_key, source = %addr, "dropped packet: source not in allowed IPs");
+            }
+            true
+        }
+    };
+    if authenticated {
+        peer.rx_bytes += datagram.len() as u64;
+        if peer.endpoint != Some(from) {
+            tracing::info!(peer = %peer.public_key, endpoint = %from, "peer endpoint changed");
+            peer.endpoint = Some(from);
+        }
+    }
+}
+
+/// Writes the coalesced packets to the TUN device, in order.
+async fn flush_tun(tun: &Tun, gro: &mut Coalescer) {
+    if gro.is_empty() {
+        return;
+    }
+    for packet in gro.finish() {
+        if let Err(e) = tun.write(packet).await {
+            tracing::debug!(error = %e, "TUN write failed");
+        }
+    }
+    gro.clear();
 }

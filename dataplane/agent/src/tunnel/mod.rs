@@ -15,11 +15,18 @@
 //! peers' allowed IPs → encapsulate → UDP to the peer's endpoint. UDP →
 //! peer by handshake identity or receiver index → decapsulate → source
 //! address must route back to that peer → TUN.
+//!
+//! Both directions work in batches: the TUN device does TCP segmentation
+//! offload (we cut its 64 KB super-segments ourselves, `offload.rs`, and
+//! join received segments back), and the UDP socket moves many datagrams
+//! per system call with `sendmmsg`/`recvmmsg`, UDP GSO and GRO (`udp.rs`).
 
 mod eventloop;
+mod offload;
 mod peers;
 mod tun;
 pub(crate) mod uapi;
+mod udp;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -1,7 +1,11 @@
-//! The TUN device: one IP packet per read/write, no packet-info header.
+//! The TUN device: one packet per read/write, each behind a
+//! `virtio_net_hdr` (`IFF_VNET_HDR`), no packet-info header. With
+//! TSO/checksum offload on (TUNSETOFFLOAD), reads may return TCP
+//! super-segments of up to 64 KB and writes may carry them (see
+//! `offload.rs`).
 //!
-//! The only module of the tunnel with `unsafe`: three ioctls (TUNSETIFF,
-//! SIOCSIFMTU, SIOCGIFFLAGS/SIOCSIFFLAGS). Reads and writes go through
+//! `unsafe` here is the ioctls (TUNSETIFF, TUNSETOFFLOAD, SIOCSIFMTU,
+//! SIOCGIFFLAGS/SIOCSIFFLAGS). Reads and writes go through
 //! `std::fs::File`, driven by tokio's `AsyncFd`.
 #![allow(unsafe_code)]
 
@@ -15,6 +19,14 @@ use tokio::io::unix::AsyncFd;
 
 /// `_IOW('T', 202, int)`.
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+/// `_IOW('T', 208, unsigned int)`.
+const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
+/// TUN device flag: packets carry a `virtio_net_hdr`.
+const IFF_VNET_HDR: libc::c_int = 0x4000;
+/// TUNSETOFFLOAD bits: we take partial checksums and TCP segmentation.
+const TUN_F_CSUM: libc::c_uint = 0x01;
+const TUN_F_TSO4: libc::c_uint = 0x02;
+const TUN_F_TSO6: libc::c_uint = 0x04;
 
 /// `struct ifreq` reduced to what we use: a name and one int/short.
 #[repr(C)]
@@ -94,9 +106,9 @@ impl Tun {
             .write(true)
             .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
             .open("/dev/net/tun")?;
-        // Both flags fit in a c_short (0x0001 | 0x1000).
+        // The flags fit in a c_short (0x0001 | 0x1000 | 0x4000).
         #[allow(clippy::cast_possible_truncation)]
-        req.set_short((libc::IFF_TUN | libc::IFF_NO_PI) as libc::c_short);
+        req.set_short((libc::IFF_TUN | libc::IFF_NO_PI | IFF_VNET_HDR) as libc::c_short);
         // SAFETY: `file` is an open /dev/net/tun descriptor and `req` is a
         // properly sized, initialised `struct ifreq` the kernel reads and
         // writes (the name back) within its bounds.
@@ -105,6 +117,19 @@ impl Tun {
             return Err(io::Error::last_os_error());
         }
         let name = req.name();
+        // SAFETY: `file` is the TUN descriptor just attached; TUNSETOFFLOAD
+        // takes its argument by value.
+        let rc = unsafe {
+            libc::ioctl(
+                file.as_raw_fd(),
+                TUNSETOFFLOAD as _,
+                TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6,
+            )
+        };
+        if rc < 0 {
+            // Still correct: the kernel then hands us plain packets.
+            tracing::warn!(interface = %name, error = %io::Error::last_os_error(), "TUN offloads unavailable");
+        }
         set_mtu(&name, mtu)?;
         set_up(&name)?;
         // SAFETY: `file` owns a valid descriptor; it stays open and is
@@ -127,12 +152,14 @@ impl Tun {
         self.fd.readable().await.map(drop)
     }
 
-    /// Reads one packet without waiting (`WouldBlock` when none is queued).
+    /// Reads one vnet header and packet without waiting (`WouldBlock` when
+    /// none is queued).
     pub(crate) fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
         self.fd.try_io(Interest::READABLE, |f| (&mut &*f).read(buf))
     }
 
-    /// Writes one packet, waiting while the device queue is full.
+    /// Writes one vnet header and packet, waiting while the device queue is
+    /// full.
     pub(crate) async fn write(&self, packet: &[u8]) -> io::Result<()> {
         self.fd
             .async_io(Interest::WRITABLE, |f| (&mut &*f).write(packet))
