@@ -1,8 +1,12 @@
 //! `weft`: developer tool. `weft lab up|status|down|clean` manages a
 //! persistent network-namespace lab (3 sites × 2 nodes, a controller) on
-//! this machine.
+//! this machine; `weft bench policy` measures what network policy costs on
+//! the overlay path.
+
+mod bench_policy;
 
 use std::fs;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -24,6 +28,78 @@ enum Top {
     /// A persistent lab of network namespaces on this machine (needs root).
     #[command(subcommand)]
     Lab(LabCmd),
+    /// Benchmarks on a lab of network namespaces (needs root).
+    #[command(subcommand)]
+    Bench(BenchCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCmd {
+    /// Policy overhead: overlay throughput a1 -> b1 with no policy, with
+    /// N rules (default 10,000) in Weft's eBPF policy, and with the same
+    /// rules in nftables on b1 (a linear chain, and one set), alternated
+    /// within rounds; prints medians and ratios to "no policy" as a
+    /// markdown table.
+    ///
+    /// Builds its own lab (sites a and b, one node each, no WAN delay) and
+    /// removes it when done, on error and on Ctrl-C. Needs iperf3, nc and
+    /// nft; binaries are taken from the directory of this executable
+    /// (override with WEFT_BIN_DIR).
+    Policy(bench_policy::PolicyArgs),
+    /// (Internal) sends datagrams as fast as it can; prints JSON.
+    #[command(hide = true)]
+    UdpSend {
+        /// Destination.
+        #[arg(long)]
+        to: SocketAddr,
+        /// Duration in seconds.
+        #[arg(long)]
+        secs: u64,
+        /// Datagram size in bytes.
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+    },
+    /// (Internal) counts the datagrams arriving on a port for SECS
+    /// seconds from the first one; prints JSON.
+    #[command(hide = true)]
+    UdpSink {
+        /// UDP port to listen on (all addresses).
+        #[arg(long)]
+        port: u16,
+        /// How long to count, in seconds from the first datagram.
+        #[arg(long)]
+        secs: u64,
+        /// How long to wait for the first datagram, in seconds.
+        #[arg(long, default_value_t = 5)]
+        wait: u64,
+    },
+    /// (Internal) echo server for the request/response test.
+    #[command(hide = true)]
+    RrServer {
+        /// TCP port to listen on (all addresses).
+        #[arg(long)]
+        port: u16,
+    },
+    /// (Internal) request/response client: sends SIZE bytes, waits for
+    /// them back, for SECS seconds; prints JSON.
+    #[command(hide = true)]
+    RrClient {
+        /// Server address.
+        #[arg(long)]
+        to: SocketAddr,
+        /// Duration in seconds.
+        #[arg(long)]
+        secs: u64,
+        /// Message size in bytes.
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+        /// A new TCP connection per transaction.
+        #[arg(long)]
+        connect_each: bool,
+        /// Stop after this many transactions.
+        #[arg(long, default_value_t = 20_000)]
+        max: u64,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -80,6 +156,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let res = match cli.command {
         Top::Lab(cmd) => lab(cmd),
+        Top::Bench(cmd) => bench(cmd),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
@@ -112,6 +189,22 @@ fn lab(cmd: LabCmd) -> Result<()> {
         LabCmd::Down => down(),
         LabCmd::Clean => clean(),
         LabCmd::WanDelay { tun, rules } => weft_tests::wan_delay::run(&tun, &rules),
+    }
+}
+
+fn bench(cmd: BenchCmd) -> Result<()> {
+    match cmd {
+        BenchCmd::Policy(args) => bench_policy::run(&args),
+        BenchCmd::RrServer { port } => bench_policy::rr_server(port),
+        BenchCmd::UdpSend { to, secs, size } => bench_policy::udp_send(to, secs, size),
+        BenchCmd::UdpSink { port, secs, wait } => bench_policy::udp_sink(port, secs, wait),
+        BenchCmd::RrClient {
+            to,
+            secs,
+            size,
+            connect_each,
+            max,
+        } => bench_policy::rr_client(to, secs, size, connect_each, max),
     }
 }
 
