@@ -18,7 +18,7 @@ use crate::model::{
     ExternalPeer, JoinToken, Labels, MAX_ADVERTISED, Member, NetworkSettings, Node, Registration,
     Site, check_id, check_labels, check_name, check_prefix,
 };
-use crate::policy::{Endpoint, Policy, parse_documents, to_yaml};
+use crate::policy::{Endpoint, Policy, to_yaml};
 
 /// Longest join token lifetime: 30 days.
 pub const MAX_TOKEN_TTL_SECS: u64 = 30 * 86_400;
@@ -870,7 +870,7 @@ impl State {
 /// YAML and back unchanged (so a policy built in code, or read from a
 /// damaged store, obeys every rule a file does).
 fn check_policy(policy: &Policy) -> Result<(), String> {
-    match parse_documents("stored policy", &to_yaml(policy)) {
+    match crate::policy::parse_text("stored policy", &to_yaml(policy)) {
         Ok(back) if back.len() == 1 && back[0] == *policy => Ok(()),
         Ok(_) => Err("it does not survive a round trip through YAML".to_owned()),
         Err(e) => Err(e.to_string()),

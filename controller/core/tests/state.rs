@@ -882,3 +882,29 @@ spec:
         .collect();
     assert_eq!(allowed, vec![(web_id, pg, 5432, 5432)]);
 }
+
+/// A file of 10,000 rules in short form fits the 1 MiB limit; its stored,
+/// canonical YAML is longer, and must not be held to the file limit.
+#[test]
+fn a_policy_of_ten_thousand_rules_is_stored_whatever_its_canonical_size() {
+    use std::fmt::Write as _;
+    let mut text = String::from(
+        "apiVersion: weft.dev/v1\nkind: NetworkPolicy\nmetadata: {name: big}\nspec:\n  target: {matchLabels: {role: db}}\n  ingress:\n",
+    );
+    for i in 0..10_000u32 {
+        let _ = writeln!(text, "    - ports: [{{protocol: TCP, port: {}}}]", 10_000 + i);
+    }
+    assert!(text.len() < weft_controller_core::policy::MAX_INPUT_BYTES);
+    let policies = weft_controller_core::policy::parse_documents("big.yaml", &text)
+        .expect("a file under the limit parses");
+    let canonical = weft_controller_core::policy::to_yaml(&policies[0]);
+    assert!(
+        canonical.len() > text.len(),
+        "the canonical form is longer ({} vs {} bytes)",
+        canonical.len(),
+        text.len()
+    );
+    let mut s = state();
+    let changes = s.apply_policies(policies).expect("stored");
+    assert_eq!(changes.created, ["big"]);
+}

@@ -32,6 +32,7 @@ pub use eval::{Decision, Explanation, evaluate, explain};
 pub use incremental::update;
 pub use lookup::{identity_of, lookup, lookup_rule};
 pub use model::{Endpoint, Policy, PortRange, PortRule, Protocol, Rule, Selector, Verdict};
+pub(crate) use parse::parse_text;
 pub use parse::{
     API_VERSION, KIND, MAX_INPUT_BYTES, MAX_RULES, PolicyError, PolicyErrors, is_label_key,
     is_label_value, parse_documents,

@@ -35,6 +35,13 @@ pub fn parse_documents(file: &str, text: &str) -> Result<Vec<Policy>, PolicyErro
             ),
         }]));
     }
+    parse_text(file, text)
+}
+
+/// [`parse_documents`] without the file-size limit, for text Weft wrote
+/// itself (a stored policy's canonical YAML can be longer than the file it
+/// came from).
+pub(crate) fn parse_text(file: &str, text: &str) -> Result<Vec<Policy>, PolicyErrors> {
     let mut options = serde_saphyr::Options::default();
     options.with_snippet = false;
     let documents: Vec<Value> = match serde_saphyr::from_multiple_with_options(text, options) {
