@@ -892,7 +892,11 @@ fn a_policy_of_ten_thousand_rules_is_stored_whatever_its_canonical_size() {
         "apiVersion: weft.dev/v1\nkind: NetworkPolicy\nmetadata: {name: big}\nspec:\n  target: {matchLabels: {role: db}}\n  ingress:\n",
     );
     for i in 0..10_000u32 {
-        let _ = writeln!(text, "    - ports: [{{protocol: TCP, port: {}}}]", 10_000 + i);
+        let _ = writeln!(
+            text,
+            "    - ports: [{{protocol: TCP, port: {}}}]",
+            10_000 + i
+        );
     }
     assert!(text.len() < weft_controller_core::policy::MAX_INPUT_BYTES);
     let policies = weft_controller_core::policy::parse_documents("big.yaml", &text)
