@@ -8,6 +8,7 @@
 pub mod bins;
 pub mod lab;
 pub mod matrix;
+pub mod nc;
 pub mod netns;
 pub mod process;
 pub mod wan_delay;

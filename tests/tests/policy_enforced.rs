@@ -18,6 +18,8 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use weft_tests::nc::{connects, listen};
+use weft_tests::process::strip_ansi;
 use weft_tests::{Lab, Signal};
 
 const BUDGET: Duration = Duration::from_secs(1);
@@ -35,51 +37,6 @@ spec:
     - from: {sites: [a]}
       ports: [{protocol: TCP, port: 22}]
 "#;
-
-/// `nc -l -k` listeners in a namespace, killed on drop.
-struct Listeners {
-    pids: Vec<String>,
-}
-
-impl Drop for Listeners {
-    fn drop(&mut self) {
-        for pid in &self.pids {
-            let _ = std::process::Command::new("kill").arg(pid).status();
-        }
-    }
-}
-
-fn listen(lab: &Lab, node: &str, ports: &[(&str, u16)]) -> Listeners {
-    let mut pids = Vec::new();
-    for (family, port) in ports {
-        let out = lab.sh(
-            node,
-            &format!("setsid nc {family} -l -k {port} </dev/null >/dev/null 2>&1 & echo $!"),
-        );
-        let pid = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-        assert!(
-            !pid.is_empty(),
-            "starting nc {family} -l {port} in {node} failed"
-        );
-        pids.push(pid);
-    }
-    // Give the listeners a moment to bind.
-    std::thread::sleep(Duration::from_millis(200));
-    Listeners { pids }
-}
-
-/// One TCP connect from `from` to `to:port`, within `timeout`.
-fn connects(lab: &Lab, from: &str, to: IpAddr, port: u16, timeout: Duration) -> bool {
-    let t = format!("{:.3}", timeout.as_secs_f64());
-    let to_s = to.to_string();
-    let port_s = port.to_string();
-    lab.exec(
-        from,
-        &["timeout", &t, "nc", "-z", "-w", "2", &to_s, &port_s],
-    )
-    .status
-    .success()
-}
 
 /// The last `policy counters` line of an agent's log, as (field, value).
 fn counters(lab: &Lab, node: &str) -> Option<Vec<(String, u64)>> {
@@ -107,23 +64,6 @@ fn counter(lab: &Lab, node: &str, name: &str) -> u64 {
     counters(lab, node)
         .and_then(|c| c.into_iter().find(|(k, _)| k == name).map(|(_, v)| v))
         .unwrap_or(0)
-}
-
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::new();
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for d in chars.by_ref() {
-                if d.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 #[test]

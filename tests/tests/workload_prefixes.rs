@@ -19,6 +19,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::time::Duration;
 
+use weft_tests::nc::{connects, connects_from, listen};
 use weft_tests::{Lab, Signal};
 
 const WL_V4: &str = "100.100.2.10";
@@ -37,58 +38,6 @@ spec:
     - from: {matchLabels: {role: web}}
       ports: [{protocol: TCP, port: 5432}]
 "#;
-
-/// `nc -l -k` listeners in a namespace, killed on drop.
-struct Listeners {
-    pids: Vec<String>,
-}
-
-impl Drop for Listeners {
-    fn drop(&mut self) {
-        for pid in &self.pids {
-            let _ = std::process::Command::new("kill").arg(pid).status();
-        }
-    }
-}
-
-fn listen(lab: &Lab, ns: &str, ports: &[(&str, u16)]) -> Listeners {
-    let mut pids = Vec::new();
-    for (family, port) in ports {
-        let out = lab.sh(
-            ns,
-            &format!("setsid nc {family} -l -k {port} </dev/null >/dev/null 2>&1 & echo $!"),
-        );
-        let pid = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-        assert!(
-            !pid.is_empty(),
-            "starting nc {family} -l {port} in {ns} failed"
-        );
-        pids.push(pid);
-    }
-    std::thread::sleep(Duration::from_millis(200));
-    Listeners { pids }
-}
-
-fn connects(lab: &Lab, from: &str, to: IpAddr, port: u16, timeout: Duration) -> bool {
-    let t = format!("{:.3}", timeout.as_secs_f64());
-    let (to, port) = (to.to_string(), port.to_string());
-    lab.exec(from, &["timeout", &t, "nc", "-z", "-w", "2", &to, &port])
-        .status
-        .success()
-}
-
-/// One TCP connect from `from`, with source address `src`.
-fn connects_from(lab: &Lab, from: &str, src: IpAddr, to: IpAddr, port: u16) -> bool {
-    let (src, to, port) = (src.to_string(), to.to_string(), port.to_string());
-    lab.exec(
-        from,
-        &[
-            "timeout", "1.5", "nc", "-z", "-w", "1", "-s", &src, &to, &port,
-        ],
-    )
-    .status
-    .success()
-}
 
 fn stdout(lab: &Lab, ns: &str, script: &str) -> String {
     let out = lab.sh(ns, script);

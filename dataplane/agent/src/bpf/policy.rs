@@ -131,14 +131,8 @@ impl PolicyDatapath {
                 .load()
                 .with_context(|| format!("verifying {program}"))?;
         }
-        let mut config: Array<&mut MapData, u32> = Array::try_from(map_mut(&mut ebpf, CONFIG_MAP)?)
-            .with_context(|| format!("{CONFIG_MAP} is not an array of u32"))?;
-        config
-            .set(CONFIG_L3_OFFSET, link.l3_offset(), 0)
-            .with_context(|| format!("setting {CONFIG_MAP}[l3 offset]"))?;
-        config
-            .set(CONFIG_EPOCH, 0, 0)
-            .with_context(|| format!("setting {CONFIG_MAP}[epoch]"))?;
+        set_config(&mut ebpf, CONFIG_L3_OFFSET, link.l3_offset(), "l3 offset")?;
+        set_config(&mut ebpf, CONFIG_EPOCH, 0, "epoch")?;
         Ok(Self {
             ebpf,
             epochs: [PolicyMaps::default(), PolicyMaps::default()],
@@ -154,12 +148,12 @@ impl PolicyDatapath {
     /// enforced the policy on them) pass without a second lookup or count.
     pub(crate) fn attach_workload(&mut self, ifname: &str, judged_by: &str) -> anyhow::Result<()> {
         let skip = if_index(judged_by)?;
-        let mut config: Array<&mut MapData, u32> =
-            Array::try_from(map_mut(&mut self.ebpf, CONFIG_MAP)?)
-                .with_context(|| format!("{CONFIG_MAP} is not an array of u32"))?;
-        config
-            .set(CONFIG_SKIP_INGRESS_IFINDEX, skip, 0)
-            .with_context(|| format!("setting {CONFIG_MAP}[skip ingress ifindex]"))?;
+        set_config(
+            &mut self.ebpf,
+            CONFIG_SKIP_INGRESS_IFINDEX,
+            skip,
+            "skip ingress ifindex",
+        )?;
         if !tcx_supported()
             && let Err(e) = tc::qdisc_add_clsact(ifname)
         {
@@ -216,12 +210,7 @@ impl PolicyDatapath {
         let stale = &self.epochs[next as usize];
         let write = weft_dataplane_core::policy_maps::diff(stale, desired);
         self.apply_epoch(next, &write)?;
-        let mut config: Array<&mut MapData, u32> =
-            Array::try_from(map_mut(&mut self.ebpf, CONFIG_MAP)?)
-                .with_context(|| format!("{CONFIG_MAP} is not an array of u32"))?;
-        config
-            .set(CONFIG_EPOCH, next, 0)
-            .with_context(|| format!("setting {CONFIG_MAP}[epoch] to {next}"))?;
+        set_config(&mut self.ebpf, CONFIG_EPOCH, next, "epoch")?;
         self.active = next;
         let flows_revoked = self
             .revoke_denied_flows()
@@ -378,6 +367,15 @@ impl PolicyDatapath {
     fn ebpf_mut(&mut self) -> &mut Ebpf {
         &mut self.ebpf
     }
+}
+
+/// Sets `CONFIG_MAP[slot]` (`what` names the slot in errors).
+fn set_config(ebpf: &mut Ebpf, slot: u32, value: u32, what: &str) -> anyhow::Result<()> {
+    let mut config: Array<&mut MapData, u32> = Array::try_from(map_mut(ebpf, CONFIG_MAP)?)
+        .with_context(|| format!("{CONFIG_MAP} is not an array of u32"))?;
+    config
+        .set(slot, value, 0)
+        .with_context(|| format!("setting {CONFIG_MAP}[{what}] to {value}"))
 }
 
 /// The index of interface `ifname` in this network namespace.
