@@ -158,6 +158,8 @@ fn probe_rtt(p: Option<&pb::PeerProbe>) -> String {
         None => "-".to_owned(),
         Some(p) if !p.reachable => "unreachable".to_owned(),
         Some(p) if p.samples == 0 || p.rtt_us == 0 => "-".to_owned(),
+        // Sub-millisecond round trips (same site) keep their digits.
+        Some(p) if p.rtt_us < 1000 => format!("{:.2} ms", p.rtt_us as f64 / 1000.0),
         Some(p) => format!("{:.1} ms", p.rtt_us as f64 / 1000.0),
     }
 }
