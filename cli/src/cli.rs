@@ -77,6 +77,22 @@ pub(crate) enum Command {
     /// Network policy tools: `policy explain`.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Paths between nodes: `route trace`.
+    #[command(subcommand)]
+    Route(RouteCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum RouteCommand {
+    /// Show the path from one node to another, as the topology computes it
+    /// from the agents' latest probes (round-trip time, loss, reachability
+    /// between sites), and why: direct, or why not.
+    Trace {
+        /// Source node, by name or id.
+        from: String,
+        /// Destination node, by name or id.
+        to: String,
+    },
 }
 
 #[derive(Debug, Args)]

@@ -11,7 +11,7 @@ use weft_proto::pb;
 use crate::api::Api;
 use crate::cli::{
     ApplyArgs, Command, DeleteCommand, ExplainArgs, GetCommand, LabelChange, NodeCommand, Output,
-    PeerAdd, PeerCommand, PolicyCommand, SiteCommand, TokenCommand, TokenCreate,
+    PeerAdd, PeerCommand, PolicyCommand, RouteCommand, SiteCommand, TokenCommand, TokenCreate,
 };
 use crate::duration::format_secs;
 use crate::output::utc;
@@ -57,6 +57,29 @@ pub(crate) async fn run(api: &Api, command: Command, output: Output, now: u64) -
             deleted(output, "policy", name, r.revision)
         }
         Command::Policy(PolicyCommand::Explain(a)) => explain(api, a, output).await,
+        Command::Route(RouteCommand::Trace { from, to }) => {
+            let r = api.check(
+                api.client()
+                    .trace_route(pb::TraceRouteRequest { from, to })
+                    .await,
+            )?;
+            let view = serde_json::json!({
+                "hops": r.hops,
+                "delivered": r.delivered,
+                "explanation": r.explanation,
+            });
+            emit(output, &view, || {
+                format!(
+                    "{}\n{}\n",
+                    r.hops.join(" -> "),
+                    if r.delivered {
+                        r.explanation.clone()
+                    } else {
+                        format!("{} (not delivered)", r.explanation)
+                    }
+                )
+            })
+        }
     }
 }
 

@@ -244,6 +244,14 @@ impl AdminService for Mock {
         unimplemented()
     }
 
+    async fn trace_route(
+        &self,
+        r: Request<pb::TraceRouteRequest>,
+    ) -> Result<Response<pb::TraceRouteResponse>, Status> {
+        authorised(&r)?;
+        unimplemented()
+    }
+
     async fn apply_policies(
         &self,
         r: Request<pb::ApplyPoliciesRequest>,

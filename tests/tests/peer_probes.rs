@@ -64,6 +64,12 @@ fn peer_probes() {
         },
     );
     eprintln!("a1's probes: {:?}", probes(&lab, "a1"));
+    // The path a1 -> b1 from the probes: direct, at about the probed RTT.
+    let trace = lab.weftctl_ok(&["route", "trace", "a1", "b1"]);
+    assert!(
+        trace.starts_with("a1 (a) -> b1 (b)") && trace.contains("a -> b: direct ("),
+        "route trace a1 b1 before the cut:\n{trace}"
+    );
 
     lab.cut_link("b");
     let cut = Instant::now();
@@ -85,6 +91,15 @@ fn peer_probes() {
     );
     let (_, loss, _) = p["b1"];
     assert!(loss > 0, "b1's probes are lost: {p:?}");
+    // Full mesh does not relay: the trace says the direct link is down.
+    lab.wait_until(
+        Duration::from_secs(5),
+        "route trace a1 b1 to say the direct link is down",
+        || {
+            lab.weftctl_ok(&["route", "trace", "a1", "b1"])
+                .contains("the link is down")
+        },
+    );
 
     lab.restore_link("b");
     lab.wait_until(

@@ -487,6 +487,64 @@ fn dry_run_pb(
     }
 }
 
+/// The path between two nodes, computed (full mesh) from the site links
+/// the agents' latest probes measured.
+fn trace_route(
+    state: &State,
+    statuses: &std::collections::BTreeMap<String, NodeStatus>,
+    from: &str,
+    to: &str,
+) -> Result<pb::TraceRouteResponse, Status> {
+    use weft_controller_core::Member;
+    use weft_controller_core::topology::{
+        Fabric, Link, Measurements, TopologyConfig, TopologyInput,
+    };
+    let node = |name: &str| {
+        state
+            .node(name)
+            .ok_or_else(|| Status::not_found(format!("node {name:?} not found")))
+    };
+    let (src, dst) = (node(from)?, node(to)?);
+    let site_of_key: std::collections::BTreeMap<&[u8], &str> = state
+        .nodes()
+        .map(|n| (n.public_key.0.as_slice(), n.site.as_str()))
+        .collect();
+    let probes = statuses
+        .iter()
+        .filter_map(|(id, st)| state.node_by_id(id).map(|n| (n, st)));
+    let links = probes.flat_map(|(n, st)| {
+        st.peers.iter().filter_map(|p| {
+            let probe = p.probe.as_ref()?;
+            let peer_site = site_of_key.get(p.public_key.as_slice())?;
+            let link = if probe.reachable && probe.rtt_us > 0 {
+                Link {
+                    latency_us: u32::try_from(probe.rtt_us).unwrap_or(u32::MAX),
+                    loss_ppm: probe.loss_permille.saturating_mul(1000),
+                    up: true,
+                }
+            } else {
+                Link::down()
+            };
+            Some((n.site.clone(), (*peer_site).to_owned(), link))
+        })
+    });
+    let measurements = Measurements::from_probes(links.collect::<Vec<_>>());
+    let input = TopologyInput::from_state(state, &TopologyConfig::default());
+    let fabric = Fabric::build(&input, &measurements, None);
+    let trace = fabric
+        .trace(&Member::Node(src.id.clone()), &Member::Node(dst.id.clone()))
+        .ok_or_else(|| Status::not_found("no such member in the topology"))?;
+    Ok(pb::TraceRouteResponse {
+        hops: trace
+            .hops
+            .iter()
+            .map(|h| format!("{} ({})", h.name, h.site))
+            .collect(),
+        delivered: trace.delivered,
+        explanation: trace.sites.to_string(),
+    })
+}
+
 fn explain_pb(e: core_policy::Explanation) -> pb::ExplainPolicyResponse {
     let verdict = match e.verdict {
         Verdict::Allow => "allow",
@@ -884,6 +942,16 @@ impl AdminService for AdminApi {
             .map_err(status)?;
         info!(policy = %name, revision, "policy deleted");
         Ok(Response::new(pb::DeleteResponse { revision }))
+    }
+
+    async fn trace_route(
+        &self,
+        req: Request<pb::TraceRouteRequest>,
+    ) -> Result<Response<pb::TraceRouteResponse>, Status> {
+        let r = req.into_inner();
+        self.controller
+            .read(|s, st| trace_route(s, st, &r.from, &r.to))
+            .map(Response::new)
     }
 
     async fn explain_policy(
