@@ -279,6 +279,34 @@ pub(crate) struct AdminApi {
     pub(crate) ca: Arc<Ca>,
 }
 
+impl AdminApi {
+    /// Applies `change` to node `name` (name or id) and returns the node
+    /// as changed, for the RPCs that edit one node.
+    fn mutate_node<T>(
+        &self,
+        what: &str,
+        name: &str,
+        change: impl FnOnce(&mut State) -> Result<T, CoreError>,
+    ) -> Result<weft_controller_core::Node, Status> {
+        self.controller
+            .mutate(what, |s| {
+                change(s)?;
+                s.node(name)
+                    .cloned()
+                    .ok_or_else(|| CoreError::NodeNotFound(name.to_owned()))
+            })
+            .map_err(status)
+    }
+
+    /// The node with its live status, as the API returns it.
+    fn node_reply(&self, node: &weft_controller_core::Node) -> Response<pb::Node> {
+        Response::new(
+            self.controller
+                .read(|_, st| node_pb(node, st.get(&node.id))),
+        )
+    }
+}
+
 /// A site with the number of nodes in it.
 fn site_with_count(
     state: &weft_controller_core::State,
@@ -799,20 +827,11 @@ impl AdminService for AdminApi {
     ) -> Result<Response<pb::Node>, Status> {
         let r = req.into_inner();
         let set = labels(r.set);
-        let node = self
-            .controller
-            .mutate("set node labels", |s| {
-                s.set_node_labels(&r.node, &set, &r.remove)?;
-                s.node(&r.node)
-                    .cloned()
-                    .ok_or_else(|| CoreError::NodeNotFound(r.node.clone()))
-            })
-            .map_err(status)?;
+        let node = self.mutate_node("set node labels", &r.node, |s| {
+            s.set_node_labels(&r.node, &set, &r.remove)
+        })?;
         info!(node = %node.id, labels = ?node.labels, "node labels set");
-        let out = self
-            .controller
-            .read(|_, st| node_pb(&node, st.get(&node.id)));
-        Ok(Response::new(out))
+        Ok(self.node_reply(&node))
     }
 
     async fn advertise_prefix(
@@ -825,20 +844,11 @@ impl AdminService for AdminApi {
             .workload
             .ok_or_else(|| invalid(InvalidMessage::new(M, "workload", "missing")))?;
         let advertise = workloads(M, "workload", std::slice::from_ref(&w))?;
-        let node = self
-            .controller
-            .mutate("advertise workload prefix", |s| {
-                s.advertise_prefixes(&r.node, &advertise)?;
-                s.node(&r.node)
-                    .cloned()
-                    .ok_or_else(|| CoreError::NodeNotFound(r.node.clone()))
-            })
-            .map_err(status)?;
+        let node = self.mutate_node("advertise workload prefix", &r.node, |s| {
+            s.advertise_prefixes(&r.node, &advertise)
+        })?;
         info!(node = %node.id, prefix = %w.prefix, labels = ?w.labels, "workload prefix advertised");
-        let out = self
-            .controller
-            .read(|_, st| node_pb(&node, st.get(&node.id)));
-        Ok(Response::new(out))
+        Ok(self.node_reply(&node))
     }
 
     async fn withdraw_prefix(
@@ -848,20 +858,11 @@ impl AdminService for AdminApi {
         const M: &str = "WithdrawPrefixRequest";
         let r = req.into_inner();
         let prefix = parse_net(M, "prefix", &r.prefix).map_err(invalid)?;
-        let node = self
-            .controller
-            .mutate("withdraw workload prefix", |s| {
-                s.withdraw_prefix(&r.node, prefix)?;
-                s.node(&r.node)
-                    .cloned()
-                    .ok_or_else(|| CoreError::NodeNotFound(r.node.clone()))
-            })
-            .map_err(status)?;
+        let node = self.mutate_node("withdraw workload prefix", &r.node, |s| {
+            s.withdraw_prefix(&r.node, prefix)
+        })?;
         info!(node = %node.id, prefix = %prefix, "workload prefix withdrawn");
-        let out = self
-            .controller
-            .read(|_, st| node_pb(&node, st.get(&node.id)));
-        Ok(Response::new(out))
+        Ok(self.node_reply(&node))
     }
 
     async fn apply_policies(
