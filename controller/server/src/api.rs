@@ -515,8 +515,12 @@ fn dry_run_pb(
     }
 }
 
+/// Reports older than this (seconds) are left out of path computation.
+const STALE_REPORT_SECS: u64 = 25;
+
 /// The path between two nodes, computed (full mesh) from the site links
-/// the agents' latest probes measured.
+/// the agents' latest probes measured (reports of the last
+/// [`STALE_REPORT_SECS`] only).
 fn trace_route(
     state: &State,
     statuses: &std::collections::BTreeMap<String, NodeStatus>,
@@ -537,8 +541,13 @@ fn trace_route(
         .nodes()
         .map(|n| (n.public_key.0.as_slice(), n.site.as_str()))
         .collect();
+    // Agents report every 10 s and within a second of a reachability
+    // change; an older report is from an agent that lost the controller
+    // (maybe over the very link being traced) and says nothing current.
+    let now = now_unix();
     let probes = statuses
         .iter()
+        .filter(|(_, st)| now.saturating_sub(st.last_report_unix) <= STALE_REPORT_SECS)
         .filter_map(|(id, st)| state.node_by_id(id).map(|n| (n, st)));
     let links = probes.flat_map(|(n, st)| {
         st.peers.iter().filter_map(|p| {
