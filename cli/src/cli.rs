@@ -77,22 +77,93 @@ pub(crate) enum Command {
     /// Network policy tools: `policy explain`.
     #[command(subcommand)]
     Policy(PolicyCommand),
-    /// Paths between nodes: `route trace`.
+    /// Paths between nodes and sites: `route trace`, `route list`.
     #[command(subcommand)]
     Route(RouteCommand),
+    /// How sites are connected: full mesh or through site gateways, with
+    /// residency rules (`topology get`, `topology set`).
+    #[command(subcommand)]
+    Topology(TopologyCommand),
 }
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum RouteCommand {
     /// Show the path from one node to another, as the topology computes it
     /// from the agents' latest probes (round-trip time, loss, reachability
-    /// between sites), and why: direct, or why not.
+    /// between sites), and why: direct, relayed through which sites and
+    /// why, or dropped and why (e.g. no path a residency rule allows).
     Trace {
-        /// Source node, by name or id.
+        /// Source: node name or id, external peer name, or overlay address
+        /// (also one inside a workload prefix a node advertises).
         from: String,
-        /// Destination node, by name or id.
+        /// Destination, as the source.
         to: String,
     },
+    /// Show the route between every ordered pair of sites, and why.
+    List,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum TopologyCommand {
+    /// Show the topology settings.
+    Get,
+    /// Replace the topology settings with exactly what the flags say (an
+    /// omitted flag means its default: full mesh, no gateways, no tags, no
+    /// rules). Every node's config follows at once.
+    ///
+    /// Example: weftctl topology set --mode gateways --gateway fra1
+    /// --gateway fra2 --gateway nyc1 --site-tag fra=eu --site-tag
+    /// par=eu --residency eu
+    Set(TopologySet),
+}
+
+/// How sites reach each other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum TopologyModeArg {
+    /// Every member peers directly with every other member; nothing is
+    /// relayed.
+    FullMesh,
+    /// Members mesh inside their site; traffic between sites goes through
+    /// the sites' gateways (active-active: each destination is carried by
+    /// one gateway, spread by hashing; a dead gateway's share moves to the
+    /// others), relayed through other sites when the measured direct path
+    /// is down or much slower.
+    Gateways,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct TopologySet {
+    /// Topology mode.
+    #[arg(long, value_enum, default_value_t = TopologyModeArg::FullMesh)]
+    pub(crate) mode: TopologyModeArg,
+    /// A node (name or id) that is a gateway of its site; repeat for more.
+    /// Give each site that has members at least one, better two.
+    #[arg(long = "gateway", value_name = "NODE")]
+    pub(crate) gateways: Vec<String>,
+    /// Residency tags of a site, SITE=TAG[,TAG...]; repeat per site.
+    #[arg(long = "site-tag", value_name = "SITE=TAGS", value_parser = parse_site_tags)]
+    pub(crate) site_tags: Vec<(String, Vec<String>)>,
+    /// A residency rule: traffic between two sites tagged TAG transits
+    /// only sites tagged TAG; without such a path it is dropped, never
+    /// relayed elsewhere. Repeat for more tags.
+    #[arg(long = "residency", value_name = "TAG")]
+    pub(crate) residency: Vec<String>,
+}
+
+fn parse_site_tags(s: &str) -> Result<(String, Vec<String>), String> {
+    let (site, tags) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not SITE=TAG[,TAG...]"))?;
+    if site.is_empty() {
+        return Err(format!("{s:?}: the site name is empty"));
+    }
+    let tags: Vec<String> = tags
+        .split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(str::to_owned)
+        .collect();
+    Ok((site.to_owned(), tags))
 }
 
 #[derive(Debug, Args)]

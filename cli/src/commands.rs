@@ -12,6 +12,7 @@ use crate::api::Api;
 use crate::cli::{
     ApplyArgs, Command, DeleteCommand, ExplainArgs, GetCommand, LabelChange, NodeCommand, Output,
     PeerAdd, PeerCommand, PolicyCommand, RouteCommand, SiteCommand, TokenCommand, TokenCreate,
+    TopologyCommand, TopologyModeArg,
 };
 use crate::duration::format_secs;
 use crate::output::utc;
@@ -57,6 +58,43 @@ pub(crate) async fn run(api: &Api, command: Command, output: Output, now: u64) -
             deleted(output, "policy", name, r.revision)
         }
         Command::Policy(PolicyCommand::Explain(a)) => explain(api, a, output).await,
+        Command::Route(RouteCommand::List) => {
+            let r = api.check(api.client().list_routes(pb::ListRoutesRequest {}).await)?;
+            let view: Vec<serde_json::Value> = r
+                .routes
+                .iter()
+                .map(|t| {
+                    serde_json::json!({
+                        "from": t.from, "to": t.to, "hops": t.hops,
+                        "kind": t.kind, "explanation": t.explanation,
+                    })
+                })
+                .collect();
+            emit(output, &view, || render::site_routes(&r.routes))
+        }
+        Command::Topology(TopologyCommand::Get) => {
+            let t = api.check(api.client().get_topology(pb::GetTopologyRequest {}).await)?;
+            emit(output, &topology_view(&t), || render::topology(&t))
+        }
+        Command::Topology(TopologyCommand::Set(a)) => {
+            let req = pb::Topology {
+                mode: match a.mode {
+                    TopologyModeArg::FullMesh => "full-mesh",
+                    TopologyModeArg::Gateways => "gateways",
+                }
+                .to_owned(),
+                gateways: a.gateways,
+                site_tags: a
+                    .site_tags
+                    .into_iter()
+                    .map(|(site, tags)| (site, pb::SiteTags { tags }))
+                    .collect(),
+                residency: a.residency,
+                revision: 0,
+            };
+            let t = api.check(api.client().set_topology(req).await)?;
+            emit(output, &topology_view(&t), || render::topology(&t))
+        }
         Command::Route(RouteCommand::Trace { from, to }) => {
             let r = api.check(
                 api.client()
@@ -410,6 +448,21 @@ async fn peer(api: &Api, command: PeerCommand, output: Output, now: u64) -> Resu
 }
 
 /// JSON of `value` in JSON mode, else the text `table` makes.
+fn topology_view(t: &pb::Topology) -> serde_json::Value {
+    let tags: BTreeMap<&str, &[String]> = t
+        .site_tags
+        .iter()
+        .map(|(s, tags)| (s.as_str(), tags.tags.as_slice()))
+        .collect();
+    serde_json::json!({
+        "mode": t.mode,
+        "gateways": t.gateways,
+        "site_tags": tags,
+        "residency": t.residency,
+        "revision": t.revision,
+    })
+}
+
 fn emit<T: Serialize>(
     output: Output,
     value: &T,

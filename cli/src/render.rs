@@ -295,6 +295,44 @@ pub(crate) fn policies(policies: &[pb::Policy]) -> String {
     t.render()
 }
 
+/// `topology get|set`.
+pub(crate) fn topology(t: &pb::Topology) -> String {
+    let tags: BTreeMap<&str, String> = t
+        .site_tags
+        .iter()
+        .map(|(s, tags)| (s.as_str(), tags.tags.join(",")))
+        .collect();
+    let tags: Vec<String> = tags.iter().map(|(s, t)| format!("{s}={t}")).collect();
+    let list = |v: &[String]| or_dash(&v.join(", "));
+    fields(&[
+        ("Mode", t.mode.clone()),
+        ("Gateways", list(&t.gateways)),
+        ("Site tags", list(&tags)),
+        ("Residency", list(&t.residency)),
+        ("Revision", t.revision.to_string()),
+    ])
+}
+
+/// `route list`.
+pub(crate) fn site_routes(routes: &[pb::SiteRouteInfo]) -> String {
+    let mut t = Table::new(&["FROM", "TO", "ROUTE", "PATH", "WHY"]);
+    for r in routes {
+        // The explanation reads "a -> c -> b: relayed via c: why".
+        let why = r
+            .explanation
+            .split_once(": ")
+            .map_or(r.explanation.as_str(), |(_, w)| w);
+        t.row(vec![
+            r.from.clone(),
+            r.to.clone(),
+            r.kind.clone(),
+            or_dash(&r.hops.join(" -> ")),
+            why.to_owned(),
+        ]);
+    }
+    t.render()
+}
+
 /// `get policy NAME`: a summary, then the document.
 pub(crate) fn policy(p: &pb::Policy) -> String {
     let mut out = fields(&[

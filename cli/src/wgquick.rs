@@ -76,6 +76,7 @@ mod tests {
                     endpoint: "198.19.1.11:51820".into(),
                     allowed_ips: vec!["100.64.0.1/32".into(), "fd7e:1::1/128".into()],
                     persistent_keepalive: 25,
+                    ..Default::default()
                 },
                 pb::PeerConfig {
                     name: "b1".into(),
@@ -83,6 +84,7 @@ mod tests {
                     endpoint: String::new(),
                     allowed_ips: vec!["100.64.0.2/32".into()],
                     persistent_keepalive: 0,
+                    ..Default::default()
                 },
             ],
         }

@@ -252,6 +252,30 @@ impl AdminService for Mock {
         unimplemented()
     }
 
+    async fn list_routes(
+        &self,
+        r: Request<pb::ListRoutesRequest>,
+    ) -> Result<Response<pb::ListRoutesResponse>, Status> {
+        authorised(&r)?;
+        unimplemented()
+    }
+
+    async fn get_topology(
+        &self,
+        r: Request<pb::GetTopologyRequest>,
+    ) -> Result<Response<pb::Topology>, Status> {
+        authorised(&r)?;
+        unimplemented()
+    }
+
+    async fn set_topology(
+        &self,
+        r: Request<pb::Topology>,
+    ) -> Result<Response<pb::Topology>, Status> {
+        authorised(&r)?;
+        unimplemented()
+    }
+
     async fn apply_policies(
         &self,
         r: Request<pb::ApplyPoliciesRequest>,
@@ -309,6 +333,8 @@ impl AdminService for Mock {
                 endpoint: "198.19.1.1:51820".into(),
                 allowed_ips: vec!["100.64.0.1/32".into()],
                 persistent_keepalive: 25,
+                accept_sources: vec![],
+                fallback: vec![],
             }],
         }))
     }

@@ -79,11 +79,19 @@ impl TryFrom<pb::PeerConfig> for PeerConfig {
         const M: &str = "PeerConfig";
         let keepalive = u16::try_from(p.persistent_keepalive)
             .map_err(|_| InvalidMessage::new(M, "persistent_keepalive", "must be at most 65535"))?;
+        let fallback = p
+            .fallback
+            .iter()
+            .enumerate()
+            .map(|(i, k)| parse_key(M, &format!("fallback[{i}]"), k))
+            .collect::<Result<_, _>>()?;
         Ok(PeerConfig {
             public_key: parse_key(M, "public_key", &p.public_key)?,
             endpoint: parse_endpoint(M, "endpoint", &p.endpoint)?,
             allowed_ips: parse_nets(M, "allowed_ips", &p.allowed_ips)?,
             persistent_keepalive: (keepalive != 0).then_some(keepalive),
+            accept_sources: parse_nets(M, "accept_sources", &p.accept_sources)?,
+            fallback,
             name: p.name,
         })
     }
@@ -97,6 +105,8 @@ impl From<&PeerConfig> for pb::PeerConfig {
             endpoint: p.endpoint.map(|e| e.to_string()).unwrap_or_default(),
             allowed_ips: p.allowed_ips.iter().map(ToString::to_string).collect(),
             persistent_keepalive: p.persistent_keepalive.map(u32::from).unwrap_or(0),
+            accept_sources: p.accept_sources.iter().map(ToString::to_string).collect(),
+            fallback: p.fallback.iter().map(|k| k.0.to_vec()).collect(),
         }
     }
 }
@@ -292,6 +302,11 @@ mod tests {
                 "fd00::2/128".parse().expect("valid"),
             ],
             persistent_keepalive: Some(25),
+            accept_sources: vec![
+                "100.100.8.0/24".parse().expect("valid"),
+                "fd00:beef:8::/64".parse().expect("valid"),
+            ],
+            fallback: vec![Key([8; 32]), Key([9; 32])],
         };
         NodeConfig {
             revision: 9,
@@ -364,6 +379,34 @@ mod tests {
         let e = NodeConfig::try_from(w).expect_err("must fail");
         assert_eq!(e.field, "policy.tuples[0].rule");
         assert!(e.to_string().contains("only 1 rules are named"), "{e}");
+    }
+
+    #[test]
+    fn bad_accepted_sources_and_fallbacks_are_named() {
+        let mut w = pb::NodeConfig::from(&sample());
+        w.peers[0].accept_sources[1] = "fd00:beef:8::/200".into();
+        let e = NodeConfig::try_from(w).expect_err("must fail");
+        assert_eq!(e.field, "peers[0].accept_sources[1]");
+        assert!(
+            e.to_string()
+                .contains("\"fd00:beef:8::/200\" is not a CIDR"),
+            "{e}"
+        );
+        let mut w = pb::NodeConfig::from(&sample());
+        w.peers[0].fallback[1] = vec![9; 31];
+        let e = NodeConfig::try_from(w).expect_err("must fail");
+        assert_eq!(e.field, "peers[0].fallback[1]");
+        assert!(e.to_string().contains("32 bytes, got 31"), "{e}");
+    }
+
+    #[test]
+    fn a_peer_without_accepted_sources_or_fallbacks_has_empty_lists() {
+        let mut w = pb::NodeConfig::from(&sample());
+        w.peers[0].accept_sources.clear();
+        w.peers[0].fallback.clear();
+        let c = NodeConfig::try_from(w).expect("valid");
+        let p = &c.peers[&Key([7; 32])];
+        assert!(p.accept_sources.is_empty() && p.fallback.is_empty());
     }
 
     #[test]

@@ -15,6 +15,9 @@ pub enum Error {
     /// A node id or join token id is malformed.
     #[error("invalid {kind} {id:?}: use 1 to 64 characters from A-Z, a-z, 0-9, '-' and '_'")]
     InvalidId { kind: &'static str, id: String },
+    /// The topology settings cannot work.
+    #[error("invalid topology: {0}")]
+    InvalidTopology(String),
     /// The network settings cannot work.
     #[error("invalid network settings: {0}")]
     InvalidSettings(String),
@@ -170,6 +173,7 @@ impl Error {
             Error::InvalidName { .. }
             | Error::InvalidId { .. }
             | Error::InvalidSettings(_)
+            | Error::InvalidTopology(_)
             | Error::ZeroKey
             | Error::InvalidTokenTtl(_)
             | Error::InvalidLabelKey(_)

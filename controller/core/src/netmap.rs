@@ -166,6 +166,8 @@ fn peer(
             IpNet::V6(Ipv6Net::from(ipv6)),
         ],
         persistent_keepalive,
+        accept_sources: Vec::new(),
+        fallback: Vec::new(),
     }
 }
 

@@ -19,6 +19,7 @@ use crate::model::{
     Site, check_id, check_labels, check_name, check_prefix,
 };
 use crate::policy::{Endpoint, Policy, to_yaml};
+use crate::topology::TopologyConfig;
 
 /// Longest join token lifetime: 30 days.
 pub const MAX_TOKEN_TTL_SECS: u64 = 30 * 86_400;
@@ -40,6 +41,10 @@ pub struct State {
     /// Network policies, by name (absent in stores written before policy).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     policies: BTreeMap<String, Policy>,
+    /// Topology mode, gateways, site tags and residency rules (absent in
+    /// stores written before topology modes: full mesh).
+    #[serde(default, skip_serializing_if = "TopologyConfig::is_default")]
+    topology: TopologyConfig,
 }
 
 /// What [`State::apply_policies`] did, each list sorted by name.
@@ -66,6 +71,7 @@ impl State {
             tokens: BTreeMap::new(),
             ipam: Ipam::default(),
             policies: BTreeMap::new(),
+            topology: TopologyConfig::default(),
         })
     }
 
@@ -122,6 +128,7 @@ impl State {
         }
         self.sites.remove(name);
         self.tokens.retain(|_, t| t.site != name);
+        self.topology.site_tags.remove(name);
         self.revision += 1;
         Ok(())
     }
@@ -429,6 +436,7 @@ impl State {
         if let Some(index) = ipam::ipv4_index(self.settings.ipv4_pool, node.ipv4) {
             self.ipam.release(index);
         }
+        self.topology.gateways.remove(&id);
         self.revision += 1;
         Ok(node)
     }
@@ -633,6 +641,51 @@ impl State {
         self.endpoints().into_iter().find(|e| e.name == wanted)
     }
 
+    // ---- topology ----
+
+    /// The topology settings (gateways by node id).
+    pub fn topology(&self) -> &TopologyConfig {
+        &self.topology
+    }
+
+    /// Replaces the topology settings. Gateways may be given by node name
+    /// or id (stored by id); every gateway must be a node, every tagged
+    /// site must exist, tags are DNS labels. Returns whether anything
+    /// changed (the revision is bumped only then).
+    pub fn set_topology(&mut self, mut config: TopologyConfig) -> Result<bool, Error> {
+        let mut gateways = std::collections::BTreeSet::new();
+        for g in &config.gateways {
+            let node = self.node(g).ok_or_else(|| {
+                Error::InvalidTopology(format!("gateway {g:?}: no node has this name or id"))
+            })?;
+            gateways.insert(node.id.clone());
+        }
+        config.gateways = gateways;
+        for (site, tags) in &config.site_tags {
+            if !self.sites.contains_key(site) {
+                return Err(Error::InvalidTopology(format!(
+                    "tags for site {site:?}: no such site"
+                )));
+            }
+            for tag in tags {
+                check_name("site tag", tag)?;
+            }
+        }
+        config.site_tags.retain(|_, tags| !tags.is_empty());
+        for rule in &config.residency {
+            check_name("residency tag", &rule.tag)?;
+        }
+        config.residency.sort();
+        config.residency.dedup();
+        config.params.validate().map_err(Error::InvalidTopology)?;
+        if config == self.topology {
+            return Ok(false);
+        }
+        self.topology = config;
+        self.revision += 1;
+        Ok(true)
+    }
+
     // ---- consistency ----
 
     /// Full consistency check, for a state loaded from disk: settings,
@@ -781,6 +834,19 @@ impl State {
             if let Err(reason) = check_policy(policy) {
                 return bad(format!("policy {key:?}: {reason}"));
             }
+        }
+        for id in &self.topology.gateways {
+            if !self.nodes.contains_key(id) {
+                return bad(format!("gateway {id:?} is not a node"));
+            }
+        }
+        for site in self.topology.site_tags.keys() {
+            if !self.sites.contains_key(site) {
+                return bad(format!("topology tags site {site:?}, which does not exist"));
+            }
+        }
+        if let Err(reason) = self.topology.params.validate() {
+            return bad(format!("topology: {reason}"));
         }
         Ok(())
     }

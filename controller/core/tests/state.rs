@@ -1,5 +1,6 @@
 //! Unit tests of `State` mutations and their errors.
 
+use weft_controller_core::topology::{ResidencyRule, TopologyConfig, TopologyMode};
 use weft_controller_core::{Error, ErrorKind, NetworkSettings, Registration, State};
 use weft_dataplane_core::Key;
 
@@ -911,4 +912,86 @@ fn a_policy_of_ten_thousand_rules_is_stored_whatever_its_canonical_size() {
     let mut s = state();
     let changes = s.apply_policies(policies).expect("stored");
     assert_eq!(changes.created, ["big"]);
+}
+
+fn topology(mode: TopologyMode, gateways: &[&str]) -> TopologyConfig {
+    TopologyConfig {
+        mode,
+        gateways: gateways.iter().map(|g| (*g).to_owned()).collect(),
+        ..TopologyConfig::default()
+    }
+}
+
+#[test]
+fn topology_gateways_are_stored_by_id_and_follow_node_deletion() {
+    let mut s = state();
+    s.register_node(reg("n-1", "a1", 1), NOW)
+        .expect("registers");
+    let mut cfg = topology(TopologyMode::Gateways, &["a1"]);
+    cfg.site_tags
+        .insert("eu-west".to_owned(), ["eu".to_owned()].into());
+    cfg.residency = vec![ResidencyRule { tag: "eu".into() }];
+    let rev = s.revision();
+    assert_eq!(s.set_topology(cfg.clone()), Ok(true));
+    assert_eq!(s.revision(), rev + 1);
+    assert!(s.topology().gateways.contains("n-1"), "{:?}", s.topology());
+    // The same settings again change nothing (by name or by id).
+    assert_eq!(s.set_topology(cfg), Ok(false));
+    assert_eq!(
+        s.set_topology(TopologyConfig {
+            gateways: ["n-1".to_owned()].into(),
+            ..s.topology().clone()
+        }),
+        Ok(false)
+    );
+    assert_eq!(s.revision(), rev + 1);
+    // Survives a store round trip and validates.
+    let back: State = serde_json::from_str(&json(&s)).expect("loads");
+    assert_eq!(back, s);
+    assert_eq!(back.validate(), Ok(()));
+    s.delete_node("a1").expect("deletes");
+    assert!(s.topology().gateways.is_empty());
+    assert_eq!(s.validate(), Ok(()));
+}
+
+#[test]
+fn bad_topology_is_refused_naming_what_is_wrong() {
+    let mut s = state();
+    assert_refused(
+        &mut s,
+        "invalid topology: gateway \"nope\": no node has this name or id",
+        |s| {
+            s.set_topology(topology(TopologyMode::Gateways, &["nope"]))
+                .map(|_| ())
+        },
+    );
+    let mut cfg = topology(TopologyMode::Gateways, &[]);
+    cfg.site_tags
+        .insert("mars".to_owned(), ["eu".to_owned()].into());
+    assert_refused(
+        &mut s,
+        "invalid topology: tags for site \"mars\": no such site",
+        |s| s.set_topology(cfg).map(|_| ()),
+    );
+    let mut cfg = topology(TopologyMode::Gateways, &[]);
+    cfg.site_tags
+        .insert("eu-west".to_owned(), ["EU!".to_owned()].into());
+    assert_refused(
+        &mut s,
+        "invalid site tag name \"EU!\": use 1 to 63 characters from a-z, 0-9 and '-', not starting or ending with '-'",
+        |s| s.set_topology(cfg).map(|_| ()),
+    );
+    let mut cfg = topology(TopologyMode::Gateways, &[]);
+    cfg.residency = vec![ResidencyRule { tag: String::new() }];
+    let err = s.set_topology(cfg).expect_err("empty tag");
+    assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+}
+
+#[test]
+fn a_state_stored_before_topology_modes_loads_as_full_mesh() {
+    let s = state();
+    let stored = json(&s);
+    assert!(!stored.contains("topology"), "defaults are not written");
+    let back: State = serde_json::from_str(&stored).expect("loads");
+    assert_eq!(back.topology(), &TopologyConfig::default());
 }

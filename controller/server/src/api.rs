@@ -16,7 +16,7 @@ use tracing::{info, warn};
 use weft_controller_core::policy::{
     self as core_policy, Decision, PolicyError, PolicyErrors, Protocol, Verdict,
 };
-use weft_controller_core::{Error as CoreError, ErrorKind, Labels, Registration, State, netmap};
+use weft_controller_core::{Error as CoreError, ErrorKind, Labels, Registration, State};
 use weft_proto::convert::{InvalidMessage, parse_endpoint, parse_key, parse_net};
 use weft_proto::pb::{
     self, admin_service_server::AdminService, agent_service_server::AgentService,
@@ -515,70 +515,114 @@ fn dry_run_pb(
     }
 }
 
-/// Reports older than this (seconds) are left out of path computation.
-const STALE_REPORT_SECS: u64 = 25;
-
-/// The path between two nodes, computed (full mesh) from the site links
-/// the agents' latest probes measured (reports of the last
-/// [`STALE_REPORT_SECS`] only).
-fn trace_route(
-    state: &State,
-    statuses: &std::collections::BTreeMap<String, NodeStatus>,
-    from: &str,
-    to: &str,
-) -> Result<pb::TraceRouteResponse, Status> {
+/// A member by node name or id, external peer name, or an overlay address
+/// (the member holding it: its own address or a workload prefix it
+/// advertises, longest prefix first).
+fn find_member(state: &State, what: &str) -> Result<weft_controller_core::Member, Status> {
     use weft_controller_core::Member;
-    use weft_controller_core::topology::{
-        Fabric, Link, Measurements, TopologyConfig, TopologyInput,
+    if let Some(n) = state.node(what) {
+        return Ok(Member::Node(n.id.clone()));
+    }
+    if let Some(p) = state.external_peer(what) {
+        return Ok(Member::ExternalPeer(p.name.clone()));
+    }
+    let addr: Option<IpAddr> = what
+        .parse()
+        .ok()
+        .or_else(|| what.parse::<ipnet::IpNet>().ok().map(|n| n.addr()));
+    let Some(addr) = addr else {
+        return Err(Status::not_found(format!(
+            "{what:?} is not a node, an external peer or an overlay address"
+        )));
     };
-    let node = |name: &str| {
-        state
-            .node(name)
-            .ok_or_else(|| Status::not_found(format!("node {name:?} not found")))
+    let host = |a: IpAddr, v4: std::net::Ipv4Addr, v6: std::net::Ipv6Addr| {
+        a == IpAddr::V4(v4) || a == IpAddr::V6(v6)
     };
-    let (src, dst) = (node(from)?, node(to)?);
-    let site_of_key: std::collections::BTreeMap<&[u8], &str> = state
+    if let Some(n) = state.nodes().find(|n| host(addr, n.ipv4, n.ipv6)) {
+        return Ok(Member::Node(n.id.clone()));
+    }
+    if let Some(p) = state.external_peers().find(|p| host(addr, p.ipv4, p.ipv6)) {
+        return Ok(Member::ExternalPeer(p.name.clone()));
+    }
+    state
         .nodes()
-        .map(|n| (n.public_key.0.as_slice(), n.site.as_str()))
-        .collect();
-    // Agents report every 10 s and within a second of a reachability
-    // change; an older report is from an agent that lost the controller
-    // (maybe over the very link being traced) and says nothing current.
-    let now = now_unix();
-    let probes = statuses
-        .iter()
-        .filter(|(_, st)| now.saturating_sub(st.last_report_unix) <= STALE_REPORT_SECS)
-        .filter_map(|(id, st)| state.node_by_id(id).map(|n| (n, st)));
-    let links = probes.flat_map(|(n, st)| {
-        st.peers.iter().filter_map(|p| {
-            let probe = p.probe.as_ref()?;
-            let peer_site = site_of_key.get(p.public_key.as_slice())?;
-            let link = if probe.reachable && probe.rtt_us > 0 {
-                Link {
-                    latency_us: u32::try_from(probe.rtt_us).unwrap_or(u32::MAX),
-                    loss_ppm: probe.loss_permille.saturating_mul(1000),
-                    up: true,
-                }
-            } else {
-                Link::down()
-            };
-            Some((n.site.clone(), (*peer_site).to_owned(), link))
+        .flat_map(|n| n.advertised.keys().map(move |p| (p, n)))
+        .filter(|(p, _)| p.contains(&addr))
+        .max_by_key(|(p, _)| p.prefix_len())
+        .map(|(_, n)| Member::Node(n.id.clone()))
+        .ok_or_else(|| {
+            Status::not_found(format!(
+                "no node or external peer holds {addr} (not a member's address nor inside an advertised prefix)"
+            ))
         })
-    });
-    let measurements = Measurements::from_probes(links.collect::<Vec<_>>());
-    let input = TopologyInput::from_state(state, &TopologyConfig::default());
-    let fabric = Fabric::build(&input, &measurements, None);
-    let trace = fabric
-        .trace(&Member::Node(src.id.clone()), &Member::Node(dst.id.clone()))
-        .ok_or_else(|| Status::not_found("no such member in the topology"))?;
-    Ok(pb::TraceRouteResponse {
-        hops: trace
-            .hops
+}
+
+fn route_kind(route: &weft_controller_core::topology::SiteRoute) -> &'static str {
+    use weft_controller_core::topology::SiteRoute;
+    match route {
+        SiteRoute::Local => "local",
+        SiteRoute::Direct { .. } => "direct",
+        SiteRoute::Relayed { .. } => "relayed",
+        SiteRoute::NoRoute(_) => "none",
+    }
+}
+
+fn topology_pb(state: &State) -> pb::Topology {
+    use weft_controller_core::topology::TopologyMode;
+    let t = state.topology();
+    pb::Topology {
+        mode: match t.mode {
+            TopologyMode::FullMesh => "full-mesh",
+            TopologyMode::Gateways => "gateways",
+        }
+        .to_owned(),
+        gateways: t
+            .gateways
             .iter()
-            .map(|h| format!("{} ({})", h.name, h.site))
+            .map(|id| state.node_by_id(id).map_or(id.clone(), |n| n.name.clone()))
             .collect(),
-        delivered: trace.delivered,
-        explanation: trace.sites.to_string(),
+        site_tags: t
+            .site_tags
+            .iter()
+            .map(|(site, tags)| {
+                let tags = pb::SiteTags {
+                    tags: tags.iter().cloned().collect(),
+                };
+                (site.clone(), tags)
+            })
+            .collect(),
+        residency: t.residency.iter().map(|r| r.tag.clone()).collect(),
+        revision: state.revision(),
+    }
+}
+
+fn topology_from_pb(
+    t: pb::Topology,
+) -> Result<weft_controller_core::topology::TopologyConfig, Status> {
+    use weft_controller_core::topology::{ResidencyRule, TopologyConfig, TopologyMode};
+    let mode = match t.mode.as_str() {
+        "" | "full-mesh" | "full_mesh" => TopologyMode::FullMesh,
+        "gateways" => TopologyMode::Gateways,
+        other => {
+            return Err(Status::invalid_argument(format!(
+                "invalid Topology: field `mode`: {other:?} is not full-mesh or gateways"
+            )));
+        }
+    };
+    Ok(TopologyConfig {
+        mode,
+        gateways: t.gateways.into_iter().collect(),
+        site_tags: t
+            .site_tags
+            .into_iter()
+            .map(|(site, tags)| (site, tags.tags.into_iter().collect()))
+            .collect(),
+        residency: t
+            .residency
+            .into_iter()
+            .map(|tag| ResidencyRule { tag })
+            .collect(),
+        params: Default::default(),
     })
 }
 
@@ -825,8 +869,8 @@ impl AdminService for AdminApi {
     ) -> Result<Response<pb::NodeConfig>, Status> {
         let name = req.into_inner().name;
         self.controller
-            .read(|s, _| netmap::external_peer_config(s, &name).map(|c| pb::NodeConfig::from(&c)))
-            .map(Response::new)
+            .external_peer_config(&name)
+            .map(|c| Response::new(pb::NodeConfig::from(&c)))
             .ok_or_else(|| Status::not_found(format!("external peer {name:?} not found")))
     }
 
@@ -959,9 +1003,74 @@ impl AdminService for AdminApi {
         req: Request<pb::TraceRouteRequest>,
     ) -> Result<Response<pb::TraceRouteResponse>, Status> {
         let r = req.into_inner();
-        self.controller
-            .read(|s, st| trace_route(s, st, &r.from, &r.to))
-            .map(Response::new)
+        let (src, dst) = self
+            .controller
+            .read(|s, _| Ok::<_, Status>((find_member(s, &r.from)?, find_member(s, &r.to)?)))?;
+        let trace = self
+            .controller
+            .trace(&src, &dst)
+            .ok_or_else(|| Status::not_found("no such member in the topology"))?;
+        Ok(Response::new(pb::TraceRouteResponse {
+            hops: trace
+                .hops
+                .iter()
+                .map(|h| {
+                    let gw = if h.gateway { ", gateway" } else { "" };
+                    format!("{} ({}{gw})", h.name, h.site)
+                })
+                .collect(),
+            delivered: trace.delivered,
+            explanation: trace.sites.to_string(),
+        }))
+    }
+
+    async fn list_routes(
+        &self,
+        _req: Request<pb::ListRoutesRequest>,
+    ) -> Result<Response<pb::ListRoutesResponse>, Status> {
+        let routes = self
+            .controller
+            .site_routes()
+            .into_iter()
+            .map(|t| pb::SiteRouteInfo {
+                kind: route_kind(&t.route).to_owned(),
+                explanation: t.to_string(),
+                from: t.from,
+                to: t.to,
+                hops: t.hops,
+            })
+            .collect();
+        Ok(Response::new(pb::ListRoutesResponse { routes }))
+    }
+
+    async fn get_topology(
+        &self,
+        _req: Request<pb::GetTopologyRequest>,
+    ) -> Result<Response<pb::Topology>, Status> {
+        Ok(Response::new(self.controller.read(|s, _| topology_pb(s))))
+    }
+
+    async fn set_topology(
+        &self,
+        req: Request<pb::Topology>,
+    ) -> Result<Response<pb::Topology>, Status> {
+        let config = topology_from_pb(req.into_inner())?;
+        let (changed, out) = self
+            .controller
+            .mutate("topology", |s| {
+                let changed = s.set_topology(config)?;
+                Ok((changed, topology_pb(s)))
+            })
+            .map_err(status)?;
+        info!(
+            changed,
+            mode = %out.mode,
+            gateways = ?out.gateways,
+            residency = ?out.residency,
+            revision = out.revision,
+            "topology set"
+        );
+        Ok(Response::new(out))
     }
 
     async fn explain_policy(

@@ -10,7 +10,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::sync::watch;
 use tracing::{info, warn};
-use weft_controller_core::{Error as CoreError, State, netmap};
+use weft_controller_core::topology::{
+    Fabric, Link, Measurements, MemberTrace, SiteTrace, TopologyInput, TopologyMode,
+};
+use weft_controller_core::{Error as CoreError, Member, State, netmap};
 use weft_dataplane_core::NodeConfig;
 use weft_proto::pb;
 
@@ -46,12 +49,31 @@ impl std::fmt::Debug for Controller {
     }
 }
 
+/// Reports older than this are ignored by path computation: agents report
+/// every 10 s and within a second of a reachability change, so an older
+/// report is from an agent that lost the controller (maybe over the very
+/// link being measured) and says nothing current.
+pub(crate) const STALE_REPORT_SECS: u64 = 25;
+
+/// Latency changes alone recompute the paths at most this often;
+/// reachability changes (a link or a gateway down or back) at once.
+const LATENCY_RECOMPUTE_SECS: u64 = 5;
+
 struct Inner {
     state: State,
     store: Box<dyn Store + Send>,
     /// Latest config per node; agents' Watch streams subscribe to these.
     configs: BTreeMap<String, watch::Sender<Arc<NodeConfig>>>,
     status: BTreeMap<String, NodeStatus>,
+    /// Configs computed from the state alone (full mesh, policy, kernel
+    /// routes), by node id; gateway mode replaces their peers.
+    base: BTreeMap<String, NodeConfig>,
+    /// Gateway mode: per-member peers from the measured site paths (which
+    /// are also the hysteresis state). `None` in full-mesh mode.
+    fabric: Option<Fabric>,
+    /// What the paths were last computed from, and when (Unix seconds).
+    measurements: Measurements,
+    measured_unix: u64,
 }
 
 /// Unix time now, in seconds.
@@ -69,6 +91,10 @@ impl Controller {
             store,
             configs: BTreeMap::new(),
             status: BTreeMap::new(),
+            base: BTreeMap::new(),
+            fabric: None,
+            measurements: Measurements::default(),
+            measured_unix: 0,
         };
         inner.publish();
         Controller {
@@ -137,6 +163,46 @@ impl Controller {
         s.peers = report.peers;
         s.policy = report.policy;
         s.last_report_unix = now_unix();
+        inner.remeasure(now_unix());
+    }
+
+    /// Lets reports age: recomputes the paths when the fresh reports say
+    /// something new (called every second).
+    pub(crate) fn tick(&self) {
+        self.lock().remeasure(now_unix());
+    }
+
+    /// The members a packet from `from` to `to` crosses, and why: the live
+    /// topology in gateway mode; in full-mesh mode the paths the current
+    /// measurements give.
+    pub(crate) fn trace(&self, from: &Member, to: &Member) -> Option<MemberTrace> {
+        let inner = self.lock();
+        match &inner.fabric {
+            Some(f) => f.trace(from, to),
+            None => inner.full_mesh_view().trace(from, to),
+        }
+    }
+
+    /// The route between every ordered pair of sites, and why.
+    pub(crate) fn site_routes(&self) -> Vec<SiteTrace> {
+        let inner = self.lock();
+        match &inner.fabric {
+            Some(f) => f.paths().trace_all(),
+            None => inner.full_mesh_view().paths().trace_all(),
+        }
+    }
+
+    /// The config of an external peer (plain WireGuard): in gateway mode
+    /// its peers are its site's members, with its site's gateway carrying
+    /// everything remote.
+    pub(crate) fn external_peer_config(&self, name: &str) -> Option<NodeConfig> {
+        let inner = self.lock();
+        let mut cfg = netmap::external_peer_config(&inner.state, name)?;
+        if let Some(f) = &inner.fabric {
+            let member = f.config(&Member::ExternalPeer(name.to_owned()))?;
+            cfg.peers = member.peer_configs();
+        }
+        Some(cfg)
     }
 
     /// Updates a node's endpoint if it changed (persisted).
@@ -152,10 +218,81 @@ impl Controller {
 }
 
 impl Inner {
-    /// Recomputes every node's config and pushes those whose content
-    /// changed; drops the channels of deleted nodes (their streams end).
+    /// Recomputes every node's config from the state and pushes those whose
+    /// content changed.
     fn publish(&mut self) {
-        let configs = netmap::all_node_configs(&self.state);
+        self.base = netmap::all_node_configs(&self.state);
+        let topology = self.state.topology();
+        self.fabric = (topology.mode == TopologyMode::Gateways).then(|| {
+            let input = TopologyInput::from_state(&self.state, topology);
+            let prev = self.fabric.as_ref().map(Fabric::paths);
+            Fabric::build(&input, &self.measurements, prev)
+        });
+        self.push();
+    }
+
+    /// A throwaway full-mesh fabric on the current measurements (for
+    /// traces in full-mesh mode).
+    fn full_mesh_view(&self) -> Fabric {
+        let mut topology = self.state.topology().clone();
+        topology.mode = TopologyMode::FullMesh;
+        let input = TopologyInput::from_state(&self.state, &topology);
+        Fabric::build(&input, &self.measurements, None)
+    }
+
+    /// Takes the fresh reports' measurements; in gateway mode recomputes
+    /// the paths (with hysteresis) and pushes the configs that changed.
+    /// Latency alone is taken at most every [`LATENCY_RECOMPUTE_SECS`].
+    fn remeasure(&mut self, now: u64) {
+        let m = measure(&self.state, &self.status, now);
+        if m == self.measurements {
+            return;
+        }
+        let urgent = !m.same_reachability(&self.measurements);
+        if !urgent && now.saturating_sub(self.measured_unix) < LATENCY_RECOMPUTE_SECS {
+            return;
+        }
+        if urgent {
+            info!(
+                links_down = ?m.down_links(),
+                members_down = ?m.down_members(),
+                "reachability changed"
+            );
+        }
+        self.measurements = m;
+        self.measured_unix = now;
+        let Some(fabric) = &mut self.fabric else {
+            return;
+        };
+        let before = fabric.paths().clone();
+        fabric.handle_measurements(&self.measurements);
+        if *fabric.paths() != before {
+            for t in fabric.paths().trace_all() {
+                if before.trace(&t.from, &t.to).route != t.route {
+                    info!(route = %t, "site path changed");
+                }
+            }
+        }
+        self.push();
+    }
+
+    /// Pushes every node the config it should have now (base config, with
+    /// the fabric's peers in gateway mode) if its content changed; drops the
+    /// channels of deleted nodes (their streams end).
+    fn push(&mut self) {
+        let fabric = self.fabric.as_ref();
+        let configs: BTreeMap<String, NodeConfig> = self
+            .base
+            .iter()
+            .map(|(id, base)| {
+                let mut cfg = base.clone();
+                if let Some(member) = fabric.and_then(|f| f.config(&Member::Node(id.clone()))) {
+                    cfg.peers = member.peer_configs();
+                    cfg.forwarding |= member.forwarding;
+                }
+                (id.clone(), cfg)
+            })
+            .collect();
         self.configs.retain(|id, _| {
             let keep = configs.contains_key(id);
             if !keep {
@@ -193,4 +330,214 @@ fn same_content(a: &NodeConfig, b: &NodeConfig) -> bool {
         && a.node_name == b.node_name
         && a.node_id == b.node_id
         && a.policy == b.policy
+        && a.routes == b.routes
+        && a.forwarding == b.forwarding
+}
+
+/// What the agents' fresh reports (the last [`STALE_REPORT_SECS`]) say:
+/// site links from their probes, and the nodes found down. A node is down
+/// when its agent is not connected and every fresh probe of it (at least
+/// one) goes unanswered.
+fn measure(state: &State, statuses: &BTreeMap<String, NodeStatus>, now: u64) -> Measurements {
+    let by_key: BTreeMap<&[u8], (&str, &str)> = state
+        .nodes()
+        .map(|n| (n.public_key.0.as_slice(), (n.id.as_str(), n.site.as_str())))
+        .collect();
+    let fresh = statuses
+        .iter()
+        .filter(|(_, st)| now.saturating_sub(st.last_report_unix) <= STALE_REPORT_SECS)
+        .filter_map(|(id, st)| state.node_by_id(id).map(|n| (n, st)));
+    let mut links = Vec::new();
+    // Per probed node: (probes, answered).
+    let mut seen: BTreeMap<&str, (u32, u32)> = BTreeMap::new();
+    for (n, st) in fresh {
+        for p in &st.peers {
+            let (Some(probe), Some((peer_id, peer_site))) =
+                (p.probe.as_ref(), by_key.get(p.public_key.as_slice()))
+            else {
+                continue;
+            };
+            if probe.samples == 0 {
+                continue;
+            }
+            let up = probe.reachable && probe.rtt_us > 0;
+            let e = seen.entry(peer_id).or_default();
+            e.0 += 1;
+            e.1 += u32::from(up);
+            let link = if up {
+                Link {
+                    latency_us: u32::try_from(probe.rtt_us).unwrap_or(u32::MAX),
+                    loss_ppm: probe.loss_permille.saturating_mul(1000),
+                    up: true,
+                }
+            } else {
+                Link::down()
+            };
+            links.push((n.site.clone(), (*peer_site).to_owned(), link));
+        }
+    }
+    let mut m = Measurements::from_probes(links);
+    for (id, (probes, answered)) in seen {
+        let connected = statuses.get(id).is_some_and(|s| s.streams > 0);
+        if probes > 0 && answered == 0 && !connected {
+            m.set_down(Member::Node(id.to_owned()), true);
+        }
+    }
+    m
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::IpAddr;
+
+    use weft_controller_core::topology::{TopologyConfig, TopologyMode};
+    use weft_controller_core::{NetworkSettings, Registration};
+    use weft_dataplane_core::Key;
+
+    use super::*;
+    use crate::store::FileStore;
+
+    const NOW: u64 = 1_800_000_000;
+
+    /// Sites a, b, c; nodes a1, a2, b1, c1 (key = [i; 32], id n-<name>).
+    fn state() -> State {
+        let settings =
+            NetworkSettings::with_ipv6_prefix("fd7e:4a1:1234::/48".parse().expect("valid prefix"));
+        let mut s = State::new(settings).expect("valid settings");
+        for (i, (name, site)) in [("a1", "a"), ("a2", "a"), ("b1", "b"), ("c1", "c")]
+            .into_iter()
+            .enumerate()
+        {
+            if s.site(site).is_none() {
+                s.create_site(site, NOW).expect("site");
+            }
+            let token = format!("t{i}");
+            s.create_token(&token, [7; 32], site, NOW, 3_600)
+                .expect("token");
+            let k = u8::try_from(i + 1).expect("small");
+            let reg = Registration {
+                node_id: format!("n-{name}"),
+                token_id: token,
+                secret_hash: [7; 32],
+                name: name.to_owned(),
+                public_key: Key([k; 32]),
+                endpoint: Some(format!("198.18.0.{k}:51820").parse().expect("addr")),
+                cert_fingerprint: [k; 32],
+                labels: Default::default(),
+            };
+            s.register_node(reg, NOW).expect("registers");
+        }
+        s
+    }
+
+    fn probe(key: u8, rtt_ms: u64, reachable: bool) -> pb::PeerStatus {
+        pb::PeerStatus {
+            public_key: vec![key; 32],
+            probe: Some(pb::PeerProbe {
+                rtt_us: if reachable { rtt_ms * 1000 } else { 0 },
+                loss_permille: if reachable { 0 } else { 1000 },
+                reachable,
+                samples: 10,
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn status(peers: Vec<pb::PeerStatus>, at: u64, streams: u32) -> NodeStatus {
+        NodeStatus {
+            streams,
+            last_report_unix: at,
+            peers,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn measure_takes_fresh_reports_and_finds_disconnected_unanswering_nodes_down() {
+        let s = state();
+        let mut st = BTreeMap::new();
+        // a1 probes b1 (down) and c1 (up); c1 probes b1 (down).
+        st.insert(
+            "n-a1".to_owned(),
+            status(vec![probe(3, 0, false), probe(4, 40, true)], NOW, 1),
+        );
+        st.insert("n-c1".to_owned(), status(vec![probe(3, 0, false)], NOW, 1));
+        let m = measure(&s, &st, NOW);
+        assert!(!m.link("a", "b").expect("measured").up);
+        assert_eq!(m.link("a", "c").map(|l| l.latency_us), Some(40_000));
+        assert!(
+            m.is_down(&Member::Node("n-b1".into())),
+            "b1 is not connected"
+        );
+        // Connected to the controller: not declared down.
+        st.insert("n-b1".to_owned(), status(vec![], NOW, 1));
+        assert!(!measure(&s, &st, NOW).is_down(&Member::Node("n-b1".into())));
+        // Reports older than STALE_REPORT_SECS say nothing.
+        let later = NOW + STALE_REPORT_SECS + 1;
+        assert_eq!(measure(&s, &st, later), Measurements::default());
+    }
+
+    #[test]
+    fn gateway_mode_configs_follow_the_measured_paths() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let c = Controller::new(state(), Box::new(FileStore::new(dir.path())));
+        let a2 = c.subscribe("n-a2").expect("a2 subscribes");
+        let a1 = c.subscribe("n-a1").expect("a1 subscribes");
+        let peers = |rx: &watch::Receiver<Arc<NodeConfig>>| -> Vec<String> {
+            rx.borrow().peers.values().map(|p| p.name.clone()).collect()
+        };
+        assert_eq!(peers(&a2), ["a1", "b1", "c1"], "full mesh");
+        c.mutate("topology", |s| {
+            s.set_topology(TopologyConfig {
+                mode: TopologyMode::Gateways,
+                gateways: ["a1", "b1", "c1"].map(str::to_owned).into(),
+                ..Default::default()
+            })
+        })
+        .expect("topology set");
+        assert_eq!(peers(&a2), ["a1"], "a plain member peers with its site");
+        assert!(a1.borrow().forwarding, "the gateway forwards");
+        let b1_v4 = {
+            let inner = c.lock();
+            inner.state.node("b1").expect("b1").ipv4
+        };
+        let routed_via = |rx: &watch::Receiver<Arc<NodeConfig>>| {
+            let cfg = rx.borrow();
+            cfg.peers
+                .values()
+                .find(|p| p.allowed_ips.iter().any(|n| n.contains(&IpAddr::V4(b1_v4))))
+                .map(|p| p.name.clone())
+        };
+        assert_eq!(routed_via(&a1).as_deref(), Some("b1"));
+        // a1 finds b1 unreachable, c1 reaches both: a relays b's traffic via c.
+        let now = now_unix();
+        c.report(
+            "n-a1",
+            pb::ReportRequest {
+                peers: vec![probe(3, 0, false), probe(4, 40, true)],
+                ..Default::default()
+            },
+        );
+        c.report(
+            "n-c1",
+            pb::ReportRequest {
+                peers: vec![probe(3, 50, true), probe(1, 40, true)],
+                ..Default::default()
+            },
+        );
+        assert!(now_unix() - now < STALE_REPORT_SECS);
+        assert_eq!(routed_via(&a1).as_deref(), Some("c1"), "relayed via c");
+        let trace = c
+            .trace(&Member::Node("n-a2".into()), &Member::Node("n-b1".into()))
+            .expect("trace");
+        assert!(trace.delivered, "{trace}");
+        let hops: Vec<&str> = trace.hops.iter().map(|h| h.name.as_str()).collect();
+        assert_eq!(hops, ["a2", "a1", "c1", "b1"], "{trace}");
+        let routes = c.site_routes();
+        let ab = routes
+            .iter()
+            .find(|t| t.from == "a" && t.to == "b")
+            .expect("a -> b");
+        assert!(ab.to_string().contains("relayed via c"), "{ab}");
+    }
 }

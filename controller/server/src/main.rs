@@ -143,6 +143,16 @@ async fn run(args: Args) -> Result<()> {
         controller: controller.clone(),
         ca: ca.clone(),
     };
+    // Reports age even when none arrive (agents cut off): re-measure every
+    // second so that paths stop relying on them.
+    let ticker = controller.clone();
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(std::time::Duration::from_secs(1));
+        loop {
+            every.tick().await;
+            ticker.tick();
+        }
+    });
     let admin_api = AdminApi {
         controller,
         ca: ca.clone(),

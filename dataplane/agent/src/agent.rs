@@ -2,7 +2,7 @@
 //! the config the controller streams; keep forwarding with the last applied
 //! config while the controller is away.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -10,6 +10,7 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
 use tracing::{error, info, warn};
+use weft_dataplane_core::fallback::{effective_peers, fallback_targets};
 use weft_dataplane_core::plan::{apply_peer_actions, plan_peers};
 use weft_dataplane_core::policy_maps;
 use weft_dataplane_core::{Key, NodeConfig, PeerConfig};
@@ -30,6 +31,10 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// How often the agent looks at the policy verdict counters (logged when
 /// they change).
 const POLICY_COUNTERS_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the agent looks at the probes for peers found dead or back.
+const DEAD_PEERS_INTERVAL: Duration = Duration::from_secs(1);
+/// Settled probes a peer needs before the agent may find it dead.
+const DEAD_MIN_SAMPLES: u32 = 3;
 
 /// Flags of agent mode.
 #[derive(Debug, clap::Args)]
@@ -260,11 +265,17 @@ async fn run(args: AgentArgs) -> Result<()> {
             .inspect_err(|e| warn!(error = %format!("{e:#}"), "peer probes unavailable"))
             .ok()
     };
+    let routing = SharedRouting::default();
+    // Peers found dead hand their routes to their fallbacks, whether the
+    // controller is connected or not (the agent may run headless).
+    let dead_peers_task = probes
+        .clone()
+        .map(|p| tokio::spawn(watch_dead_peers(routing.clone(), p, tunnel.clone())));
     let mut applier = Applier {
         tunnel: tunnel.clone(),
         netlink: Netlink::open()?,
         ifname: args.interface.clone(),
-        peers: BTreeMap::new(),
+        routing,
         applied: None,
         state,
         policy,
@@ -299,6 +310,9 @@ async fn run(args: AgentArgs) -> Result<()> {
         );
     }
     if let Some(t) = counters_task {
+        t.abort();
+    }
+    if let Some(t) = dead_peers_task {
         t.abort();
     }
     tunnel.shutdown().await;
@@ -396,8 +410,8 @@ struct Applier {
     tunnel: TunnelHandle,
     netlink: Netlink,
     ifname: String,
-    /// Peers as last applied to the tunnel.
-    peers: BTreeMap<Key, PeerConfig>,
+    /// The tunnel's peers: desired, found dead, applied.
+    routing: SharedRouting,
     applied: Option<NodeConfig>,
     state: StateDir,
     /// The policy datapath on the TUN device; `None` if it could not be
@@ -423,16 +437,14 @@ impl Applier {
         self.netlink
             .apply_interface(&self.ifname, &cfg.addresses, cfg.mtu)
             .await?;
-        let actions = plan_peers(&cfg.peers, &self.peers);
-        if !actions.is_empty() {
-            info!(
-                revision = cfg.revision,
-                changes = actions.len(),
-                "applying peer changes"
-            );
+        {
+            let mut routing = self.routing.lock().await;
+            let dead = dead_peers(self.probes.as_ref(), &cfg.peers);
+            log_fallbacks(&routing.desired, &routing.dead, &cfg.peers, &dead);
+            routing.desired = cfg.peers.clone();
+            routing.dead = dead;
+            routing.sync(&self.tunnel, Some(cfg.revision)).await?;
         }
-        self.tunnel.apply(actions.clone()).await?;
-        apply_peer_actions(&mut self.peers, &actions);
         // Workload prefixes: forwarding on when this node routes for some,
         // then the routes to other nodes' prefixes into the tunnel.
         if cfg.forwarding {
@@ -575,6 +587,122 @@ impl Applier {
     }
 }
 
+/// The tunnel's peers: as the controller wants them, the peers the probes
+/// find dead, and what is applied: the desired peers with each dead peer's
+/// routes moved to its first live fallback ([`effective_peers`]).
+#[derive(Debug, Default)]
+struct PeerRouting {
+    desired: BTreeMap<Key, PeerConfig>,
+    dead: BTreeSet<Key>,
+    /// Peers as last applied to the tunnel.
+    applied: BTreeMap<Key, PeerConfig>,
+}
+
+/// Shared by the applier and [`watch_dead_peers`]; an async lock, held
+/// across the tunnel call so that changes reach the tunnel in order.
+type SharedRouting = Arc<tokio::sync::Mutex<PeerRouting>>;
+
+impl PeerRouting {
+    /// Brings the tunnel's peers to the effective ones, by diff.
+    async fn sync(&mut self, tunnel: &TunnelHandle, revision: Option<u64>) -> Result<()> {
+        let effective = effective_peers(&self.desired, &self.dead);
+        let actions = plan_peers(&effective, &self.applied);
+        if actions.is_empty() {
+            return Ok(());
+        }
+        info!(
+            revision = ?revision,
+            dead_peers = self.dead.len(),
+            changes = actions.len(),
+            "applying peer changes"
+        );
+        tunnel.apply(actions.clone()).await?;
+        apply_peer_actions(&mut self.applied, &actions);
+        Ok(())
+    }
+}
+
+/// The configured peers the probes find dead: at least
+/// [`DEAD_MIN_SAMPLES`] settled probes and none of the recent ones
+/// answered.
+fn dead_peers(
+    probes: Option<&crate::probe::SharedStats>,
+    desired: &BTreeMap<Key, PeerConfig>,
+) -> BTreeSet<Key> {
+    let Some(stats) = probes.and_then(|p| p.lock().ok()) else {
+        return BTreeSet::new();
+    };
+    stats
+        .iter()
+        .filter(|(k, s)| desired.contains_key(k) && s.samples >= DEAD_MIN_SAMPLES && !s.reachable)
+        .map(|(k, _)| *k)
+        .collect()
+}
+
+/// Logs the routes that move to a fallback or back, going from the old
+/// desired peers and dead set to the new ones.
+fn log_fallbacks(
+    old_desired: &BTreeMap<Key, PeerConfig>,
+    old_dead: &BTreeSet<Key>,
+    desired: &BTreeMap<Key, PeerConfig>,
+    dead: &BTreeSet<Key>,
+) {
+    let before = fallback_targets(old_desired, old_dead);
+    let after = fallback_targets(desired, dead);
+    // Peers by name when they have one, else by key.
+    let label = |k: &Key| match desired.get(k) {
+        Some(p) if !p.name.is_empty() => p.name.clone(),
+        Some(_) | None => k.to_string(),
+    };
+    for (from, to) in &after {
+        if before.get(from) != Some(to) {
+            let routes = desired.get(from).map_or(0, |p| p.allowed_ips.len());
+            info!(
+                peer = %from, fallback = %to,
+                "peer {} found dead: its {routes} routes move to {}", label(from), label(to)
+            );
+        }
+    }
+    for (from, p) in desired {
+        if after.contains_key(from) {
+            continue;
+        }
+        if before.contains_key(from) {
+            if dead.contains(from) {
+                info!(peer = %from, "peer {} is still dead but no fallback is live: its routes return to it", label(from));
+            } else {
+                info!(peer = %from, "peer {} is back", label(from));
+            }
+        } else if dead.contains(from) && !old_dead.contains(from) && !p.fallback.is_empty() {
+            info!(peer = %from, "peer {} found dead but no fallback is live: it keeps its routes", label(from));
+        }
+    }
+}
+
+/// Re-applies the peers whenever the set of dead peers changes, whether
+/// the controller is connected or not.
+async fn watch_dead_peers(
+    routing: SharedRouting,
+    probes: crate::probe::SharedStats,
+    tunnel: TunnelHandle,
+) {
+    let mut tick = tokio::time::interval(DEAD_PEERS_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let mut routing = routing.lock().await;
+        let dead = dead_peers(Some(&probes), &routing.desired);
+        if dead == routing.dead {
+            continue;
+        }
+        log_fallbacks(&routing.desired, &routing.dead, &routing.desired, &dead);
+        routing.dead = dead;
+        if let Err(e) = routing.sync(&tunnel, None).await {
+            warn!(error = %format!("{e:#}"), "applying the fallback routes failed");
+        }
+    }
+}
+
 /// Connects, watches and reports forever, reconnecting with backoff.
 async fn controller_loop(applier: &mut Applier, id: &Identity, args: &AgentArgs) -> Result<()> {
     let mut backoff = BACKOFF_MIN;
@@ -713,7 +841,41 @@ async fn report(
 
 #[cfg(test)]
 mod tests {
+    use weft_dataplane_core::probe::ProbeStats;
+
     use super::*;
+
+    #[test]
+    fn a_peer_is_dead_after_enough_unanswered_probes() {
+        let peer = |i: u8| PeerConfig {
+            name: format!("p{i}"),
+            public_key: Key([i; 32]),
+            endpoint: None,
+            allowed_ips: Vec::new(),
+            persistent_keepalive: None,
+            accept_sources: Vec::new(),
+            fallback: Vec::new(),
+        };
+        let desired: BTreeMap<Key, PeerConfig> = (1..=4).map(|i| (Key([i; 32]), peer(i))).collect();
+        let stats = |samples, reachable| ProbeStats {
+            rtt_us: None,
+            loss_permille: 1000,
+            reachable,
+            samples,
+        };
+        let probes = crate::probe::SharedStats::default();
+        probes.lock().expect("not poisoned").extend([
+            (Key([1; 32]), stats(3, false)),  // dead
+            (Key([2; 32]), stats(2, false)),  // too few probes yet
+            (Key([3; 32]), stats(20, true)),  // alive
+            (Key([9; 32]), stats(20, false)), // not a configured peer
+        ]);
+        assert_eq!(
+            dead_peers(Some(&probes), &desired),
+            BTreeSet::from([Key([1; 32])])
+        );
+        assert!(dead_peers(None, &desired).is_empty());
+    }
 
     #[test]
     fn advertisements_parse_with_and_without_labels() {

@@ -1,7 +1,8 @@
 //! Privileged tests (root, network namespaces): `weft-agent wg` against
 //! itself and against wireguard-go, configured with `wg set`, carrying
-//! IPv4 and IPv6 pings. Underlay 198.18.0.0/30, overlay 100.64.0.1-2 and
-//! fd00::1-2 only; every namespace is deleted when the test ends.
+//! IPv4 and IPv6 pings, and three tunnels in a row relaying through the
+//! middle one's kernel. Underlay 198.18.0.0/29, overlay 100.64.0.1-3 and
+//! fd00::1-3 only; every namespace is deleted when the test ends.
 
 use std::fs;
 use std::io::Write as _;
@@ -68,6 +69,74 @@ fn is_root() -> bool {
     run(&["id", "-u"]) == "0" && Path::new("/dev/net/tun").exists()
 }
 
+/// A fresh WireGuard key pair: the private key written to
+/// `<dir>/<name>.key`, and the public key.
+fn keypair(dir: &Path, name: &str) -> (PathBuf, String) {
+    let private = run(&["wg", "genkey"]);
+    let out = output(&["wg", "pubkey"], Some(&private));
+    assert!(out.status.success(), "wg pubkey failed");
+    let key_file = dir.join(format!("{name}.key"));
+    fs::write(&key_file, format!("{private}\n")).unwrap_or_else(|e| panic!("writing key: {e}"));
+    (
+        key_file,
+        String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+    )
+}
+
+/// Starts `cmd` in namespace `ns`, logging to `log`, and waits for the
+/// UAPI socket of `ifname`.
+fn spawn_daemon(ns: &str, ifname: &str, log: &Path, cmd: &[&str]) -> Child {
+    let file = fs::File::create(log).unwrap_or_else(|e| panic!("creating log: {e}"));
+    let child = Command::new("ip")
+        .args(["netns", "exec", ns])
+        .args(cmd)
+        .stdin(Stdio::null())
+        .stdout(file.try_clone().unwrap_or_else(|e| panic!("log fd: {e}")))
+        .stderr(file)
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"));
+    let sock = PathBuf::from(format!("{UAPI_DIR}/{ifname}.sock"));
+    wait_for(
+        &format!("UAPI socket {}", sock.display()),
+        Duration::from_secs(10),
+        || sock.exists(),
+    );
+    child
+}
+
+/// `wg show IF dump` fields of the line of peer `public_key`.
+fn dump_of(ns: &str, ifname: &str, public_key: &str) -> Vec<String> {
+    let dump = run(&["ip", "netns", "exec", ns, "wg", "show", ifname, "dump"]);
+    dump.lines()
+        .skip(1)
+        .map(|l| l.split('\t').map(str::to_owned).collect::<Vec<_>>())
+        .find(|f| f.first().map(String::as_str) == Some(public_key))
+        .unwrap_or_else(|| panic!("no peer line for {public_key} in `wg show dump`:\n{dump}"))
+}
+
+/// Kills the daemons we started (by PID, printing their logs if the test
+/// failed) and deletes the namespaces and UAPI sockets; never panics.
+fn clean_up(daemons: &mut Vec<(Child, PathBuf)>, netns_and_ifnames: &[(&str, &str)], dir: &Path) {
+    for (child, log) in daemons.iter_mut() {
+        // Only our own children, by PID.
+        let _ = child.kill();
+        let _ = child.wait();
+        if std::thread::panicking() {
+            let text = fs::read_to_string(&*log).unwrap_or_default();
+            eprintln!("---- {} ----\n{text}", log.display());
+        }
+    }
+    daemons.clear();
+    for (ns, ifname) in netns_and_ifnames {
+        let _ = Command::new("ip")
+            .args(["netns", "del", ns])
+            .stderr(Stdio::null())
+            .status();
+        let _ = fs::remove_file(format!("{UAPI_DIR}/{ifname}.sock"));
+    }
+    let _ = fs::remove_dir_all(dir);
+}
+
 /// One side of the lab: a namespace, its interface and key pair.
 struct Host {
     ns: String,
@@ -94,12 +163,7 @@ impl Lab {
         let dir = std::env::temp_dir().join(format!("weft-wg-netns-{pid}-{tag}"));
         fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
         let host = |side: &str, underlay, overlay4, overlay6| {
-            let private = run(&["wg", "genkey"]);
-            let out = output(&["wg", "pubkey"], Some(&private));
-            assert!(out.status.success(), "wg pubkey failed");
-            let key_file = dir.join(format!("{side}.key"));
-            fs::write(&key_file, format!("{private}\n"))
-                .unwrap_or_else(|e| panic!("writing key: {e}"));
+            let (key_file, public_key) = keypair(&dir, side);
             Host {
                 ns: format!("wft{pid}{tag}{side}"),
                 ifname: format!("wt{pid}{tag}{side}"),
@@ -107,7 +171,7 @@ impl Lab {
                 overlay4,
                 overlay6,
                 key_file,
-                public_key: String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+                public_key,
             }
         };
         let lab = Lab {
@@ -145,22 +209,8 @@ impl Lab {
     fn spawn(&mut self, side: char, cmd: &[&str]) {
         let h = if side == 'a' { &self.a } else { &self.b };
         let log = self.dir.join(format!("{side}.log"));
-        let file = fs::File::create(&log).unwrap_or_else(|e| panic!("creating log: {e}"));
-        let child = Command::new("ip")
-            .args(["netns", "exec", &h.ns])
-            .args(cmd)
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().unwrap_or_else(|e| panic!("log fd: {e}")))
-            .stderr(file)
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"));
+        let child = spawn_daemon(&h.ns, &h.ifname, &log, cmd);
         self.daemons.push((child, log));
-        let sock = PathBuf::from(format!("{UAPI_DIR}/{}.sock", h.ifname));
-        wait_for(
-            &format!("UAPI socket {}", sock.display()),
-            Duration::from_secs(10),
-            || sock.exists(),
-        );
     }
 
     fn host(&self, side: char) -> (&Host, &Host) {
@@ -173,6 +223,12 @@ impl Lab {
 
     /// Addresses, routes and `wg set` with the other side as the peer.
     fn configure(&self, side: char) {
+        self.configure_with(side, true, None);
+    }
+
+    /// [`Lab::configure`], with or without the peer's endpoint and with a
+    /// persistent keepalive.
+    fn configure_with(&self, side: char, with_endpoint: bool, keepalive: Option<u16>) {
         let (h, peer) = self.host(side);
         let (ns, ifn) = (h.ns.as_str(), h.ifname.as_str());
         run(&["ip", "-n", ns, "link", "set", ifn, "up", "mtu", "1420"]);
@@ -220,7 +276,9 @@ impl Lab {
         let key = h.key_file.to_string_lossy();
         let endpoint = format!("{}:{PORT}", peer.underlay);
         let allowed = format!("{}/32,{}/128", peer.overlay4, peer.overlay6);
-        run(&[
+        let port = PORT.to_string();
+        let keepalive = keepalive.map(|k| k.to_string());
+        let mut cmd = vec![
             "ip",
             "netns",
             "exec",
@@ -229,16 +287,21 @@ impl Lab {
             "set",
             ifn,
             "listen-port",
-            &PORT.to_string(),
+            &port,
             "private-key",
             &key,
             "peer",
             &peer.public_key,
-            "endpoint",
-            &endpoint,
             "allowed-ips",
             &allowed,
-        ]);
+        ];
+        if with_endpoint {
+            cmd.extend(["endpoint", &endpoint]);
+        }
+        if let Some(k) = &keepalive {
+            cmd.extend(["persistent-keepalive", k]);
+        }
+        run(&cmd);
     }
 
     fn ping(&self, from: char, to: &str, count: &str) -> bool {
@@ -259,19 +322,7 @@ impl Lab {
     /// `wg show IF dump` peer line fields for the other side.
     fn peer_dump(&self, side: char) -> Vec<String> {
         let (h, peer) = self.host(side);
-        let dump = run(&[
-            "ip", "netns", "exec", &h.ns, "wg", "show", &h.ifname, "dump",
-        ]);
-        dump.lines()
-            .skip(1)
-            .map(|l| l.split('\t').map(str::to_owned).collect::<Vec<_>>())
-            .find(|f| f.first() == Some(&peer.public_key))
-            .unwrap_or_else(|| {
-                panic!(
-                    "no peer line for {} in `wg show dump`:\n{dump}",
-                    peer.public_key
-                )
-            })
+        dump_of(&h.ns, &h.ifname, &peer.public_key)
     }
 
     /// Asserts the peer has a handshake, traffic both ways and the endpoint.
@@ -319,23 +370,11 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        for (child, log) in &mut self.daemons {
-            // Only our own children, by PID.
-            let _ = child.kill();
-            let _ = child.wait();
-            if std::thread::panicking() {
-                let text = fs::read_to_string(&*log).unwrap_or_default();
-                eprintln!("---- {} ----\n{text}", log.display());
-            }
-        }
-        for h in [&self.a, &self.b] {
-            let _ = Command::new("ip")
-                .args(["netns", "del", &h.ns])
-                .stderr(Stdio::null())
-                .status();
-            let _ = fs::remove_file(format!("{UAPI_DIR}/{}.sock", h.ifname));
-        }
-        let _ = fs::remove_dir_all(&self.dir);
+        let hosts = [
+            (self.a.ns.as_str(), self.a.ifname.as_str()),
+            (self.b.ns.as_str(), self.b.ifname.as_str()),
+        ];
+        clean_up(&mut self.daemons, &hosts, &self.dir);
     }
 }
 
@@ -456,4 +495,288 @@ fn second_daemon_on_the_same_interface_is_refused() {
         Path::new(&format!("{UAPI_DIR}/{ifn}.sock")).exists(),
         "the second daemon removed the first one's socket"
     );
+}
+
+#[test]
+fn persistent_keepalive_opens_the_path_before_any_traffic() {
+    if !is_root() {
+        eprintln!("skipped: needs root and /dev/net/tun");
+        return;
+    }
+    let mut lab = Lab::new("k");
+    lab.spawn('a', &[AGENT, "wg", &lab.a.ifname.clone()]);
+    lab.spawn('b', &[AGENT, "wg", &lab.b.ifname.clone()]);
+    // b does not know a's endpoint: only a packet from a can tell it. a
+    // keeps the path open every 120 s, and must start at once, as
+    // WireGuard does, not after the first interval.
+    lab.configure_with('b', false, None);
+    lab.configure_with('a', true, Some(120));
+    let want = format!("{}:{PORT}", lab.a.underlay);
+    wait_for(
+        "b to learn a's endpoint without traffic",
+        Duration::from_secs(10),
+        || {
+            let f = lab.peer_dump('b');
+            f[2] == want && f[4] != "0"
+        },
+    );
+    // And the path works from b, which was never told where a is.
+    lab.wait_ping('b', "100.64.0.1");
+}
+
+/// One node of [`Chain`].
+struct ChainNode {
+    ns: String,
+    ifname: String,
+    overlay4: &'static str,
+    overlay6: &'static str,
+    key_file: PathBuf,
+    public_key: String,
+}
+
+/// Three namespaces in a row, a — g — b, on two veths (a 198.18.0.1/30 —
+/// 198.18.0.2/30 g 198.18.0.5/30 — 198.18.0.6/30 b), each running
+/// `weft-agent wg`. a and b peer only with g; g forwards between them
+/// through its kernel (TUN in, TUN out). Cleans up like [`Lab`].
+struct Chain {
+    a: ChainNode,
+    g: ChainNode,
+    b: ChainNode,
+    daemons: Vec<(Child, PathBuf)>,
+    dir: PathBuf,
+}
+
+impl Chain {
+    fn new(tag: &str) -> Chain {
+        let pid = std::process::id();
+        let dir = std::env::temp_dir().join(format!("weft-wg-netns-{pid}-{tag}"));
+        fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
+        let node = |side: &str, overlay4, overlay6| {
+            let (key_file, public_key) = keypair(&dir, side);
+            ChainNode {
+                ns: format!("wft{pid}{tag}{side}"),
+                ifname: format!("wt{pid}{tag}{side}"),
+                overlay4,
+                overlay6,
+                key_file,
+                public_key,
+            }
+        };
+        let chain = Chain {
+            a: node("a", "100.64.0.1", "fd00::1"),
+            g: node("g", "100.64.0.3", "fd00::3"),
+            b: node("b", "100.64.0.2", "fd00::2"),
+            daemons: Vec::new(),
+            dir,
+        };
+        // From here on, Drop cleans up whatever exists.
+        for n in [&chain.a, &chain.g, &chain.b] {
+            run(&["ip", "netns", "add", &n.ns]);
+            run(&["ip", "-n", &n.ns, "link", "set", "lo", "up"]);
+        }
+        let links = [
+            (
+                &chain.a,
+                "ul0",
+                "198.18.0.1/30",
+                &chain.g,
+                "ula",
+                "198.18.0.2/30",
+            ),
+            (
+                &chain.g,
+                "ulb",
+                "198.18.0.5/30",
+                &chain.b,
+                "ul0",
+                "198.18.0.6/30",
+            ),
+        ];
+        for (x, xif, xaddr, y, yif, yaddr) in links {
+            run(&[
+                "ip", "-n", &x.ns, "link", "add", xif, "type", "veth", "peer", "name", yif,
+                "netns", &y.ns,
+            ]);
+            for (n, ifn, addr) in [(x, xif, xaddr), (y, yif, yaddr)] {
+                run(&["ip", "-n", &n.ns, "addr", "add", addr, "dev", ifn]);
+                run(&["ip", "-n", &n.ns, "link", "set", ifn, "up"]);
+            }
+        }
+        chain
+    }
+
+    fn start(&mut self) {
+        for n in [&self.a, &self.g, &self.b] {
+            let log = self.dir.join(format!("{}.log", n.ifname));
+            let child = spawn_daemon(&n.ns, &n.ifname, &log, &[AGENT, "wg", &n.ifname]);
+            self.daemons.push((child, log));
+        }
+    }
+
+    /// Addresses, kernel routes into the tunnel for `routes`, and `wg set`
+    /// with `peers`: (peer, its endpoint, its allowed IPs).
+    fn configure(&self, n: &ChainNode, routes: &[&str], peers: &[(&ChainNode, &str, &[&str])]) {
+        let (ns, ifn) = (n.ns.as_str(), n.ifname.as_str());
+        run(&["ip", "-n", ns, "link", "set", ifn, "up", "mtu", "1420"]);
+        let v4 = format!("{}/32", n.overlay4);
+        run(&["ip", "-n", ns, "addr", "add", &v4, "dev", ifn]);
+        let v6 = format!("{}/128", n.overlay6);
+        run(&["ip", "-n", ns, "addr", "add", &v6, "dev", ifn, "nodad"]);
+        for r in routes {
+            run(&["ip", "-n", ns, "route", "add", r, "dev", ifn]);
+        }
+        let key = n.key_file.to_string_lossy();
+        let port = PORT.to_string();
+        let allowed: Vec<String> = peers.iter().map(|(_, _, a)| a.join(",")).collect();
+        let mut cmd = vec![
+            "ip",
+            "netns",
+            "exec",
+            ns,
+            "wg",
+            "set",
+            ifn,
+            "listen-port",
+            &port,
+            "private-key",
+            &key,
+        ];
+        for ((peer, endpoint, _), allowed) in peers.iter().zip(&allowed) {
+            cmd.extend([
+                "peer",
+                peer.public_key.as_str(),
+                "endpoint",
+                endpoint,
+                "allowed-ips",
+                allowed,
+            ]);
+        }
+        run(&cmd);
+    }
+
+    fn ping(&self, from: &ChainNode, to: &str, count: &str) -> bool {
+        succeeds(&[
+            "ip", "netns", "exec", &from.ns, "ping", "-n", "-q", "-c", count, "-W", "1", to,
+        ])
+    }
+
+    fn wait_ping(&self, from: &ChainNode, to: &str) {
+        wait_for(
+            &format!("ping {} -> {to}", from.ifname),
+            Duration::from_secs(20),
+            || self.ping(from, to, "1"),
+        );
+    }
+}
+
+impl Drop for Chain {
+    fn drop(&mut self) {
+        let nodes = [
+            (self.a.ns.as_str(), self.a.ifname.as_str()),
+            (self.g.ns.as_str(), self.g.ifname.as_str()),
+            (self.b.ns.as_str(), self.b.ifname.as_str()),
+        ];
+        clean_up(&mut self.daemons, &nodes, &self.dir);
+    }
+}
+
+#[test]
+fn a_gateway_relays_between_its_peers_through_its_kernel() {
+    if !is_root() {
+        eprintln!("skipped: needs root and /dev/net/tun");
+        return;
+    }
+    let mut chain = Chain::new("r");
+    chain.start();
+    let (a, g, b) = (&chain.a, &chain.g, &chain.b);
+    // a and b route each other's addresses to g, and so accept them from g.
+    chain.configure(
+        a,
+        &[
+            "100.64.0.2/32",
+            "100.64.0.3/32",
+            "fd00::2/128",
+            "fd00::3/128",
+        ],
+        &[(
+            g,
+            "198.18.0.2:51820",
+            &[
+                "100.64.0.3/32",
+                "fd00::3/128",
+                "100.64.0.2/32",
+                "fd00::2/128",
+            ],
+        )],
+    );
+    chain.configure(
+        b,
+        &[
+            "100.64.0.1/32",
+            "100.64.0.3/32",
+            "fd00::1/128",
+            "fd00::3/128",
+        ],
+        &[(
+            g,
+            "198.18.0.5:51820",
+            &[
+                "100.64.0.3/32",
+                "fd00::3/128",
+                "100.64.0.1/32",
+                "fd00::1/128",
+            ],
+        )],
+    );
+    chain.configure(
+        g,
+        &[
+            "100.64.0.1/32",
+            "100.64.0.2/32",
+            "fd00::1/128",
+            "fd00::2/128",
+        ],
+        &[
+            (a, "198.18.0.1:51820", &["100.64.0.1/32", "fd00::1/128"]),
+            (b, "198.18.0.6:51820", &["100.64.0.2/32", "fd00::2/128"]),
+        ],
+    );
+    chain.wait_ping(a, "100.64.0.3");
+    chain.wait_ping(b, "100.64.0.3");
+    // A new namespace does not forward: g drops what is not for itself.
+    assert!(
+        !chain.ping(a, "100.64.0.2", "2"),
+        "a reached b through g with forwarding off"
+    );
+    run(&[
+        "ip",
+        "netns",
+        "exec",
+        &g.ns,
+        "sysctl",
+        "-qw",
+        "net.ipv4.ip_forward=1",
+        "net.ipv6.conf.all.forwarding=1",
+    ]);
+    chain.wait_ping(a, "100.64.0.2");
+    chain.wait_ping(b, "100.64.0.1");
+    chain.wait_ping(a, "fd00::2");
+    chain.wait_ping(b, "fd00::1");
+    // a and b only ever talked to g.
+    for (n, peer) in [(a, g), (b, g)] {
+        let out = run(&[
+            "ip", "netns", "exec", &n.ns, "wg", "show", &n.ifname, "peers",
+        ]);
+        assert_eq!(out, peer.public_key, "peers of {}", n.ifname);
+    }
+    // g's tunnel carried the relayed packets both ways.
+    for peer in [a, b] {
+        let f = dump_of(&g.ns, &g.ifname, &peer.public_key);
+        let num = |i: usize| f[i].parse::<u64>().unwrap_or(0);
+        assert!(
+            num(5) > 0 && num(6) > 0,
+            "no transfer with {}: {f:?}",
+            peer.ifname
+        );
+    }
 }

@@ -54,6 +54,16 @@ pub struct PeerConfig {
     pub allowed_ips: Vec<IpNet>,
     /// Persistent keepalive in seconds, `None` = off.
     pub persistent_keepalive: Option<u16>,
+    /// Sources accepted from this peer besides those routed to it by
+    /// `allowed_ips`: traffic it relays for others (a gateway). They are
+    /// not routed to it. Defaults to none (configs persisted before them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub accept_sources: Vec<IpNet>,
+    /// Peers to move this peer's `allowed_ips` to, the first live one
+    /// first, while this peer is found dead (see [`crate::fallback`]).
+    /// Defaults to none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fallback: Vec<Key>,
 }
 
 #[cfg(test)]
@@ -62,14 +72,39 @@ mod tests {
 
     #[test]
     fn a_config_persisted_before_policy_existed_still_loads() {
-        let json = r#"{"revision":3,"node_id":"n1","node_name":"a1",
-            "addresses":["100.64.0.1/10"],"mtu":1420,"peers":{}}"#;
-        let cfg: NodeConfig = serde_json::from_str(json).expect("old config loads");
+        let key = Key([5; 32]);
+        let json = format!(
+            r#"{{"revision":3,"node_id":"n1","node_name":"a1",
+            "addresses":["100.64.0.1/10"],"mtu":1420,"peers":{{"{key}":{{
+            "name":"b1","public_key":"{key}","endpoint":"198.18.0.2:51820",
+            "allowed_ips":["100.64.0.2/32"],"persistent_keepalive":25}}}}}}"#
+        );
+        let cfg: NodeConfig = serde_json::from_str(&json).expect("old config loads");
         assert_eq!(cfg.policy, PolicyInput::default());
         assert!(cfg.routes.is_empty() && !cfg.forwarding);
-        let again: NodeConfig =
-            serde_json::from_str(&serde_json::to_string(&cfg).expect("serializes"))
-                .expect("round trips");
+        let peer = &cfg.peers[&key];
+        assert!(peer.accept_sources.is_empty() && peer.fallback.is_empty());
+        // Empty new fields are left out, so older agents read new configs.
+        let text = serde_json::to_string(&cfg).expect("serializes");
+        assert!(!text.contains("accept_sources") && !text.contains("fallback"));
+        let again: NodeConfig = serde_json::from_str(&text).expect("round trips");
         assert_eq!(again, cfg);
+    }
+
+    #[test]
+    fn accepted_sources_and_fallbacks_round_trip() {
+        let key = Key([5; 32]);
+        let peer = PeerConfig {
+            name: "g1".into(),
+            public_key: key,
+            endpoint: None,
+            allowed_ips: vec!["100.64.0.2/32".parse().expect("valid")],
+            persistent_keepalive: None,
+            accept_sources: vec!["100.64.8.0/24".parse().expect("valid")],
+            fallback: vec![Key([6; 32])],
+        };
+        let text = serde_json::to_string(&peer).expect("serializes");
+        let again: PeerConfig = serde_json::from_str(&text).expect("loads");
+        assert_eq!(again, peer);
     }
 }

@@ -97,6 +97,8 @@ mod tests {
             )),
             allowed_ips: vec![IpNet::from(IpAddr::V4(Ipv4Addr::new(100, 64, 0, seed)))],
             persistent_keepalive: keepalive,
+            accept_sources: Vec::new(),
+            fallback: Vec::new(),
         }
     }
 

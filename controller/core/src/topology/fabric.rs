@@ -80,8 +80,8 @@ pub struct PeerRoutes {
 }
 
 impl MemberConfig {
-    /// The peers in today's dataplane shape: allowed IPs = routes. The
-    /// accepted sources and fallbacks are not carried.
+    /// The peers as the dataplane configures them: allowed IPs = routes,
+    /// with the accepted sources and the fallback list.
     pub fn peer_configs(&self) -> BTreeMap<Key, PeerConfig> {
         self.peers
             .iter()
@@ -92,6 +92,8 @@ impl MemberConfig {
                     endpoint: p.endpoint,
                     allowed_ips: p.routes.clone(),
                     persistent_keepalive: p.persistent_keepalive,
+                    accept_sources: p.accept_sources.clone(),
+                    fallback: p.fallback.clone(),
                 };
                 (*k, peer)
             })

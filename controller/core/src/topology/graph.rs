@@ -71,6 +71,32 @@ impl Measurements {
         self.down.contains(member)
     }
 
+    /// Whether both say the same links are up and the same members down
+    /// (latency and loss aside).
+    pub fn same_reachability(&self, other: &Measurements) -> bool {
+        self.down == other.down
+            && self.links.len() == other.links.len()
+            && self
+                .links
+                .iter()
+                .zip(&other.links)
+                .all(|((ka, a), (kb, b))| ka == kb && a.up == b.up)
+    }
+
+    /// The links measured down, as "a-b".
+    pub fn down_links(&self) -> Vec<String> {
+        self.links
+            .iter()
+            .filter(|(_, l)| !l.up)
+            .map(|((a, b), _)| format!("{a}-{b}"))
+            .collect()
+    }
+
+    /// The members found down.
+    pub fn down_members(&self) -> Vec<String> {
+        self.down.iter().map(ToString::to_string).collect()
+    }
+
     /// Site links from probes between members, given as (site of one end,
     /// site of the other, what the probe saw): a pair of sites is up when
     /// any probe between them is up; its latency and loss are the medians
@@ -158,6 +184,25 @@ impl Default for PathParams {
             switch_percent: 20,
             switch_min_gain_us: 2_000,
         }
+    }
+}
+
+impl PathParams {
+    /// Refuses parameters that cannot work, naming the field.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.switch_percent > 100 {
+            return Err(format!(
+                "switch_percent {} is over 100",
+                self.switch_percent
+            ));
+        }
+        if self.max_loss_ppm == 0 || self.max_loss_ppm > 1_000_000 {
+            return Err(format!(
+                "max_loss_ppm {} is not in 1..=1000000",
+                self.max_loss_ppm
+            ));
+        }
+        Ok(())
     }
 }
 

@@ -53,6 +53,7 @@ pub enum TopologyMode {
 
 /// The operator's topology settings for a network.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct TopologyConfig {
     /// Full mesh or gateways.
     pub mode: TopologyMode,
@@ -64,6 +65,13 @@ pub struct TopologyConfig {
     pub residency: Vec<ResidencyRule>,
     /// Path costs and hysteresis.
     pub params: PathParams,
+}
+
+impl TopologyConfig {
+    /// Whether these are the defaults (full mesh, nothing set).
+    pub fn is_default(&self) -> bool {
+        *self == TopologyConfig::default()
+    }
 }
 
 /// A node or external peer as topology sees it.
@@ -104,7 +112,8 @@ pub struct TopologyInput {
 }
 
 impl TopologyInput {
-    /// The input for a state and the operator's topology settings.
+    /// The input for a state with these topology settings (usually
+    /// `state.topology()`).
     pub fn from_state(state: &State, config: &TopologyConfig) -> Self {
         let host = |v4, v6| vec![IpNet::V4(Ipv4Net::from(v4)), IpNet::V6(Ipv6Net::from(v6))];
         let nodes = state.nodes().map(|n| MemberSpec {
@@ -113,7 +122,10 @@ impl TopologyInput {
             site: n.site.clone(),
             public_key: n.public_key,
             endpoint: n.endpoint,
-            prefixes: host(n.ipv4, n.ipv6),
+            prefixes: host(n.ipv4, n.ipv6)
+                .into_iter()
+                .chain(n.advertised.keys().copied())
+                .collect(),
             gateway: config.gateways.contains(&n.id),
         });
         let external = state.external_peers().map(|p| MemberSpec {

@@ -110,26 +110,29 @@ impl Engine {
     async fn handle_command(&mut self, cmd: Command) {
         match cmd {
             Command::Apply(actions, done) => {
-                let mut added = Vec::new();
+                let mut kick = Vec::new();
                 for action in actions {
                     match action {
                         PeerAction::Upsert(cfg) => {
-                            if self.peers.slot_of(&cfg.public_key).is_none() {
-                                added.push(cfg.public_key);
+                            let key = cfg.public_key;
+                            if self.peers.upsert(cfg) {
+                                kick.push(key);
                             }
-                            self.peers.upsert(cfg);
                         }
                         PeerAction::Remove(key) => self.peers.remove(&key),
                     }
                 }
                 let _ = done.send(());
-                self.initiate_handshakes(&added).await;
+                let slots: Vec<u32> = kick.iter().filter_map(|k| self.peers.slot_of(k)).collect();
+                self.initiate_handshakes(&slots).await;
             }
             Command::Peers(reply) => {
                 let _ = reply.send(self.peers.stats().into_iter().map(|(s, _)| s).collect());
             }
             Command::Uapi(req, reply) => {
-                let _ = reply.send(self.handle_uapi(req));
+                let (answer, kick) = self.handle_uapi(req);
+                let _ = reply.send(answer);
+                self.initiate_handshakes(&kick).await;
             }
             // Handled by `run`.
             Command::Shutdown(done) => {
@@ -138,21 +141,29 @@ impl Engine {
         }
     }
 
-    /// Starts a handshake with new peers at once rather than on their first
-    /// packet: a peer that still holds a session with our previous run
-    /// (agent restarted) would otherwise keep sending on it until its own
-    /// rekey timeout, and traffic towards us would stall that long.
-    async fn initiate_handshakes(&mut self, keys: &[Key]) {
+    /// Starts a handshake at once, rather than on the first packet or
+    /// keepalive, with peers that have an endpoint and no session:
+    ///
+    /// - new peers: a peer that still holds a session with our previous
+    ///   run (agent restarted) would otherwise keep sending on it until its
+    ///   own rekey timeout, and traffic towards us would stall that long;
+    /// - peers whose persistent keepalive was just turned on (as WireGuard
+    ///   does): a node behind NAT opens its mappings now, not one keepalive
+    ///   interval later.
+    ///
+    /// Sends one initiation each (none if a handshake is already under
+    /// way); boringtun's timers retry as usual.
+    async fn initiate_handshakes(&mut self, slots: &[u32]) {
         let Engine {
             udp, peers, dst, ..
         } = self;
-        for key in keys {
-            let Some(slot) = peers.slot_of(key) else {
+        for slot in slots {
+            let Some((peer, _)) = peers.get_mut(*slot) else {
                 continue;
             };
-            let Some((peer, _)) = peers.get_mut(slot) else {
+            if peer.has_session() {
                 continue;
-            };
+            }
             let (Some(tunn), Some(ep)) = (peer.tunn.as_mut(), peer.endpoint) else {
                 continue;
             };
@@ -163,25 +174,30 @@ impl Engine {
         }
     }
 
-    fn handle_uapi(&mut self, req: Request) -> String {
+    /// The UAPI answer, and the peers to start a handshake with.
+    fn handle_uapi(&mut self, req: Request) -> (String, Vec<u32>) {
         match req {
             Request::Get => {
                 let key = self.peers.identity().map(|i| i.private_key);
-                uapi::format_get(key, self.udp.port(), self.fwmark, &self.peers.stats())
+                let answer =
+                    uapi::format_get(key, self.udp.port(), self.fwmark, &self.peers.stats());
+                (answer, Vec::new())
             }
             Request::Set(set) => match self.apply_set(&set) {
-                Ok(()) => uapi::format_errno(0),
+                Ok(kick) => (uapi::format_errno(0), kick),
                 Err(e) => {
                     tracing::warn!(error = %e, "UAPI set failed");
-                    uapi::format_errno(e.raw_os_error().unwrap_or(libc::EIO))
+                    let errno = e.raw_os_error().unwrap_or(libc::EIO);
+                    (uapi::format_errno(errno), Vec::new())
                 }
             },
         }
     }
 
     /// Binds a new listen port first (the only step that can fail), then
-    /// applies the rest: a failed request changes nothing.
-    fn apply_set(&mut self, set: &SetRequest) -> io::Result<()> {
+    /// applies the rest: a failed request changes nothing. Returns the
+    /// peers whose persistent keepalive it turned on.
+    fn apply_set(&mut self, set: &SetRequest) -> io::Result<Vec<u32>> {
         if let Some(port) = set.listen_port
             && port != self.udp.port()
         {
@@ -192,8 +208,7 @@ impl Engine {
             // Stored and reported only: we do not set SO_MARK yet.
             self.fwmark = mark;
         }
-        self.peers.apply_set(set);
-        Ok(())
+        Ok(self.peers.apply_set(set))
     }
 
     /// Packets from the TUN device: route, segment, encrypt, send.
@@ -446,18 +461,18 @@ async fn decrypt_datagram(
             !is_cookie
         }
         TunnResult::WriteToTunnelV4(packet, addr) => {
-            if routes.source_allowed(addr.into(), slot) {
+            if peer.source_allowed(routes, slot, addr.into()) {
                 gro.push(packet);
             } else {
-                tracing::debug!(peer = %peer.public_key, source = %addr, "dropped packet: source not in allowed IPs");
+                tracing::debug!(peer = %peer.public_key, source = %addr, "dropped packet: source neither in allowed IPs nor accepted");
             }
             true
         }
         TunnResult::WriteToTunnelV6(packet, addr) => {
-            if routes.source_allowed(addr.into(), slot) {
+            if peer.source_allowed(routes, slot, addr.into()) {
                 gro.push(packet);
             } else {
-                tracing::debug!(peer = %peer.public_key, source = %addr, "dropped packet: source not in allowed IPs");
+                tracing::debug!(peer = %peer.public_key, source = %addr, "dropped packet: source neither in allowed IPs nor accepted");
             }
             true
         }

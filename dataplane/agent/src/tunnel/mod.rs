@@ -14,7 +14,8 @@
 //! Packet path: TUN → longest-prefix match of the destination over the
 //! peers' allowed IPs → encapsulate → UDP to the peer's endpoint. UDP →
 //! peer by handshake identity or receiver index → decapsulate → source
-//! address must route back to that peer → TUN.
+//! address must route back to that peer, or be among the sources accepted
+//! from it (traffic a gateway relays) → TUN.
 //!
 //! Both directions work in batches: the TUN device does TCP segmentation
 //! offload (we cut its 64 KB super-segments ourselves, `offload.rs`, and
@@ -24,6 +25,7 @@
 mod eventloop;
 mod offload;
 mod peers;
+mod sources;
 mod tun;
 pub(crate) mod uapi;
 mod udp;
@@ -125,8 +127,9 @@ pub(crate) async fn start(settings: TunnelSettings) -> anyhow::Result<TunnelHand
 
 impl TunnelHandle {
     /// Adds peers, updates known ones in place (sessions kept; the `Tunn` is
-    /// recreated only when the keepalive changes; an `endpoint` of `None`
-    /// keeps the learnt one), removes peers and their sessions at once.
+    /// recreated only when the keepalive changes; the configured endpoint
+    /// replaces a learnt one only when the configured one changed), removes
+    /// peers and their sessions at once.
     pub(crate) async fn apply(&self, actions: Vec<PeerAction>) -> anyhow::Result<()> {
         let (tx, rx) = oneshot::channel();
         self.send(Command::Apply(actions, tx)).await?;

@@ -2,8 +2,9 @@
 //! (allowed IPs → peer), and the config changes the control API and the
 //! UAPI make to it. No I/O here; the event loop drives it.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
+use std::hash::{BuildHasher, Hash, Hasher};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -15,6 +16,7 @@ use ipnet::IpNet;
 use weft_dataplane_core::{Key, PeerConfig};
 
 use super::PeerStats;
+use super::sources::SourceRanges;
 use super::uapi::SetRequest;
 
 /// Handshake initiations per second we answer before asking for cookies
@@ -26,18 +28,21 @@ const SLOT_MASK: u32 = 0x00ff_ffff;
 
 /// A routing table from prefixes to values, longest prefix first.
 ///
-/// A linear scan: fine for tens of peers; a trie replaces it when we need
-/// thousands of prefixes.
+/// Per address family, one hash table per prefix length in use, longest
+/// first: a lookup costs one probe per distinct prefix length (a few in
+/// practice: /32, /128 and the workload prefixes' lengths), whatever the
+/// number of prefixes, and allocates nothing.
 #[derive(Debug, Clone)]
 pub(crate) struct AllowedIps<T> {
-    /// Sorted by prefix length, longest first; prefixes are unique.
-    entries: Vec<(IpNet, T)>,
+    v4: Levels<u32, T>,
+    v6: Levels<u128, T>,
 }
 
 impl<T> Default for AllowedIps<T> {
     fn default() -> Self {
         AllowedIps {
-            entries: Vec::new(),
+            v4: Levels::default(),
+            v6: Levels::default(),
         }
     }
 }
@@ -46,36 +51,169 @@ impl<T: Copy + PartialEq> AllowedIps<T> {
     /// Maps `net` (truncated to its network address) to `value`; returns the
     /// previous owner of exactly that prefix.
     pub(crate) fn insert(&mut self, net: IpNet, value: T) -> Option<T> {
-        let net = net.trunc();
-        if let Some(e) = self.entries.iter_mut().find(|(n, _)| *n == net) {
-            return Some(std::mem::replace(&mut e.1, value));
+        match net {
+            IpNet::V4(n) => self.v4.insert(u32::from(n.addr()), n.prefix_len(), value),
+            IpNet::V6(n) => self.v6.insert(u128::from(n.addr()), n.prefix_len(), value),
         }
-        let pos = self
-            .entries
-            .iter()
-            .position(|(n, _)| n.prefix_len() < net.prefix_len())
-            .unwrap_or(self.entries.len());
-        self.entries.insert(pos, (net, value));
-        None
+    }
+
+    /// Removes `net` if it maps to `value`.
+    pub(crate) fn remove(&mut self, net: IpNet, value: T) {
+        match net {
+            IpNet::V4(n) => self.v4.remove(u32::from(n.addr()), n.prefix_len(), value),
+            IpNet::V6(n) => self.v6.remove(u128::from(n.addr()), n.prefix_len(), value),
+        }
     }
 
     /// Removes every prefix that maps to `value`.
     pub(crate) fn remove_value(&mut self, value: T) {
-        self.entries.retain(|(_, v)| *v != value);
+        self.v4.remove_value(value);
+        self.v6.remove_value(value);
     }
 
     /// Longest-prefix match.
     pub(crate) fn lookup(&self, ip: IpAddr) -> Option<T> {
-        self.entries
-            .iter()
-            .find(|(n, _)| n.contains(&ip))
-            .map(|(_, v)| *v)
+        match ip {
+            IpAddr::V4(a) => self.v4.lookup(u32::from(a)),
+            IpAddr::V6(a) => self.v6.lookup(u128::from(a)),
+        }
     }
 
     /// WireGuard's anti-spoofing rule: a packet decrypted from `value` may
     /// only carry a source address that routes back to `value`.
     pub(crate) fn source_allowed(&self, src: IpAddr, value: T) -> bool {
         self.lookup(src) == Some(value)
+    }
+}
+
+/// Address bits of one family.
+trait Bits: Copy + Eq + Hash {
+    const WIDTH: u8;
+    /// The first `len` bits, the others zero.
+    fn mask(self, len: u8) -> Self;
+}
+
+impl Bits for u32 {
+    const WIDTH: u8 = 32;
+    fn mask(self, len: u8) -> Self {
+        // `len` is a valid prefix length; a shift by the full width is 0.
+        Self::MAX
+            .checked_shl(u32::from(Self::WIDTH.saturating_sub(len)))
+            .map_or(0, |m| self & m)
+    }
+}
+
+impl Bits for u128 {
+    const WIDTH: u8 = 128;
+    fn mask(self, len: u8) -> Self {
+        // `len` is a valid prefix length; a shift by the full width is 0.
+        Self::MAX
+            .checked_shl(u32::from(Self::WIDTH.saturating_sub(len)))
+            .map_or(0, |m| self & m)
+    }
+}
+
+/// The prefixes of one family: (prefix length, network bits → value),
+/// longest length first; no empty table.
+#[derive(Debug, Clone)]
+struct Levels<A, T> {
+    levels: Vec<(u8, HashMap<A, T, IntHash>)>,
+}
+
+impl<A, T> Default for Levels<A, T> {
+    fn default() -> Self {
+        Levels { levels: Vec::new() }
+    }
+}
+
+impl<A: Bits, T: Copy + PartialEq> Levels<A, T> {
+    fn insert(&mut self, addr: A, len: u8, value: T) -> Option<T> {
+        let i = match self.levels.iter().position(|(l, _)| *l <= len) {
+            Some(i) if self.levels[i].0 == len => i,
+            Some(i) => {
+                self.levels.insert(i, (len, HashMap::default()));
+                i
+            }
+            None => {
+                self.levels.push((len, HashMap::default()));
+                self.levels.len() - 1
+            }
+        };
+        self.levels[i].1.insert(addr.mask(len), value)
+    }
+
+    fn remove(&mut self, addr: A, len: u8, value: T) {
+        let Some(i) = self.levels.iter().position(|(l, _)| *l == len) else {
+            return;
+        };
+        let map = &mut self.levels[i].1;
+        if map.get(&addr.mask(len)) == Some(&value) {
+            map.remove(&addr.mask(len));
+        }
+        if map.is_empty() {
+            self.levels.remove(i);
+        }
+    }
+
+    fn remove_value(&mut self, value: T) {
+        for (_, map) in &mut self.levels {
+            map.retain(|_, v| *v != value);
+        }
+        self.levels.retain(|(_, map)| !map.is_empty());
+    }
+
+    fn lookup(&self, addr: A) -> Option<T> {
+        self.levels
+            .iter()
+            .find_map(|(len, map)| map.get(&addr.mask(*len)).copied())
+    }
+}
+
+/// Hashing for address bits: a multiply-xorshift mix (the keys come from
+/// the configuration, not from the network, so no keyed hash is needed).
+#[derive(Debug, Clone, Copy, Default)]
+struct IntHash;
+
+impl BuildHasher for IntHash {
+    type Hasher = IntHasher;
+    fn build_hasher(&self) -> IntHasher {
+        IntHasher(0)
+    }
+}
+
+#[derive(Debug)]
+struct IntHasher(u64);
+
+impl IntHasher {
+    fn mix(&mut self, v: u64) {
+        // murmur3's 64-bit finaliser over the running state.
+        let mut h = self.0.rotate_left(31) ^ v;
+        h ^= h >> 33;
+        h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+        h ^= h >> 33;
+        h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+        h ^= h >> 33;
+        self.0 = h;
+    }
+}
+
+impl Hasher for IntHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut b = [0u8; 8];
+            b[..chunk.len()].copy_from_slice(chunk);
+            self.mix(u64::from_le_bytes(b));
+        }
+    }
+    fn write_u32(&mut self, n: u32) {
+        self.mix(u64::from(n));
+    }
+    fn write_u128(&mut self, n: u128) {
+        self.mix(n as u64);
+        self.mix((n >> 64) as u64);
     }
 }
 
@@ -115,8 +253,14 @@ pub(crate) struct Peer {
     pub(crate) public_key: Key,
     /// Current endpoint: configured, or learnt from authenticated packets.
     pub(crate) endpoint: Option<SocketAddr>,
+    /// The endpoint last configured (`upsert` or UAPI), so that a config
+    /// repeating it does not undo roaming.
+    configured_endpoint: Option<SocketAddr>,
     /// As configured (truncated, deduplicated), in insertion order.
     pub(crate) allowed_ips: Vec<IpNet>,
+    /// Sources accepted from this peer besides its allowed IPs (relayed
+    /// traffic); not routed to it and not shown by `wg show`.
+    accept_sources: SourceRanges,
     pub(crate) keepalive: Option<u16>,
     pub(crate) preshared_key: Option<Key>,
     /// `None` while we have no private key.
@@ -146,7 +290,9 @@ impl Peer {
             name: String::new(),
             public_key,
             endpoint: None,
+            configured_endpoint: None,
             allowed_ips: Vec::new(),
+            accept_sources: SourceRanges::default(),
             keepalive: None,
             preshared_key: None,
             tunn: None,
@@ -154,6 +300,20 @@ impl Peer {
             rx_bytes: 0,
             last_handshake: None,
         }
+    }
+
+    /// Whether a packet decrypted from this peer (in `slot`) may carry
+    /// the source `src`: it routes back to the peer (WireGuard's rule), or
+    /// the peer relays it (accepted sources). No allocation.
+    pub(crate) fn source_allowed(&self, routes: &AllowedIps<u32>, slot: u32, src: IpAddr) -> bool {
+        routes.source_allowed(src, slot) || self.accept_sources.contains(src)
+    }
+
+    /// Whether the peer has a session (a completed handshake) to send on.
+    pub(crate) fn has_session(&self) -> bool {
+        self.tunn
+            .as_ref()
+            .is_some_and(|t| t.time_since_last_handshake().is_some())
     }
 
     /// Records the time of the current session's handshake, if any, so it
@@ -301,41 +461,54 @@ impl Peers {
         slot
     }
 
-    /// Routes `net` to `slot`, taking it away from any other peer (a prefix
-    /// belongs to one peer, as in WireGuard).
-    fn add_allowed_ip(&mut self, slot: u32, net: IpNet) {
-        let net = net.trunc();
-        if let Some(old) = self.routes.insert(net, slot)
-            && old != slot
-            && let Some(p) = self.by_slot.get_mut(&old)
-        {
-            p.allowed_ips.retain(|n| *n != net);
+    /// Routes `nets` to `slot`, taking them away from any other peer (a
+    /// prefix belongs to one peer, as in WireGuard). Linear in the number
+    /// of prefixes, however many move between peers.
+    fn add_allowed_ips(&mut self, slot: u32, nets: &[IpNet]) {
+        let mut added = Vec::new();
+        let mut taken: HashMap<u32, HashSet<IpNet>> = HashMap::new();
+        for net in nets {
+            let net = net.trunc();
+            match self.routes.insert(net, slot) {
+                Some(old) if old == slot => {} // already ours
+                Some(old) => {
+                    taken.entry(old).or_default().insert(net);
+                    added.push(net);
+                }
+                None => added.push(net),
+            }
         }
-        if let Some(p) = self.by_slot.get_mut(&slot)
-            && !p.allowed_ips.contains(&net)
-        {
-            p.allowed_ips.push(net);
+        for (old, nets) in taken {
+            if let Some(p) = self.by_slot.get_mut(&old) {
+                p.allowed_ips.retain(|n| !nets.contains(n));
+            }
+        }
+        if let Some(p) = self.by_slot.get_mut(&slot) {
+            p.allowed_ips.extend(added);
         }
     }
 
     fn clear_allowed_ips(&mut self, slot: u32) {
-        self.routes.remove_value(slot);
         if let Some(p) = self.by_slot.get_mut(&slot) {
-            p.allowed_ips.clear();
+            for net in p.allowed_ips.drain(..) {
+                self.routes.remove(net, slot);
+            }
         }
     }
 
     /// Changes keepalive and PSK of a peer; rebuilds its `Tunn` only when
     /// one of them actually changed (boringtun has no setter for them).
+    /// Returns whether the keepalive went from off to on.
     fn set_keepalive_psk(
         &mut self,
         slot: u32,
         keepalive: Option<Option<u16>>,
         psk: Option<Option<Key>>,
-    ) {
+    ) -> bool {
         let Some(p) = self.by_slot.get_mut(&slot) else {
-            return;
+            return false;
         };
+        let was_on = p.keepalive.is_some();
         let mut changed = false;
         if let Some(k) = keepalive.map(|k| k.filter(|s| *s != 0))
             && p.keepalive != k
@@ -352,28 +525,43 @@ impl Peers {
         if changed {
             p.rebuild_tunn(self.identity.as_ref(), slot);
         }
+        !was_on && p.keepalive.is_some()
     }
 
     /// Adds a peer or updates it in place (its sessions survive unless the
-    /// keepalive changes). An `endpoint` of `None` keeps the learnt one.
-    pub(crate) fn upsert(&mut self, cfg: PeerConfig) {
+    /// keepalive changes). The configured endpoint replaces the current
+    /// one only when it differs from the one configured before (or the
+    /// peer is new): otherwise the endpoint learnt from the peer's
+    /// authenticated packets stays, since a peer behind NAT is reachable
+    /// only there. An `endpoint` of `None` keeps the current one.
+    ///
+    /// Returns whether to start a handshake now: the peer is new, or its
+    /// persistent keepalive was turned on (its sessions are gone).
+    pub(crate) fn upsert(&mut self, cfg: PeerConfig) -> bool {
+        let new = !self.by_key.contains_key(&cfg.public_key);
         let slot = self.slot_or_insert(cfg.public_key);
         if let Some(p) = self.by_slot.get_mut(&slot) {
             p.name = cfg.name;
-            if cfg.endpoint.is_some() {
-                p.endpoint = cfg.endpoint.map(normalise);
+            let configured = cfg.endpoint.map(normalise);
+            if configured.is_some() && configured != p.configured_endpoint {
+                p.endpoint = configured;
             }
+            p.configured_endpoint = configured;
+            p.accept_sources = SourceRanges::new(&cfg.accept_sources);
         }
-        self.set_keepalive_psk(slot, Some(cfg.persistent_keepalive), None);
+        let keepalive_on = self.set_keepalive_psk(slot, Some(cfg.persistent_keepalive), None);
         self.clear_allowed_ips(slot);
-        for net in cfg.allowed_ips {
-            self.add_allowed_ip(slot, net);
-        }
+        self.add_allowed_ips(slot, &cfg.allowed_ips);
+        new || keepalive_on
     }
 
     /// Applies a validated UAPI `set` (everything but the listen port, which
-    /// the event loop owns).
-    pub(crate) fn apply_set(&mut self, req: &SetRequest) {
+    /// the event loop owns). Returns the slots of the peers whose
+    /// persistent keepalive it turned on (new peers included): like
+    /// WireGuard, the caller starts a handshake with them at once. (Slots
+    /// of peers the request removed again may be among them.)
+    pub(crate) fn apply_set(&mut self, req: &SetRequest) -> Vec<u32> {
+        let mut keepalive_on = Vec::new();
         if let Some(key) = req.private_key {
             self.set_private_key(key);
         }
@@ -393,15 +581,19 @@ impl Peers {
                 && let Some(p) = self.by_slot.get_mut(&slot)
             {
                 p.endpoint = Some(normalise(ep));
+                p.configured_endpoint = p.endpoint;
             }
-            self.set_keepalive_psk(slot, ps.persistent_keepalive.map(Some), ps.preshared_key);
+            if self.set_keepalive_psk(slot, ps.persistent_keepalive.map(Some), ps.preshared_key)
+                && !keepalive_on.contains(&slot)
+            {
+                keepalive_on.push(slot);
+            }
             if ps.replace_allowed_ips {
                 self.clear_allowed_ips(slot);
             }
-            for net in &ps.allowed_ips {
-                self.add_allowed_ip(slot, *net);
-            }
+            self.add_allowed_ips(slot, &ps.allowed_ips);
         }
+        keepalive_on
     }
 }
 
@@ -418,6 +610,8 @@ pub(crate) fn normalise(addr: SocketAddr) -> SocketAddr {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
     use crate::tunnel::uapi::PeerSet;
 
@@ -477,6 +671,194 @@ mod tests {
             endpoint: None,
             allowed_ips: ips.iter().map(|s| net(s)).collect(),
             persistent_keepalive: keepalive,
+            accept_sources: Vec::new(),
+            fallback: Vec::new(),
+        }
+    }
+
+    fn endpoint(s: &str) -> SocketAddr {
+        s.parse().expect("test endpoint")
+    }
+
+    #[test]
+    fn relayed_sources_pass_only_from_the_peer_that_relays_them() {
+        let mut peers = Peers::new(Some(Key([7; 32])), 5);
+        // Peer 1, a gateway, relays the other site's 100.64.8.0/24 and
+        // fd00:8::/64; peer 2 is a plain member of our site.
+        let mut gateway = cfg(1, &["100.64.0.1/32", "fd00::1/128"], None);
+        gateway.accept_sources = vec![net("100.64.8.0/24"), net("fd00:8::/64")];
+        peers.upsert(gateway);
+        peers.upsert(cfg(2, &["100.64.0.2/32", "100.64.9.0/24"], None));
+        let g = peers.slot_of(&Key([1; 32])).expect("gateway");
+        let m = peers.slot_of(&Key([2; 32])).expect("member");
+        let allowed = |peers: &mut Peers, slot: u32, src: &str| {
+            let (peer, routes) = peers.get_mut(slot).expect("peer");
+            peer.source_allowed(routes, slot, ip(src))
+        };
+        // Relayed sources from the gateway pass.
+        assert!(allowed(&mut peers, g, "100.64.8.77"));
+        assert!(allowed(&mut peers, g, "fd00:8::9"));
+        // Its own address too, as before.
+        assert!(allowed(&mut peers, g, "100.64.0.1"));
+        // The same sources from another peer are refused.
+        assert!(!allowed(&mut peers, m, "100.64.8.77"));
+        assert!(!allowed(&mut peers, m, "fd00:8::9"));
+        // Spoofed sources are still dropped, from either.
+        for src in ["100.64.7.1", "100.64.0.3", "fd00:9::1", "198.18.0.1"] {
+            assert!(!allowed(&mut peers, g, src), "{src} from the gateway");
+            assert!(!allowed(&mut peers, m, src), "{src} from the member");
+        }
+        // Accepted sources are not routed to the gateway.
+        assert_eq!(peers.route(ip("100.64.8.77")), None);
+        // `wg show` shows allowed IPs (routes) only.
+        let stats = peers.stats();
+        let shown = stats
+            .iter()
+            .find(|(s, _)| s.public_key == Key([1; 32]))
+            .expect("gateway stats");
+        assert_eq!(
+            shown.0.allowed_ips,
+            vec![net("100.64.0.1/32"), net("fd00::1/128")]
+        );
+        // An update without them withdraws them.
+        peers.upsert(cfg(1, &["100.64.0.1/32"], None));
+        assert!(!allowed(&mut peers, g, "100.64.8.77"));
+    }
+
+    #[test]
+    fn a_repeated_config_keeps_the_learnt_endpoint() {
+        let mut peers = Peers::new(Some(Key([7; 32])), 5);
+        let configured = |ep: Option<&str>| PeerConfig {
+            endpoint: ep.map(endpoint),
+            ..cfg(1, &["100.64.0.1/32"], None)
+        };
+        let current = |peers: &mut Peers| {
+            let slot = peers.slot_of(&Key([1; 32])).expect("peer");
+            peers.get_mut(slot).expect("peer").0.endpoint
+        };
+        let roam = |peers: &mut Peers, to: &str| {
+            let slot = peers.slot_of(&Key([1; 32])).expect("peer");
+            // What the event loop does on an authenticated packet.
+            peers.get_mut(slot).expect("peer").0.endpoint = Some(endpoint(to));
+        };
+        peers.upsert(configured(Some("198.18.0.2:51820")));
+        assert_eq!(current(&mut peers), Some(endpoint("198.18.0.2:51820")));
+        // The peer's packets come from its NAT mapping.
+        roam(&mut peers, "198.18.5.5:40000");
+        peers.upsert(configured(Some("198.18.0.2:51820")));
+        assert_eq!(current(&mut peers), Some(endpoint("198.18.5.5:40000")));
+        // No endpoint configured: the learnt one stays too.
+        peers.upsert(configured(None));
+        assert_eq!(current(&mut peers), Some(endpoint("198.18.5.5:40000")));
+        // A configured endpoint that changed (here: from none) is applied.
+        peers.upsert(configured(Some("198.18.0.2:51820")));
+        assert_eq!(current(&mut peers), Some(endpoint("198.18.0.2:51820")));
+        roam(&mut peers, "198.18.5.5:40000");
+        peers.upsert(configured(Some("198.18.0.3:51820")));
+        assert_eq!(current(&mut peers), Some(endpoint("198.18.0.3:51820")));
+        // An explicit UAPI `set` applies its endpoint whatever was learnt.
+        roam(&mut peers, "198.18.5.5:40000");
+        peers.apply_set(&SetRequest {
+            peers: vec![PeerSet {
+                endpoint: Some(endpoint("198.18.0.3:51820")),
+                ..PeerSet::new(Key([1; 32]))
+            }],
+            ..SetRequest::default()
+        });
+        assert_eq!(current(&mut peers), Some(endpoint("198.18.0.3:51820")));
+    }
+
+    #[test]
+    fn new_peers_and_keepalives_turned_on_ask_for_a_handshake() {
+        let mut peers = Peers::new(Some(Key([7; 32])), 5);
+        assert!(peers.upsert(cfg(1, &["100.64.0.1/32"], None)), "new peer");
+        assert!(!peers.upsert(cfg(1, &["100.64.0.1/32"], None)), "unchanged");
+        assert!(
+            peers.upsert(cfg(1, &["100.64.0.1/32"], Some(25))),
+            "keepalive on"
+        );
+        assert!(
+            !peers.upsert(cfg(1, &["100.64.0.1/32"], Some(25))),
+            "still on"
+        );
+        assert!(
+            !peers.upsert(cfg(1, &["100.64.0.1/32"], None)),
+            "keepalive off"
+        );
+        let slot = peers.slot_of(&Key([1; 32])).expect("peer");
+        assert!(!peers.get_mut(slot).expect("peer").0.has_session());
+
+        // UAPI: only a keepalive turned on, as in WireGuard.
+        let set = |key: u8, keepalive: Option<u16>| SetRequest {
+            peers: vec![PeerSet {
+                persistent_keepalive: keepalive,
+                ..PeerSet::new(Key([key; 32]))
+            }],
+            ..SetRequest::default()
+        };
+        assert!(
+            peers.apply_set(&set(2, None)).is_empty(),
+            "new, no keepalive"
+        );
+        let kicked = peers.apply_set(&set(3, Some(25)));
+        assert_eq!(kicked, vec![peers.slot_of(&Key([3; 32])).expect("peer 3")]);
+        assert!(peers.apply_set(&set(3, Some(25))).is_empty(), "unchanged");
+        assert!(peers.apply_set(&set(3, Some(0))).is_empty(), "turned off");
+        assert_eq!(peers.apply_set(&set(2, Some(10))).len(), 1, "turned on");
+    }
+
+    /// A naive longest-prefix match over (prefix, value), later entries
+    /// replacing earlier ones for the same prefix.
+    fn naive(entries: &[(IpNet, u32)], ip: IpAddr) -> Option<u32> {
+        let mut owner: BTreeMap<IpNet, u32> = BTreeMap::new();
+        for (n, v) in entries {
+            owner.insert(n.trunc(), *v);
+        }
+        owner
+            .into_iter()
+            .filter(|(n, _)| n.contains(&ip))
+            .max_by_key(|(n, _)| n.prefix_len())
+            .map(|(_, v)| v)
+    }
+
+    fn any_entry() -> impl Strategy<Value = (IpNet, u32)> {
+        let v4 = (0u32..64, 0u8..=32).prop_map(|(a, l)| {
+            // Few distinct high bits, so that prefixes nest and collide.
+            let addr = std::net::Ipv4Addr::from(0x6440_0000 | (a.rotate_right(6)));
+            IpNet::V4(ipnet::Ipv4Net::new(addr, l).expect("valid length"))
+        });
+        let v6 = (0u128..64, 0u8..=128).prop_map(|(a, l)| {
+            let addr = std::net::Ipv6Addr::from((0xfd00_u128 << 112) | a.rotate_right(6));
+            IpNet::V6(ipnet::Ipv6Net::new(addr, l).expect("valid length"))
+        });
+        (prop_oneof![v4, v6], 0u32..4)
+    }
+
+    proptest! {
+        #[test]
+        fn lookup_agrees_with_a_naive_longest_prefix_match(
+            entries in prop::collection::vec(any_entry(), 0..30),
+            removed in prop::option::of(0u32..4),
+        ) {
+            let mut t = AllowedIps::default();
+            for (n, v) in &entries {
+                t.insert(*n, *v);
+            }
+            let mut kept = entries.clone();
+            if let Some(r) = removed {
+                t.remove_value(r);
+                // Removing a value removes the prefixes it owns last.
+                let mut owner: BTreeMap<IpNet, u32> = BTreeMap::new();
+                for (n, v) in &entries {
+                    owner.insert(n.trunc(), *v);
+                }
+                kept = owner.into_iter().filter(|(_, v)| *v != r).collect();
+            }
+            for (n, _) in &entries {
+                for probe in [n.network(), n.broadcast()] {
+                    prop_assert_eq!(t.lookup(probe), naive(&kept, probe), "{}", probe);
+                }
+            }
         }
     }
 
