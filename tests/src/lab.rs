@@ -20,6 +20,15 @@
 //! the WAN router sends packets for site LANs (198.19.0.0/16) through a TUN
 //! device owned by the delay line, which writes them back after the delay;
 //! a policy rule routes packets coming out of it normally.
+//!
+//! Variations: sites can have different node counts
+//! ([`LabBuilder::site_nodes`]); a NAT site ([`LabBuilder::nat_sites`])
+//! hides its LAN behind its router (nftables masquerade out of `wan0`, table
+//! `weft_lab`; the WAN router has no route to that LAN, so its nodes can
+//! reach out but nothing outside can reach them first); and the WAN path
+//! between two sites can be cut while both keep their uplinks
+//! ([`Lab::cut_pair`], blackhole rules at pref 50 in the WAN router, before
+//! the delay line's rules at pref 100 and 200).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -42,6 +51,9 @@ use crate::process::{self, ProcRecord};
 pub const CONTROLLER_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 2);
 /// TUN device of the WAN delay line, in the WAN router namespace.
 pub const WAN_DELAY_DEV: &str = "wdly";
+/// Priority of the WAN router's rules that cut a site pair: before the
+/// delay line's (100 and 200), so cut packets never enter it.
+pub const CUT_PREF: u32 = 50;
 /// Controller's gRPC port.
 pub const CONTROLLER_PORT: u16 = 7443;
 /// WireGuard listen port of every agent.
@@ -59,6 +71,10 @@ pub struct SiteRec {
     pub index: u8,
     /// One-way WAN delay of the uplink in ms (0 = none).
     pub delay_ms: u32,
+    /// Whether the site's router masquerades its LAN (the WAN router has no
+    /// route to it).
+    #[serde(default)]
+    pub nat: bool,
 }
 
 /// One node running (or meant to run) `weft-agent`.
@@ -130,6 +146,9 @@ pub struct LabState {
     /// The controller's `--ipv4-pool`, if not the default.
     #[serde(default)]
     pub ipv4_pool: Option<String>,
+    /// Site pairs whose WAN path is cut ([`Lab::cut_pair`]), each sorted.
+    #[serde(default)]
+    pub cut_pairs: Vec<(String, String)>,
 }
 
 /// Result of `ping -c N`.
@@ -254,6 +273,8 @@ impl NodeInfo {
 pub struct LabBuilder {
     sites: Vec<String>,
     nodes_per_site: usize,
+    site_nodes: BTreeMap<String, usize>,
+    nat_sites: BTreeSet<String>,
     delays_ms: Vec<u32>,
     mesh_timeout: Duration,
     start_agents: bool,
@@ -267,6 +288,8 @@ impl Default for LabBuilder {
         LabBuilder {
             sites: vec!["a".into(), "b".into(), "c".into()],
             nodes_per_site: 2,
+            site_nodes: BTreeMap::new(),
+            nat_sites: BTreeSet::new(),
             delays_ms: vec![5, 10, 15],
             mesh_timeout: Duration::from_secs(60),
             start_agents: true,
@@ -285,10 +308,38 @@ impl LabBuilder {
         self
     }
 
-    /// Nodes per site (default 2): `<site>1`, `<site>2`, ...
+    /// Nodes per site (default 2): `<site>1`, `<site>2`, ... Sites given a
+    /// count by [`LabBuilder::site_nodes`] keep theirs.
     pub fn nodes_per_site(mut self, n: usize) -> Self {
         self.nodes_per_site = n;
         self
+    }
+
+    /// Sites with their own node counts, in order, e.g.
+    /// `&[("a", 2), ("b", 3), ("c", 2)]`: sets the site list (like
+    /// [`LabBuilder::sites`]) and each site's count.
+    pub fn site_nodes(mut self, sites: &[(&str, usize)]) -> Self {
+        self.sites = sites.iter().map(|(s, _)| (*s).to_owned()).collect();
+        self.site_nodes = sites.iter().map(|(s, n)| ((*s).to_owned(), *n)).collect();
+        self
+    }
+
+    /// Sites behind NAT: the site router masquerades its LAN out of `wan0`
+    /// (nftables table `weft_lab` in the router namespace) and drops
+    /// connections opened from outside, and the WAN router has no route to
+    /// the LAN. Its nodes reach the WAN and the controller; nothing outside
+    /// reaches them until they sent something. Their agents still announce
+    /// their LAN address as endpoint.
+    pub fn nat_sites(mut self, sites: &[&str]) -> Self {
+        self.nat_sites = sites.iter().map(|s| (*s).to_owned()).collect();
+        self
+    }
+
+    fn nodes_of(&self, site: &str) -> usize {
+        self.site_nodes
+            .get(site)
+            .copied()
+            .unwrap_or(self.nodes_per_site)
     }
 
     /// One-way WAN delay per site uplink in ms, in site order (default 5, 10, 15;
@@ -350,6 +401,13 @@ impl LabBuilder {
             "the lab needs root (network namespaces); run as root"
         );
         ensure!(!self.sites.is_empty(), "a lab needs at least one site");
+        for nat in &self.nat_sites {
+            ensure!(
+                self.sites.contains(nat),
+                "NAT site {nat:?} is not one of the sites {:?}",
+                self.sites
+            );
+        }
         for stale in clean_stale_test_labs() {
             eprintln!("weft lab: tore down stale test lab {stale} (its test process died)");
         }
@@ -391,6 +449,7 @@ impl LabBuilder {
                 procs: Vec::new(),
                 netem: false,
                 ipv4_pool: self.ipv4_pool.clone(),
+                cut_pairs: Vec::new(),
             },
             children: BTreeMap::new(),
             owned: true,
@@ -660,6 +719,56 @@ impl Lab {
             .lines()
             .map(|l| l.trim().to_owned())
             .filter(|l| !l.is_empty())
+            .collect()
+    }
+
+    /// Per-peer transfer from `wg show <iface> transfer`: public key ->
+    /// (received bytes, sent bytes). Empty when it fails.
+    pub fn wg_transfer(&self, node: &str) -> BTreeMap<String, (u64, u64)> {
+        self.wg_show(node, "transfer")
+            .lines()
+            .filter_map(|l| {
+                let mut f = l.split_whitespace();
+                let key = f.next()?.to_owned();
+                let rx = f.next()?.parse().ok()?;
+                let tx = f.next()?.parse().ok()?;
+                Some((key, (rx, tx)))
+            })
+            .collect()
+    }
+
+    /// Packets through a node's TUN device (`ip -s -j link show`): (received,
+    /// sent) as the kernel counts them: `received` is what the tunnel wrote
+    /// to the device (decrypted packets arriving), `sent` what the kernel
+    /// routed into it (packets leaving into the tunnel). (0, 0) when the
+    /// device is absent.
+    pub fn tun_packets(&self, node: &str) -> (u64, u64) {
+        let n = self.node(node);
+        let out = self.exec(&n.ns, &["ip", "-s", "-j", "link", "show", "dev", &n.iface]);
+        let json: serde_json::Value =
+            serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+        let stats = &json[0]["stats64"];
+        (
+            stats["rx"]["packets"].as_u64().unwrap_or(0),
+            stats["tx"]["packets"].as_u64().unwrap_or(0),
+        )
+    }
+
+    /// Node names by WireGuard public key, from the controller.
+    pub fn names_by_key(&self) -> BTreeMap<String, String> {
+        self.nodes()
+            .into_iter()
+            .map(|n| (n.public_key, n.name))
+            .collect()
+    }
+
+    /// Names of the nodes a node's interface has as peers (keys the
+    /// controller does not know are listed as keys).
+    pub fn wg_peer_names(&self, node: &str) -> BTreeSet<String> {
+        let names = self.names_by_key();
+        self.wg_peers(node)
+            .into_iter()
+            .map(|k| names.get(&k).cloned().unwrap_or(k))
             .collect()
     }
 
@@ -1070,6 +1179,7 @@ impl Lab {
     /// with them put back.
     pub fn restore_link(&self, site: &str) {
         let i = self.site_index(site).unwrap_or_else(|e| panic!("{e:#}"));
+        let nat = self.st.sites.iter().any(|s| s.name == site && s.nat);
         let router = self.ns(site);
         let wan = self.ns("wan");
         let res = (|| -> Result<()> {
@@ -1078,10 +1188,133 @@ impl Lab {
             // Routes via a gateway vanish when their link goes down; the link
             // may need a moment before the gateway is reachable again.
             crate::try_wait_until(Duration::from_secs(5), "uplink routes restored", || {
-                uplink_routes(&router, &wan, i).is_ok()
+                uplink_routes(&router, &wan, i, nat).is_ok()
             })
         })();
         res.unwrap_or_else(|e| panic!("restoring link of site {site}: {e:#}"));
+    }
+
+    /// Cuts the WAN path between sites `a` and `b` only (both directions):
+    /// blackhole rules in the WAN router, before the delay line, drop what
+    /// one site sends the other (from and to uplink and LAN addresses).
+    /// Both keep their uplinks to the other sites and the controller.
+    /// Undone by [`Lab::restore_pair`]; recorded in the state.
+    pub fn cut_pair(&mut self, a: &str, b: &str) {
+        self.try_cut_pair(a, b)
+            .unwrap_or_else(|e| panic!("cutting {a} <-> {b}: {e:#}"));
+    }
+
+    /// [`Lab::cut_pair`] returning an error (cutting a cut pair is one).
+    pub fn try_cut_pair(&mut self, a: &str, b: &str) -> Result<()> {
+        let key = self.pair_key(a, b)?;
+        ensure!(
+            !self.st.cut_pairs.contains(&key),
+            "the path {a} <-> {b} is already cut"
+        );
+        let (i, j) = (self.site_index(a)?, self.site_index(b)?);
+        // Record first: teardown deletes the namespace anyway, and a
+        // half-made cut can be restored (missing rules are skipped).
+        self.st.cut_pairs.push(key);
+        self.save_state();
+        let wan = self.ns("wan");
+        for rule in pair_rules(i, j) {
+            netns::ip(&wan, &format!("rule add {rule}"))?;
+        }
+        Ok(())
+    }
+
+    /// Restores the WAN path between `a` and `b` cut by [`Lab::cut_pair`]:
+    /// removes exactly the rules it added.
+    pub fn restore_pair(&mut self, a: &str, b: &str) {
+        self.try_restore_pair(a, b)
+            .unwrap_or_else(|e| panic!("restoring {a} <-> {b}: {e:#}"));
+    }
+
+    /// [`Lab::restore_pair`] returning an error (restoring a pair that is
+    /// not cut is one).
+    pub fn try_restore_pair(&mut self, a: &str, b: &str) -> Result<()> {
+        let key = self.pair_key(a, b)?;
+        ensure!(
+            self.st.cut_pairs.contains(&key),
+            "the path {a} <-> {b} is not cut (cut: {:?})",
+            self.st.cut_pairs
+        );
+        let (i, j) = (self.site_index(a)?, self.site_index(b)?);
+        let wan = self.ns("wan");
+        let listed = netns::exec_in(
+            &wan,
+            &["ip", "-4", "rule", "show", "pref", &CUT_PREF.to_string()],
+        )?;
+        let listed = String::from_utf8_lossy(&listed.stdout).into_owned();
+        for rule in pair_rules(i, j) {
+            // `ip rule show` prints "from X to Y blackhole".
+            let shown = rule
+                .trim_end_matches(&format!(" pref {CUT_PREF}"))
+                .to_owned();
+            if listed.lines().any(|l| l.contains(&shown)) {
+                netns::ip(&wan, &format!("rule del {rule}"))?;
+            }
+        }
+        self.st.cut_pairs.retain(|p| *p != key);
+        self.save_state();
+        Ok(())
+    }
+
+    /// Site pairs whose WAN path is cut now.
+    pub fn cut_pairs(&self) -> &[(String, String)] {
+        &self.st.cut_pairs
+    }
+
+    fn pair_key(&self, a: &str, b: &str) -> Result<(String, String)> {
+        self.site_index(a)?;
+        self.site_index(b)?;
+        ensure!(a != b, "a site pair needs two sites, got {a} twice");
+        Ok(if a < b {
+            (a.to_owned(), b.to_owned())
+        } else {
+            (b.to_owned(), a.to_owned())
+        })
+    }
+
+    /// Names of a site's nodes, in order.
+    pub fn site_nodes(&self, site: &str) -> Vec<String> {
+        self.st
+            .nodes
+            .iter()
+            .filter(|n| n.site == site)
+            .map(|n| n.name.clone())
+            .collect()
+    }
+
+    /// Masquerades site `i`'s LAN out of `wan0` and drops connections
+    /// opened from the WAN towards the LAN (nftables table `weft_lab` in
+    /// the router namespace, removed with it).
+    fn masquerade(&self, router: &str, i: u8) -> Result<()> {
+        let ruleset = [
+            "table ip weft_lab {".to_owned(),
+            "  chain masq {".to_owned(),
+            "    type nat hook postrouting priority srcnat; policy accept;".to_owned(),
+            format!("    oifname \"wan0\" ip saddr 198.19.{i}.0/24 masquerade"),
+            "  }".to_owned(),
+            "  chain from_wan {".to_owned(),
+            "    type filter hook forward priority filter; policy accept;".to_owned(),
+            "    iifname \"wan0\" ct state established,related accept".to_owned(),
+            "    iifname \"wan0\" drop".to_owned(),
+            "  }".to_owned(),
+            "}".to_owned(),
+        ]
+        .join("\n")
+            + "\n";
+        let path = self.st.dir.join(format!("nft-{router}.conf"));
+        fs::write(&path, ruleset).with_context(|| format!("writing {}", path.display()))?;
+        let path_s = path.display().to_string();
+        let out = netns::exec_in(router, &["nft", "-f", &path_s])?;
+        ensure!(
+            out.status.success(),
+            "nft -f {path_s} in {router} failed (is nftables installed? scripts/setup.sh): {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Ok(())
     }
 
     fn site_index(&self, site: &str) -> Result<u8> {
@@ -1101,7 +1334,15 @@ impl Lab {
             .sites
             .iter()
             .filter(|s| s.delay_ms > 0)
-            .map(|s| format!("198.19.{}.0/24={}", s.index, s.delay_ms))
+            .flat_map(|s| {
+                let mut r = vec![format!("198.19.{}.0/24={}", s.index, s.delay_ms)];
+                // A NAT site's traffic crosses the WAN from and to its
+                // uplink address.
+                if s.nat {
+                    r.push(format!("198.18.{}.0/24={}", s.index, s.delay_ms));
+                }
+                r
+            })
             .collect();
         if rules.is_empty() {
             return Ok(());
@@ -1136,6 +1377,23 @@ impl Lab {
             &format!("rule add iif {WAN_DELAY_DEV} lookup main pref 100"),
         )?;
         netns::ip(&wan, "rule add to 198.19.0.0/16 lookup 200 pref 200")?;
+        let nat_uplinks: Vec<u8> = self
+            .st
+            .sites
+            .iter()
+            .filter(|s| s.nat && s.delay_ms > 0)
+            .map(|s| s.index)
+            .collect();
+        for i in nat_uplinks {
+            netns::ip(
+                &wan,
+                &format!("route add 198.18.{i}.0/24 dev {WAN_DELAY_DEV} table 200"),
+            )?;
+            netns::ip(
+                &wan,
+                &format!("rule add to 198.18.{i}.0/24 lookup 200 pref 200"),
+            )?;
+        }
         self.st.netem = true;
         Ok(())
     }
@@ -1185,16 +1443,21 @@ impl Lab {
             netns::ip(&wan, &format!("link set {to_site} up"))?;
             netns::ip(&router, &format!("addr add 198.18.{index}.2/24 dev wan0"))?;
             netns::ip(&router, "link set wan0 up")?;
-            uplink_routes(&router, &wan, index)?;
+            let nat = b.nat_sites.contains(site);
+            uplink_routes(&router, &wan, index, nat)?;
             netns::ip(&router, "link add br0 type bridge")?;
             netns::ip(&router, &format!("addr add 198.19.{index}.1/24 dev br0"))?;
             netns::ip(&router, "link set br0 up")?;
+            if nat {
+                self.masquerade(&router, index)?;
+            }
             self.st.sites.push(SiteRec {
                 name: site.clone(),
                 index,
                 delay_ms,
+                nat,
             });
-            for n in 1..=b.nodes_per_site {
+            for n in 1..=b.nodes_of(site) {
                 let name = format!("{site}{n}");
                 let iface = format!("wf{}{name}", self.st.tag);
                 ensure!(
@@ -1430,8 +1693,9 @@ fn fresh_prefix() -> Result<(String, String)> {
     bail!("could not find an unused lab prefix")
 }
 
-/// Routes between site `i`'s router and the WAN router.
-fn uplink_routes(router: &str, wan: &str, i: u8) -> Result<()> {
+/// Routes between site `i`'s router and the WAN router (none from the WAN
+/// router to the LAN of a NAT site).
+fn uplink_routes(router: &str, wan: &str, i: u8, nat: bool) -> Result<()> {
     netns::ip(
         router,
         &format!("route replace 198.19.0.0/16 via 198.18.{i}.1"),
@@ -1440,11 +1704,29 @@ fn uplink_routes(router: &str, wan: &str, i: u8) -> Result<()> {
         router,
         &format!("route replace 198.18.0.0/16 via 198.18.{i}.1"),
     )?;
-    netns::ip(
-        wan,
-        &format!("route replace 198.19.{i}.0/24 via 198.18.{i}.2"),
-    )?;
+    if !nat {
+        netns::ip(
+            wan,
+            &format!("route replace 198.19.{i}.0/24 via 198.18.{i}.2"),
+        )?;
+    }
     Ok(())
+}
+
+/// The WAN router's rules cutting the path between sites `i` and `j`, both
+/// directions, uplink and LAN addresses (a NAT site's traffic leaves with
+/// its uplink address).
+fn pair_rules(i: u8, j: u8) -> Vec<String> {
+    let nets = |k: u8| [format!("198.18.{k}.0/24"), format!("198.19.{k}.0/24")];
+    let mut rules = Vec::new();
+    for (x, y) in [(i, j), (j, i)] {
+        for from in nets(x) {
+            for to in nets(y) {
+                rules.push(format!("from {from} to {to} blackhole pref {CUT_PREF}"));
+            }
+        }
+    }
+    rules
 }
 
 #[cfg(test)]
@@ -1462,6 +1744,25 @@ mod tests {
         assert!((r.loss - 33.3333).abs() < 1e-6, "loss {}", r.loss);
         assert_eq!(r.rtt_avg, Some(Duration::from_micros(1500)));
         assert!(r.reachable());
+    }
+
+    #[test]
+    fn pair_rules_cut_both_directions_and_both_ranges() {
+        let rules = pair_rules(1, 3);
+        assert_eq!(rules.len(), 8);
+        assert!(rules.iter().all(|r| r.ends_with("blackhole pref 50")));
+        for (from, to) in [
+            ("198.19.1.0/24", "198.19.3.0/24"),
+            ("198.19.3.0/24", "198.19.1.0/24"),
+            ("198.18.1.0/24", "198.19.3.0/24"),
+            ("198.18.3.0/24", "198.18.1.0/24"),
+        ] {
+            assert!(
+                rules.contains(&format!("from {from} to {to} blackhole pref 50")),
+                "{from} -> {to} missing in {rules:?}"
+            );
+        }
+        assert!(!rules.iter().any(|r| r.contains(".2.0/24")));
     }
 
     #[test]

@@ -1,7 +1,7 @@
-//! `weft`: developer tool. `weft lab up|status|down|clean` manages a
-//! persistent network-namespace lab (3 sites × 2 nodes, a controller) on
-//! this machine; `weft bench policy` measures what network policy costs on
-//! the overlay path.
+//! `weft`: developer tool. `weft lab up|status|cut|restore|down|clean`
+//! manages a persistent network-namespace lab (3 sites × 2 nodes by default,
+//! a controller) on this machine; `weft bench policy` measures what network
+//! policy costs on the overlay path.
 
 mod bench_policy;
 
@@ -123,6 +123,14 @@ enum LabCmd {
         /// Nodes per site.
         #[arg(long, default_value_t = 2)]
         nodes_per_site: usize,
+        /// Node counts of single sites, SITE=N, comma separated (e.g.
+        /// `a=2,b=3`); other sites get --nodes-per-site.
+        #[arg(long, value_delimiter = ',', value_parser = parse_site_count)]
+        site_nodes: Vec<(String, usize)>,
+        /// Sites behind NAT, comma separated: the site router masquerades its
+        /// LAN and the WAN router has no route to it.
+        #[arg(long, value_delimiter = ',')]
+        nat_sites: Vec<String>,
         /// Seconds to wait for the WireGuard mesh to form.
         #[arg(long, default_value_t = 60)]
         mesh_timeout_secs: u64,
@@ -132,6 +140,21 @@ enum LabCmd {
     },
     /// Show the lab's processes and reprint the connectivity matrix.
     Status,
+    /// Cut the WAN path between two sites (both directions) while both keep
+    /// their uplinks to the other sites and the controller.
+    Cut {
+        /// One site.
+        a: String,
+        /// The other site.
+        b: String,
+    },
+    /// Restore a WAN path cut with `weft lab cut`.
+    Restore {
+        /// One site.
+        a: String,
+        /// The other site.
+        b: String,
+    },
     /// Kill the lab's processes (by recorded PID and start time) and delete
     /// its namespaces and files.
     Down,
@@ -176,16 +199,22 @@ fn lab(cmd: LabCmd) -> Result<()> {
             force,
             sites,
             nodes_per_site,
+            site_nodes,
+            nat_sites,
             mesh_timeout_secs,
             topology_only,
-        } => up(
+        } => up(&UpArgs {
             force,
-            &sites,
+            sites,
             nodes_per_site,
+            site_nodes,
+            nat_sites,
             mesh_timeout_secs,
             topology_only,
-        ),
+        }),
         LabCmd::Status => status(),
+        LabCmd::Cut { a, b } => cut(&a, &b, true),
+        LabCmd::Restore { a, b } => cut(&a, &b, false),
         LabCmd::Down => down(),
         LabCmd::Clean => clean(),
         LabCmd::WanDelay { tun, rules } => weft_tests::wan_delay::run(&tun, &rules),
@@ -217,13 +246,37 @@ fn load(path: &Path) -> Result<LabState> {
     serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", path.display()))
 }
 
-fn up(
+fn parse_site_count(s: &str) -> Result<(String, usize), String> {
+    let (site, n) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected SITE=N, got {s:?}"))?;
+    let n = n
+        .parse()
+        .map_err(|e| format!("bad node count in {s:?}: {e}"))?;
+    Ok((site.to_owned(), n))
+}
+
+#[derive(Debug)]
+struct UpArgs {
     force: bool,
-    sites: &[String],
+    sites: Vec<String>,
     nodes_per_site: usize,
+    site_nodes: Vec<(String, usize)>,
+    nat_sites: Vec<String>,
     mesh_timeout_secs: u64,
     topology_only: bool,
-) -> Result<()> {
+}
+
+fn up(args: &UpArgs) -> Result<()> {
+    let UpArgs {
+        force,
+        ref sites,
+        nodes_per_site,
+        ref site_nodes,
+        ref nat_sites,
+        mesh_timeout_secs,
+        topology_only,
+    } = *args;
     let path = state_file();
     if path.exists() {
         if !force {
@@ -236,13 +289,28 @@ fn up(
         }
         down()?;
     }
-    let sites: Vec<&str> = sites.iter().map(String::as_str).collect();
+    let counts: Vec<(&str, usize)> = sites
+        .iter()
+        .map(|site| {
+            let n = site_nodes
+                .iter()
+                .rev()
+                .find(|(s, _)| s == site)
+                .map_or(nodes_per_site, |(_, n)| *n);
+            (site.as_str(), n)
+        })
+        .collect();
+    if let Some((unknown, _)) = site_nodes.iter().find(|(s, _)| !sites.contains(s)) {
+        bail!("--site-nodes names site {unknown:?}, which is not in --sites {sites:?}");
+    }
+    let nat: Vec<&str> = nat_sites.iter().map(String::as_str).collect();
     println!(
-        "building lab: sites {sites:?}, {nodes_per_site} nodes each (waiting up to {mesh_timeout_secs}s for the mesh)..."
+        "building lab: sites and node counts {counts:?}, NAT sites {nat:?} \
+         (waiting up to {mesh_timeout_secs}s for the mesh)..."
     );
     let lab = Lab::builder()
-        .sites(&sites)
-        .nodes_per_site(nodes_per_site)
+        .site_nodes(&counts)
+        .nat_sites(&nat)
         .mesh_timeout(Duration::from_secs(mesh_timeout_secs))
         .persistent(true)
         .topology_only(topology_only)
@@ -278,6 +346,23 @@ fn print_info(lab: &Lab) {
         println!("WAN one-way delays: {}", delays.join(", "));
     } else {
         println!("WAN delays: none");
+    }
+    let nat: Vec<&str> = st
+        .sites
+        .iter()
+        .filter(|s| s.nat)
+        .map(|s| s.name.as_str())
+        .collect();
+    if !nat.is_empty() {
+        println!("sites behind NAT: {}", nat.join(", "));
+    }
+    if !st.cut_pairs.is_empty() {
+        let cuts: Vec<String> = st
+            .cut_pairs
+            .iter()
+            .map(|(a, b)| format!("{a} <-> {b}"))
+            .collect();
+        println!("cut WAN paths: {}", cuts.join(", "));
     }
     println!("\nnodes:");
     for n in &st.nodes {
@@ -353,6 +438,25 @@ fn underlay_matrix(lab: &Lab) -> String {
     }
     s.push_str(&format!("{ok}/{all} underlay pairs reachable\n"));
     s
+}
+
+fn cut(a: &str, b: &str, cut: bool) -> Result<()> {
+    let path = state_file();
+    if !path.exists() {
+        bail!(
+            "no lab is up ({} missing); run `weft lab up`",
+            path.display()
+        );
+    }
+    let mut lab = Lab::attach(load(&path)?, path, false);
+    if cut {
+        lab.try_cut_pair(a, b)?;
+        println!("WAN path {a} <-> {b} cut (`weft lab restore {a} {b}` undoes it)");
+    } else {
+        lab.try_restore_pair(a, b)?;
+        println!("WAN path {a} <-> {b} restored");
+    }
+    Ok(())
 }
 
 fn down() -> Result<()> {

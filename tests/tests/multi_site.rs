@@ -1,0 +1,878 @@
+//! Multi-site topologies end to end: gateway mode (members mesh inside
+//! their site, traffic between sites goes member -> gateway -> gateway ->
+//! member, `weftctl topology set --mode gateways`), failover when a gateway
+//! dies or a WAN path between two sites is cut, residency rules that drop
+//! rather than relay through a foreign site, and a site behind NAT.
+//!
+//! - `gateway_paths`: sites a (2 nodes), b (3), c (2), gateways a1, b1, b2,
+//!   c1. A plain member peers only with its own site; a2 -> b3 and a2 -> c2
+//!   cross both sites' gateways (route trace, the gateways' TUN packet
+//!   counters, wg transfer), b3 -> b2 inside site b passes no other
+//!   gateway; ping (IPv4 and IPv6) and TCP across sites.
+//! - `gateway_agent_killed`: same lab; the b gateway carrying a2 -> b3 is
+//!   `kill -9`ed: a2 -> b3 flows again within 5 s (the other gateway takes
+//!   over), and after the agent restarts.
+//! - `wan_path_cut`: sites a, b, c with gateways a1, b1, c1 and WAN RTTs
+//!   a–b 30 ms, a–c 40 ms, b–c 50 ms: a -> b is direct; with the a–b WAN
+//!   path cut, traffic flows again within 5 s, relayed via c; restored, the
+//!   route goes back to direct.
+//! - `residency_drops`: a and b tagged `eu` with the rule "eu traffic
+//!   transits only eu sites", c untagged: with a–b cut, a <-> b traffic is
+//!   dropped (no compliant path, and c relays nothing), a <-> c still flows;
+//!   restored, a <-> b flows again.
+//! - `nat_site_full_mesh` (and `nat_site_gateways`): site n behind NAT (its
+//!   nodes announce unroutable LAN endpoints) with two normal sites: every
+//!   node of n reaches and is reached by every node of the others (ping and
+//!   TCP).
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use weft_tests::nc::{connects, listen};
+use weft_tests::{Lab, Signal};
+
+/// `weftctl -o json route trace FROM TO`.
+#[derive(Debug, Clone)]
+struct Trace {
+    /// Node names along the path.
+    nodes: Vec<String>,
+    /// Hops as printed (`a1 (a, gateway)`).
+    hops: Vec<String>,
+    delivered: bool,
+    explanation: String,
+}
+
+impl Trace {
+    fn text(&self) -> String {
+        format!(
+            "{}\n{}{}",
+            self.hops.join(" -> "),
+            self.explanation,
+            if self.delivered {
+                ""
+            } else {
+                " (not delivered)"
+            }
+        )
+    }
+}
+
+fn try_trace(lab: &Lab, from: &str, to: &str) -> Result<Trace, String> {
+    let out = lab
+        .try_weftctl_ok(&["-o", "json", "route", "trace", from, to])
+        .map_err(|e| format!("{e:#}"))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&out).map_err(|e| format!("route trace JSON ({e}): {out}"))?;
+    let hops: Vec<String> = v["hops"]
+        .as_array()
+        .ok_or_else(|| format!("route trace JSON without hops: {out}"))?
+        .iter()
+        .map(|h| h.as_str().unwrap_or_default().to_owned())
+        .collect();
+    let nodes = hops
+        .iter()
+        .map(|h| h.split_whitespace().next().unwrap_or_default().to_owned())
+        .collect();
+    Ok(Trace {
+        nodes,
+        hops,
+        delivered: v["delivered"]
+            .as_bool()
+            .ok_or_else(|| format!("route trace JSON without delivered: {out}"))?,
+        explanation: v["explanation"].as_str().unwrap_or_default().to_owned(),
+    })
+}
+
+fn trace(lab: &Lab, from: &str, to: &str) -> Trace {
+    try_trace(lab, from, to).unwrap_or_else(|e| panic!("route trace {from} {to}: {e}"))
+}
+
+/// Waits until `route trace FROM TO` satisfies `ok`; returns it and how
+/// long it took. Panics with the last trace after `timeout`.
+fn wait_trace(
+    lab: &Lab,
+    from: &str,
+    to: &str,
+    timeout: Duration,
+    what: &str,
+    ok: impl Fn(&Trace) -> bool,
+) -> (Trace, Duration) {
+    let t0 = Instant::now();
+    loop {
+        let last = match try_trace(lab, from, to) {
+            Ok(t) if ok(&t) => return (t, t0.elapsed()),
+            Ok(t) => t.text(),
+            Err(e) => e,
+        };
+        assert!(
+            t0.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for route trace {from} {to} to show {what}; \
+             last:\n{last}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The latency in `X -> Y: direct (30.6 ms)`, for `pair` = `X -> Y`.
+fn direct_ms(explanation: &str, pair: &str) -> Option<f64> {
+    let rest = explanation.strip_prefix(pair)?.strip_prefix(": direct (")?;
+    rest.split_whitespace().next()?.parse().ok()
+}
+
+fn v4(lab: &Lab, node: &str) -> IpAddr {
+    lab.node_addresses(node).0.into()
+}
+
+fn v6(lab: &Lab, node: &str) -> IpAddr {
+    lab.node_addresses(node).1.into()
+}
+
+fn names(list: &[&str]) -> BTreeSet<String> {
+    list.iter().map(|s| (*s).to_owned()).collect()
+}
+
+/// Time from `since` until one ping `from` -> `to` gets a reply (pings
+/// with a 300 ms reply timeout, back to back), or None after `limit`.
+fn time_to_ping(
+    lab: &Lab,
+    from: &str,
+    to: IpAddr,
+    since: Instant,
+    limit: Duration,
+) -> Option<Duration> {
+    while since.elapsed() < limit {
+        let t = Instant::now();
+        if lab.ping_once(from, to, 300) {
+            return Some(since.elapsed());
+        }
+        // An immediate error (no route yet): do not spin.
+        if t.elapsed() < Duration::from_millis(250) {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    None
+}
+
+/// `weftctl topology set ARGS...`, printing what `topology get` says.
+fn topology_set(lab: &Lab, args: &[&str]) {
+    let mut full = vec!["topology", "set"];
+    full.extend_from_slice(args);
+    lab.weftctl_ok(&full);
+    eprintln!(
+        "topology set {}:\n{}",
+        args.join(" "),
+        lab.weftctl_ok(&["topology", "get"])
+    );
+}
+
+/// Waits until `node`'s interface has exactly `expected` as peers (names).
+fn wait_peers(lab: &Lab, node: &str, expected: &BTreeSet<String>, timeout: Duration) {
+    let mut last = BTreeSet::new();
+    let ok = weft_tests::try_wait_until(timeout, "peers", || {
+        last = lab.wg_peer_names(node);
+        last == *expected
+    });
+    assert!(
+        ok.is_ok(),
+        "{node}'s peers should become {expected:?} within {timeout:?}, are {last:?}"
+    );
+}
+
+/// TUN packet counters of several nodes: (rx, tx) by node.
+fn tun_snapshot(lab: &Lab, nodes: &[&str]) -> Vec<(String, (u64, u64))> {
+    nodes
+        .iter()
+        .map(|n| ((*n).to_owned(), lab.tun_packets(n)))
+        .collect()
+}
+
+/// Counter increase (rx, tx) of `node` between two snapshots.
+fn delta(
+    before: &[(String, (u64, u64))],
+    after: &[(String, (u64, u64))],
+    node: &str,
+) -> (u64, u64) {
+    let get = |s: &[(String, (u64, u64))]| {
+        s.iter()
+            .find(|(n, _)| n == node)
+            .map(|(_, c)| *c)
+            .unwrap_or_else(|| panic!("{node} not in the snapshot"))
+    };
+    let ((rx0, tx0), (rx1, tx1)) = (get(before), get(after));
+    (rx1.saturating_sub(rx0), tx1.saturating_sub(tx0))
+}
+
+/// Sites a (2), b (3), c (2) in gateway mode, gateways a1, b1, b2, c1,
+/// with a2's, b3's and c2's peers down to their own sites and the paths
+/// a2 -> b3 and b3 -> a2 delivered through gateways.
+fn gateway_lab() -> Lab {
+    let t0 = Instant::now();
+    let lab = Lab::builder()
+        .site_nodes(&[("a", 2), ("b", 3), ("c", 2)])
+        .build();
+    eprintln!("lab built (full mesh) in {:?}", t0.elapsed());
+    let t1 = Instant::now();
+    topology_set(
+        &lab,
+        &[
+            "--mode",
+            "gateways",
+            "--gateway",
+            "a1",
+            "--gateway",
+            "b1",
+            "--gateway",
+            "b2",
+            "--gateway",
+            "c1",
+        ],
+    );
+    let limit = Duration::from_secs(20);
+    wait_peers(&lab, "a2", &names(&["a1"]), limit);
+    wait_peers(&lab, "b3", &names(&["b1", "b2"]), limit);
+    wait_peers(&lab, "c2", &names(&["c1"]), limit);
+    eprintln!(
+        "plain members peer only inside their site {:?} after topology set",
+        t1.elapsed()
+    );
+    for (from, to) in [("a2", "b3"), ("b3", "a2"), ("a2", "c2"), ("c2", "a2")] {
+        let (t, _) = wait_trace(
+            &lab,
+            from,
+            to,
+            Duration::from_secs(30),
+            "a delivered path through gateways",
+            |t| t.delivered && t.nodes.len() == 4,
+        );
+        eprintln!("route trace {from} {to}:\n{}", t.text());
+    }
+    lab
+}
+
+#[test]
+fn gateway_paths() {
+    if weft_tests::skip_unless_root("gateway_paths") {
+        return;
+    }
+    let t0 = Instant::now();
+    let lab = gateway_lab();
+    let all = ["a1", "a2", "b1", "b2", "b3", "c1", "c2"];
+
+    // Who peers with whom: plain members only inside their site (checked by
+    // gateway_lab); gateways with their site and some gateways elsewhere.
+    let a1 = lab.wg_peer_names("a1");
+    assert!(a1.contains("a2"), "gateway a1 peers with a2: {a1:?}");
+    assert!(
+        !a1.contains("b3") && !a1.contains("c2"),
+        "gateway a1 must not peer with other sites' plain members: {a1:?}"
+    );
+    assert!(
+        a1.contains("c1") && (a1.contains("b1") || a1.contains("b2")),
+        "gateway a1 peers with gateways of b and c: {a1:?}"
+    );
+    let b3 = lab.wg_peer_names("b3");
+    eprintln!("a1's peers {a1:?}, b3's peers {b3:?}");
+
+    // a2 -> b3: a2 -> a1 -> (b1 or b2) -> b3; replies b3 -> (b1 or b2) -> a1 -> a2.
+    let fwd = trace(&lab, "a2", "b3");
+    let back = trace(&lab, "b3", "a2");
+    assert_eq!(fwd.nodes[..2], ["a2", "a1"], "{}", fwd.text());
+    assert_eq!(fwd.nodes[3], "b3", "{}", fwd.text());
+    assert!(
+        ["b1", "b2"].contains(&fwd.nodes[2].as_str()),
+        "a2 -> b3 enters b through one of its gateways:\n{}",
+        fwd.text()
+    );
+    assert!(
+        fwd.hops[1].contains("gateway") && fwd.hops[2].contains("gateway"),
+        "the trace marks the gateways:\n{}",
+        fwd.text()
+    );
+    assert!(
+        fwd.explanation.contains("a -> b: direct ("),
+        "sites a and b are linked directly:\n{}",
+        fwd.text()
+    );
+    assert_eq!(back.nodes[2..], ["a1", "a2"], "{}", back.text());
+    let b_in = fwd.nodes[2].clone();
+    let b_out = back.nodes[1].clone();
+    eprintln!("a2 -> b3 enters b at {b_in}, b3 -> a2 leaves b at {b_out}");
+
+    let (a2_v4, b3_v4, c2_v4) = (v4(&lab, "a2"), v4(&lab, "b3"), v4(&lab, "c2"));
+    const N: u64 = 20;
+    let a2_transfer = lab.wg_transfer("a2");
+    let before = tun_snapshot(&lab, &all);
+    let r = lab.ping("a2", b3_v4, N as u32);
+    let after = tun_snapshot(&lab, &all);
+    eprintln!("a2 -> b3 (IPv4) through gateways: {r:?}");
+    assert_eq!(u64::from(r.received), N, "a2 -> b3 over IPv4: {r:?}");
+    // a1 forwards requests and replies: each arrives on its TUN device and
+    // goes back into it.
+    let (rx, tx) = delta(&before, &after, "a1");
+    assert!(
+        rx >= 2 * N && tx >= 2 * N,
+        "gateway a1 forwards {N} echo requests and {N} replies, its TUN counted \
+         rx +{rx}, tx +{tx}"
+    );
+    for gw in ["b1", "b2"] {
+        let expected = N * (u64::from(*gw == b_in) + u64::from(*gw == b_out));
+        let (rx, tx) = delta(&before, &after, gw);
+        eprintln!("{gw}: TUN rx +{rx}, tx +{tx} (expected at least {expected})");
+        assert!(
+            rx >= expected && tx >= expected,
+            "gateway {gw} should forward at least {expected} packets (a2 -> b3 enters at \
+             {b_in}, b3 -> a2 leaves at {b_out}), its TUN counted rx +{rx}, tx +{tx}"
+        );
+        if expected == 0 {
+            assert!(
+                rx < N / 2,
+                "gateway {gw} carries neither direction, yet received {rx} packets"
+            );
+        }
+    }
+    // Site c carries nothing of it.
+    for n in ["c1", "c2"] {
+        let (rx, _) = delta(&before, &after, n);
+        assert!(rx < N / 2, "{n} received {rx} packets of a2 <-> b3");
+    }
+    let a1_key = lab.node_info("a1").public_key;
+    let sent_to_a1 = lab
+        .wg_transfer("a2")
+        .get(&a1_key)
+        .map(|t| t.1)
+        .unwrap_or(0)
+        .saturating_sub(a2_transfer.get(&a1_key).map(|t| t.1).unwrap_or(0));
+    assert!(
+        sent_to_a1 >= N * 84,
+        "a2 sends the pings to its gateway a1 (wg transfer +{sent_to_a1} bytes)"
+    );
+
+    // IPv6 too.
+    let r = lab.ping("a2", v6(&lab, "b3"), 5);
+    assert_eq!(r.received, 5, "a2 -> b3 over IPv6: {r:?}");
+
+    // a2 -> c2 through a1 and c1.
+    let t = trace(&lab, "a2", "c2");
+    assert_eq!(t.nodes, ["a2", "a1", "c1", "c2"], "{}", t.text());
+    let before = tun_snapshot(&lab, &all);
+    let r = lab.ping("a2", c2_v4, N as u32);
+    let after = tun_snapshot(&lab, &all);
+    assert_eq!(u64::from(r.received), N, "a2 -> c2: {r:?}");
+    for gw in ["a1", "c1"] {
+        let (rx, tx) = delta(&before, &after, gw);
+        assert!(
+            rx >= 2 * N && tx >= 2 * N,
+            "gateway {gw} forwards a2 <-> c2 both ways: TUN rx +{rx}, tx +{tx}"
+        );
+    }
+    for gw in ["b1", "b2"] {
+        let (rx, _) = delta(&before, &after, gw);
+        assert!(rx < N / 2, "{gw} received {rx} packets of a2 <-> c2");
+    }
+
+    // Inside site b: b3 -> b2 directly, b1 not in between.
+    let t = trace(&lab, "b3", "b2");
+    assert_eq!(t.nodes, ["b3", "b2"], "{}", t.text());
+    let before = tun_snapshot(&lab, &all);
+    let r = lab.ping("b3", v4(&lab, "b2"), N as u32);
+    let after = tun_snapshot(&lab, &all);
+    assert_eq!(u64::from(r.received), N, "b3 -> b2: {r:?}");
+    let (rx, _) = delta(&before, &after, "b2");
+    assert!(rx >= N, "b2 received the {N} pings itself: rx +{rx}");
+    let (rx, _) = delta(&before, &after, "b1");
+    assert!(
+        rx < N / 2,
+        "b3 -> b2 inside site b must not pass gateway b1 (rx +{rx})"
+    );
+
+    // TCP across sites, both ways.
+    let _l1 = listen(&lab, "b3", &[("-4", 7100)]);
+    let _l2 = listen(&lab, "c2", &[("-4", 7100)]);
+    let _l3 = listen(&lab, "a2", &[("-4", 7100)]);
+    for (from, to) in [("a2", b3_v4), ("a2", c2_v4), ("b3", a2_v4), ("c2", a2_v4)] {
+        assert!(
+            connects(&lab, from, to, 7100, Duration::from_secs(5)),
+            "TCP {from} -> {to}:7100 through the gateways"
+        );
+    }
+    eprintln!("gateway_paths passed in {:?}", t0.elapsed());
+}
+
+#[test]
+fn gateway_agent_killed() {
+    if weft_tests::skip_unless_root("gateway_agent_killed") {
+        return;
+    }
+    let t0 = Instant::now();
+    let mut lab = gateway_lab();
+    let b3_v4 = v4(&lab, "b3");
+    let r = lab.ping("a2", b3_v4, 5);
+    assert_eq!(r.received, 5, "a2 -> b3 before the kill: {r:?}");
+    let carrier = trace(&lab, "a2", "b3").nodes[2].clone();
+    let back = trace(&lab, "b3", "a2").nodes[1].clone();
+    let other = if carrier == "b1" { "b2" } else { "b1" };
+    eprintln!("a2 -> b3 enters site b at {carrier}, replies leave at {back}; killing {carrier}");
+
+    let killed = Instant::now();
+    let status = lab.kill_agent(&carrier, Signal::SIGKILL);
+    eprintln!("{carrier}'s agent killed: {status:?}");
+    let took = time_to_ping(&lab, "a2", b3_v4, killed, Duration::from_secs(20));
+    eprintln!("a2 -> b3 answered again {took:?} after {carrier} was killed");
+    let Some(took) = took else {
+        panic!(
+            "a2 -> b3 got no reply within 20 s of killing gateway {carrier}; \
+             trace now:\n{}",
+            trace(&lab, "a2", "b3").text()
+        );
+    };
+    assert!(
+        took <= Duration::from_secs(5),
+        "a2 -> b3 took {took:?} to flow again after gateway {carrier} was killed (budget 5 s)"
+    );
+    let r = lab.ping("a2", b3_v4, 10);
+    assert_eq!(r.received, 10, "a2 -> b3 with {carrier} dead: {r:?}");
+    let (t, after) = wait_trace(
+        &lab,
+        "a2",
+        "b3",
+        Duration::from_secs(15),
+        &format!("the path through {other}"),
+        |t| t.delivered && t.nodes.get(2).map(String::as_str) == Some(other),
+    );
+    eprintln!(
+        "route trace a2 b3 {after:?} after the check, with {carrier} dead:\n{}",
+        t.text()
+    );
+
+    let restarted = Instant::now();
+    lab.start_agent(&carrier);
+    lab.wait_until(
+        Duration::from_secs(20),
+        &format!("{carrier}'s agent to be back (peers on its interface)"),
+        || lab.wg_peers(&carrier).len() >= 2,
+    );
+    let (t, took) = wait_trace(
+        &lab,
+        "a2",
+        "b3",
+        Duration::from_secs(30),
+        "a delivered path with both b gateways up",
+        |t| t.delivered && t.nodes.len() == 4,
+    );
+    eprintln!(
+        "{carrier} restarted; {took:?} later the trace is:\n{}",
+        t.text()
+    );
+    // Settle: reachability reports and routes follow the restart.
+    std::thread::sleep(Duration::from_secs(3));
+    let r = lab.ping("a2", b3_v4, 10);
+    eprintln!(
+        "a2 -> b3 {:?} after {carrier} restarted: {r:?}",
+        restarted.elapsed()
+    );
+    assert_eq!(r.received, 10, "a2 -> b3 after {carrier} restarted: {r:?}");
+    let r = lab.ping("b3", v4(&lab, "a2"), 10);
+    assert_eq!(r.received, 10, "b3 -> a2 after {carrier} restarted: {r:?}");
+    eprintln!("gateway_agent_killed passed in {:?}", t0.elapsed());
+}
+
+/// Sites a (2), b (2), c (`c_nodes`) in gateway mode with gateways a1, b1,
+/// c1, default WAN delays (RTT a–b 30 ms, a–c 40 ms, b–c 50 ms), plus
+/// `extra` topology flags; waits until a2 -> b2 is direct.
+fn three_gateway_lab(c_nodes: usize, extra: &[&str]) -> Lab {
+    let t0 = Instant::now();
+    let lab = Lab::builder()
+        .site_nodes(&[("a", 2), ("b", 2), ("c", c_nodes)])
+        .wan_delays_ms(&[5, 10, 15])
+        .build();
+    eprintln!("lab built in {:?}", t0.elapsed());
+    let mut args = vec![
+        "--mode",
+        "gateways",
+        "--gateway",
+        "a1",
+        "--gateway",
+        "b1",
+        "--gateway",
+        "c1",
+    ];
+    args.extend_from_slice(extra);
+    topology_set(&lab, &args);
+    wait_peers(&lab, "a2", &names(&["a1"]), Duration::from_secs(20));
+    wait_peers(&lab, "b2", &names(&["b1"]), Duration::from_secs(20));
+    // Direct at the measured RTT (about 30 ms), so the paths follow the
+    // probes before anything is cut.
+    let (t, took) = wait_trace(
+        &lab,
+        "a2",
+        "b2",
+        Duration::from_secs(30),
+        "a direct path a -> b at the measured RTT (25-45 ms)",
+        |t| {
+            t.delivered
+                && direct_ms(&t.explanation, "a -> b").is_some_and(|ms| (25.0..45.0).contains(&ms))
+        },
+    );
+    assert_eq!(t.nodes, ["a2", "a1", "b1", "b2"], "{}", t.text());
+    eprintln!("{took:?} after topology set:\n{}", t.text());
+    lab
+}
+
+#[test]
+fn wan_path_cut() {
+    if weft_tests::skip_unless_root("wan_path_cut") {
+        return;
+    }
+    let t0 = Instant::now();
+    let mut lab = three_gateway_lab(1, &[]);
+    let b2_v4 = v4(&lab, "b2");
+    let a2_v4 = v4(&lab, "a2");
+    let r = lab.ping("a2", b2_v4, 5);
+    assert_eq!(r.received, 5, "a2 -> b2 before the cut: {r:?}");
+    eprintln!("a2 -> b2 direct: {r:?}");
+    eprintln!("route list:\n{}", lab.weftctl_ok(&["route", "list"]));
+
+    let cut = Instant::now();
+    lab.cut_pair("a", "b");
+    let took = time_to_ping(&lab, "a2", b2_v4, cut, Duration::from_secs(30));
+    eprintln!("a2 -> b2 answered again {took:?} after the a-b WAN path was cut");
+    let trace_now = trace(&lab, "a2", "b2");
+    let Some(took) = took else {
+        panic!(
+            "a2 -> b2 got no reply within 30 s of cutting a <-> b; trace:\n{}",
+            trace_now.text()
+        );
+    };
+    assert!(
+        took <= Duration::from_secs(5),
+        "a2 -> b2 took {took:?} to flow again after the a-b path was cut (budget 5 s); \
+         trace now:\n{}",
+        trace_now.text()
+    );
+    let (t, _) = wait_trace(
+        &lab,
+        "a2",
+        "b2",
+        Duration::from_secs(5),
+        "a path relayed via c",
+        |t| t.delivered && t.explanation.contains("relayed via c"),
+    );
+    eprintln!("route trace a2 b2 with a <-> b cut:\n{}", t.text());
+    assert_eq!(
+        t.nodes,
+        ["a2", "a1", "c1", "b1", "b2"],
+        "relayed path:\n{}",
+        t.text()
+    );
+    assert!(
+        t.explanation.starts_with("a -> c -> b"),
+        "site path a -> c -> b:\n{}",
+        t.text()
+    );
+    let before = lab.tun_packets("c1");
+    let r = lab.ping("a2", b2_v4, 10);
+    let after = lab.tun_packets("c1");
+    assert_eq!(r.received, 10, "a2 -> b2 relayed via c: {r:?}");
+    let rtt = r.rtt_avg.expect("replies have an RTT");
+    eprintln!("a2 -> b2 via c: {r:?}; c1 TUN rx +{}", after.0 - before.0);
+    assert!(
+        after.0 - before.0 >= 20,
+        "c1 relays requests and replies: its TUN received {} packets",
+        after.0 - before.0
+    );
+    // a–c 40 ms + c–b 50 ms.
+    assert!(
+        rtt >= Duration::from_millis(80),
+        "relayed RTT {rtt:?} should be about 90 ms"
+    );
+    let r = lab.ping("b2", a2_v4, 5);
+    assert_eq!(r.received, 5, "b2 -> a2 relayed via c: {r:?}");
+    eprintln!(
+        "route list with a <-> b cut:\n{}",
+        lab.weftctl_ok(&["route", "list"])
+    );
+
+    let restored = Instant::now();
+    lab.restore_pair("a", "b");
+    let (t, took) = wait_trace(
+        &lab,
+        "a2",
+        "b2",
+        Duration::from_secs(30),
+        "the direct path a -> b again",
+        |t| t.delivered && t.explanation.contains("a -> b: direct ("),
+    );
+    eprintln!(
+        "route back to direct {took:?} after restore_pair:\n{}",
+        t.text()
+    );
+    assert_eq!(t.nodes, ["a2", "a1", "b1", "b2"], "{}", t.text());
+    let took = time_to_ping(&lab, "a2", b2_v4, Instant::now(), Duration::from_secs(10));
+    assert!(took.is_some(), "a2 -> b2 after the path came back");
+    let r = lab.ping("a2", b2_v4, 10);
+    assert_eq!(r.received, 10, "a2 -> b2 direct again: {r:?}");
+    let rtt = r.rtt_avg.expect("replies have an RTT");
+    assert!(
+        rtt < Duration::from_millis(70),
+        "direct RTT {rtt:?} should be about 30 ms"
+    );
+    eprintln!(
+        "wan_path_cut passed in {:?} (restore to direct route {:?})",
+        t0.elapsed(),
+        restored.elapsed()
+    );
+}
+
+#[test]
+fn residency_drops() {
+    if weft_tests::skip_unless_root("residency_drops") {
+        return;
+    }
+    let t0 = Instant::now();
+    let mut lab = three_gateway_lab(
+        2,
+        &[
+            "--site-tag",
+            "a=eu",
+            "--site-tag",
+            "b=eu",
+            "--residency",
+            "eu",
+        ],
+    );
+    let (a2_v4, b2_v4, c2_v4) = (v4(&lab, "a2"), v4(&lab, "b2"), v4(&lab, "c2"));
+    for (from, to) in [("a2", b2_v4), ("b2", a2_v4), ("a2", c2_v4), ("c2", a2_v4)] {
+        let r = lab.ping(from, to, 5);
+        assert_eq!(r.received, 5, "{from} -> {to} before the cut: {r:?}");
+    }
+    let topo = lab.weftctl_ok(&["-o", "json", "topology", "get"]);
+    eprintln!("topology: {topo}");
+
+    let cut = Instant::now();
+    lab.cut_pair("a", "b");
+    let (t, took) = wait_trace(
+        &lab,
+        "a2",
+        "b2",
+        Duration::from_secs(15),
+        "no compliant path, not delivered",
+        |t| !t.delivered && t.explanation.contains("no compliant path"),
+    );
+    eprintln!("{took:?} after the cut:\n{}", t.text());
+    assert!(
+        t.explanation.contains("a -> b: no route") && t.explanation.contains("eu"),
+        "the trace names the rule:\n{}",
+        t.text()
+    );
+    assert!(
+        t.text().ends_with("(not delivered)"),
+        "text form ends with (not delivered):\n{}",
+        t.text()
+    );
+    let t = trace(&lab, "b2", "a2");
+    assert!(
+        !t.delivered && t.explanation.contains("no compliant path"),
+        "b2 -> a2 is dropped too:\n{}",
+        t.text()
+    );
+    let text = lab.weftctl_ok(&["route", "trace", "a2", "b2"]);
+    assert!(
+        text.trim_end().ends_with("(not delivered)"),
+        "`weftctl route trace a2 b2`:\n{text}"
+    );
+    // Dropped, not relayed through c: no reply, and c's gateway sees none
+    // of it.
+    let c_before = tun_snapshot(&lab, &["c1", "c2"]);
+    let r = lab.ping("a2", b2_v4, 20);
+    let r_back = lab.ping("b2", a2_v4, 10);
+    let c_after = tun_snapshot(&lab, &["c1", "c2"]);
+    eprintln!(
+        "a2 -> b2 {:?} after the cut: {r:?}; b2 -> a2: {r_back:?}",
+        cut.elapsed()
+    );
+    assert_eq!(r.received, 0, "eu traffic a2 -> b2 must be dropped: {r:?}");
+    assert_eq!(
+        r_back.received, 0,
+        "eu traffic b2 -> a2 must be dropped: {r_back:?}"
+    );
+    let (rx, _) = delta(&c_before, &c_after, "c1");
+    assert!(
+        rx < 10,
+        "c1 must not relay eu traffic, its TUN received {rx} packets"
+    );
+    // a <-> c (and b <-> c) still flow.
+    for (from, to) in [("a2", c2_v4), ("c2", a2_v4), ("b2", c2_v4), ("c2", b2_v4)] {
+        let r = lab.ping(from, to, 5);
+        assert_eq!(r.received, 5, "{from} -> {to} with a <-> b cut: {r:?}");
+    }
+    eprintln!(
+        "route list with a <-> b cut:\n{}",
+        lab.weftctl_ok(&["route", "list"])
+    );
+
+    lab.restore_pair("a", "b");
+    let restored = Instant::now();
+    let (t, took) = wait_trace(
+        &lab,
+        "a2",
+        "b2",
+        Duration::from_secs(30),
+        "the direct path a -> b again",
+        |t| t.delivered && t.explanation.contains("a -> b: direct ("),
+    );
+    eprintln!("{took:?} after restore_pair:\n{}", t.text());
+    let took = time_to_ping(&lab, "a2", b2_v4, restored, Duration::from_secs(30));
+    eprintln!("a2 -> b2 answered {took:?} after restore_pair");
+    assert!(took.is_some(), "a2 -> b2 after the a-b path came back");
+    for (from, to) in [("a2", b2_v4), ("b2", a2_v4)] {
+        let r = lab.ping(from, to, 10);
+        assert_eq!(r.received, 10, "{from} -> {to} after restore: {r:?}");
+    }
+    eprintln!("residency_drops passed in {:?}", t0.elapsed());
+}
+
+/// Site n behind NAT with two normal sites: every node of n pings every
+/// node of the others and is pinged by every one of them, TCP both ways.
+/// The first pings go from outside into n (nothing but the agents' own
+/// handshakes, probes and keepalives opened the NAT mappings); `since` is
+/// when the agents' mesh formed, for the timings.
+fn check_nat_reachability(lab: &Lab, since: Instant) {
+    let nat_nodes = lab.site_nodes("n");
+    let others: Vec<String> = ["a", "b"].iter().flat_map(|s| lab.site_nodes(s)).collect();
+    let addr: std::collections::BTreeMap<String, IpAddr> = lab
+        .node_names()
+        .into_iter()
+        .map(|n| {
+            let a = v4(lab, &n);
+            (n, a)
+        })
+        .collect();
+    for x in &nat_nodes {
+        for y in &others {
+            let t = Instant::now();
+            lab.wait_until(
+                Duration::from_secs(20),
+                &format!("{y} to reach {x} (behind NAT) over the overlay"),
+                || lab.ping_once(y, addr[x], 500),
+            );
+            eprintln!(
+                "{y} -> {x} (NAT): first reply {:?} after the first try, {:?} after the mesh formed",
+                t.elapsed(),
+                since.elapsed()
+            );
+        }
+    }
+    let _listeners: Vec<_> = lab
+        .node_names()
+        .iter()
+        .map(|n| listen(lab, n, &[("-4", 7200)]))
+        .collect();
+    for x in &nat_nodes {
+        for y in &others {
+            let r = lab.ping(y, addr[x], 3);
+            assert_eq!(r.received, 3, "{y} -> {x} (behind NAT): {r:?}");
+            let r = lab.ping(x, addr[y], 3);
+            assert_eq!(r.received, 3, "{x} (behind NAT) -> {y}: {r:?}");
+            assert!(
+                connects(lab, y, addr[x], 7200, Duration::from_secs(5)),
+                "TCP {y} -> {x} (behind NAT)"
+            );
+            assert!(
+                connects(lab, x, addr[y], 7200, Duration::from_secs(5)),
+                "TCP {x} (behind NAT) -> {y}"
+            );
+        }
+    }
+    // The NATed nodes' peers see them at the NAT router's uplink address.
+    let a1_endpoints = lab.wg_show("a1", "endpoints");
+    eprintln!("a1's peer endpoints:\n{a1_endpoints}");
+    assert!(
+        a1_endpoints.contains("198.18.3.2:"),
+        "a1 should have learnt the NAT address 198.18.3.2 of n's nodes:\n{a1_endpoints}"
+    );
+}
+
+/// Sites a, b (2 nodes each) and n (2 nodes) behind NAT; returns the lab
+/// and when its mesh formed.
+fn nat_lab() -> (Lab, Instant) {
+    let t0 = Instant::now();
+    let lab = Lab::builder()
+        .site_nodes(&[("a", 2), ("b", 2), ("n", 2)])
+        .nat_sites(&["n"])
+        .wan_delays_ms(&[5, 10, 15])
+        .build();
+    eprintln!("lab with NAT site n built in {:?}", t0.elapsed());
+    (lab, Instant::now())
+}
+
+/// The underlay of n: its nodes are unreachable from outside but reach out.
+fn check_nat_underlay(lab: &Lab) {
+    let n1_lan: IpAddr = lab.node("n1").underlay.into();
+    assert!(
+        !lab.ping_once("a1", n1_lan, 700),
+        "a1 must not reach n1's LAN address behind the NAT"
+    );
+    assert!(
+        lab.ping_once("n1", weft_tests::lab::CONTROLLER_IP.into(), 1000),
+        "n1 reaches the controller through the NAT"
+    );
+}
+
+#[test]
+fn nat_site_full_mesh() {
+    if weft_tests::skip_unless_root("nat_site_full_mesh") {
+        return;
+    }
+    let t0 = Instant::now();
+    let (lab, meshed) = nat_lab();
+    check_nat_reachability(&lab, meshed);
+    check_nat_underlay(&lab);
+    eprintln!("nat_site_full_mesh passed in {:?}", t0.elapsed());
+}
+
+#[test]
+fn nat_site_gateways() {
+    if weft_tests::skip_unless_root("nat_site_gateways") {
+        return;
+    }
+    let t0 = Instant::now();
+    let (lab, _) = nat_lab();
+    check_nat_underlay(&lab);
+    let switched = Instant::now();
+    topology_set(
+        &lab,
+        &[
+            "--mode",
+            "gateways",
+            "--gateway",
+            "a1",
+            "--gateway",
+            "b1",
+            "--gateway",
+            "n1",
+        ],
+    );
+    wait_peers(&lab, "n2", &names(&["n1"]), Duration::from_secs(20));
+    wait_peers(&lab, "a2", &names(&["a1"]), Duration::from_secs(20));
+    let (t, took) = wait_trace(
+        &lab,
+        "a2",
+        "n2",
+        Duration::from_secs(30),
+        "a delivered path a2 -> n2",
+        |t| t.delivered,
+    );
+    eprintln!("{took:?} after topology set:\n{}", t.text());
+    check_nat_reachability(&lab, switched);
+    // Once the probes have had time to measure (nobody can probe n's
+    // nodes first; they probe out), n stays reachable.
+    std::thread::sleep(Duration::from_secs(10));
+    eprintln!("route list:\n{}", lab.weftctl_ok(&["route", "list"]));
+    for (from, to) in [("a2", "n2"), ("n2", "b2")] {
+        let t = trace(&lab, from, to);
+        assert!(t.delivered, "route trace {from} {to}:\n{}", t.text());
+    }
+    check_nat_reachability(&lab, switched);
+    eprintln!("nat_site_gateways passed in {:?}", t0.elapsed());
+}
