@@ -3,7 +3,7 @@
 //! computed on a copy, persisted, and only then made visible and pushed, so
 //! an acknowledged change is durable and a failed one changes nothing.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -74,6 +74,9 @@ struct Inner {
     /// What the paths were last computed from, and when (Unix seconds).
     measurements: Measurements,
     measured_unix: u64,
+    /// Endpoints of nodes as members of other sites see them, where that
+    /// differs from the registered one (a node behind NAT), by node id.
+    learnt: BTreeMap<String, SocketAddr>,
 }
 
 /// Unix time now, in seconds.
@@ -95,6 +98,7 @@ impl Controller {
             fabric: None,
             measurements: Measurements::default(),
             measured_unix: 0,
+            learnt: BTreeMap::new(),
         };
         inner.publish();
         Controller {
@@ -244,6 +248,27 @@ impl Inner {
     /// the paths (with hysteresis) and pushes the configs that changed.
     /// Latency alone is taken at most every [`LATENCY_RECOMPUTE_SECS`].
     fn remeasure(&mut self, now: u64) {
+        // Learnt endpoints outlive the reports that taught them (a
+        // controller cut off from a site keeps handing out what worked);
+        // reports that see a node at its registered endpoint again, or the
+        // node's deletion, drop them.
+        let mut learnt = self.learnt.clone();
+        learnt.retain(|id, _| self.state.node_by_id(id).is_some());
+        for (id, seen) in learn_endpoints(&self.state, &self.status, now) {
+            match seen {
+                Some(e) => learnt.insert(id, e),
+                None => learnt.remove(&id),
+            };
+        }
+        if learnt != self.learnt {
+            for (id, e) in &learnt {
+                if self.learnt.get(id) != Some(e) {
+                    info!(node = %id, endpoint = %e, "endpoint learnt from peers in other sites (behind NAT?)");
+                }
+            }
+            self.learnt = learnt;
+            self.push();
+        }
         let m = measure(&self.state, &self.status, now);
         if m == self.measurements {
             return;
@@ -281,6 +306,16 @@ impl Inner {
     /// channels of deleted nodes (their streams end).
     fn push(&mut self) {
         let fabric = self.fabric.as_ref();
+        // Learnt endpoints by key, with the node's site: given to members of
+        // other sites only (the node's own site reaches it on its LAN).
+        let learnt: BTreeMap<weft_dataplane_core::Key, (&str, SocketAddr)> = self
+            .learnt
+            .iter()
+            .filter_map(|(id, e)| {
+                let n = self.state.node_by_id(id)?;
+                Some((n.public_key, (n.site.as_str(), *e)))
+            })
+            .collect();
         let configs: BTreeMap<String, NodeConfig> = self
             .base
             .iter()
@@ -289,6 +324,14 @@ impl Inner {
                 if let Some(member) = fabric.and_then(|f| f.config(&Member::Node(id.clone()))) {
                     cfg.peers = member.peer_configs();
                     cfg.forwarding |= member.forwarding;
+                }
+                let site = self.state.node_by_id(id).map(|n| n.site.as_str());
+                for (key, peer) in cfg.peers.iter_mut() {
+                    if let Some((peer_site, e)) = learnt.get(key) {
+                        if site != Some(*peer_site) {
+                            peer.endpoint = Some(*e);
+                        }
+                    }
                 }
                 (id.clone(), cfg)
             })
@@ -332,6 +375,60 @@ fn same_content(a: &NodeConfig, b: &NodeConfig) -> bool {
         && a.policy == b.policy
         && a.routes == b.routes
         && a.forwarding == b.forwarding
+}
+
+/// Endpoints of nodes as the fresh reports of members of other sites see
+/// them (the address their packets come from), where that differs from the
+/// registered endpoint: a node behind NAT announces an address only its
+/// LAN can reach, and its own handshakes show peers where its NAT maps it.
+/// `None` when every report shows the registered one, or when reports
+/// disagree. Nodes nobody in another site reports are left out.
+fn learn_endpoints(
+    state: &State,
+    statuses: &BTreeMap<String, NodeStatus>,
+    now: u64,
+) -> BTreeMap<String, Option<SocketAddr>> {
+    let by_key: BTreeMap<&[u8], &weft_controller_core::Node> = state
+        .nodes()
+        .map(|n| (n.public_key.0.as_slice(), n))
+        .collect();
+    let mut votes: BTreeMap<&str, BTreeSet<SocketAddr>> = BTreeMap::new();
+    let fresh = statuses
+        .iter()
+        .filter(|(_, st)| now.saturating_sub(st.last_report_unix) <= STALE_REPORT_SECS)
+        .filter_map(|(id, st)| state.node_by_id(id).map(|n| (n, st)));
+    for (reporter, st) in fresh {
+        for p in &st.peers {
+            let Some(node) = by_key.get(p.public_key.as_slice()) else {
+                continue;
+            };
+            let Ok(seen) = p.endpoint.parse::<SocketAddr>() else {
+                continue;
+            };
+            if node.site == reporter.site {
+                continue;
+            }
+            votes.entry(node.id.as_str()).or_default().insert(seen);
+        }
+    }
+    votes
+        .into_iter()
+        .map(|(id, v)| {
+            // Peers that have not heard from the node yet still show the
+            // registered endpoint: any other observation outvotes them. If
+            // peers see the node at different addresses, its NAT maps each
+            // destination apart (symmetric NAT): no single endpoint works
+            // for everyone, so none is handed out and each peer keeps the
+            // one it learnt from the node's own packets.
+            let registered = state.node_by_id(id).and_then(|n| n.endpoint);
+            let mut seen = v.into_iter().filter(|e| Some(*e) != registered);
+            let learnt = match (seen.next(), seen.next()) {
+                (Some(e), None) => Some(e),
+                _ => None,
+            };
+            (id.to_owned(), learnt)
+        })
+        .collect()
 }
 
 /// What the agents' fresh reports (the last [`STALE_REPORT_SECS`]) say:
@@ -475,6 +572,55 @@ mod tests {
         // Reports older than STALE_REPORT_SECS say nothing.
         let later = NOW + STALE_REPORT_SECS + 1;
         assert_eq!(measure(&s, &st, later), Measurements::default());
+    }
+
+    fn seen_at(key: u8, endpoint: &str) -> pb::PeerStatus {
+        pb::PeerStatus {
+            public_key: vec![key; 32],
+            endpoint: endpoint.to_owned(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn endpoints_seen_from_other_sites_are_learnt_and_handed_to_them() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let c = Controller::new(state(), Box::new(FileStore::new(dir.path())));
+        let (a2, b1) = (c.subscribe("n-a2").expect("a2"), c.subscribe("n-b1").expect("b1"));
+        let endpoint_of_a1 = |rx: &watch::Receiver<Arc<NodeConfig>>| {
+            rx.borrow().peers[&Key([1; 32])].endpoint.map(|e| e.to_string())
+        };
+        assert_eq!(endpoint_of_a1(&b1).as_deref(), Some("198.18.0.1:51820"));
+        // a2 (same site) sees a1 on the LAN; b1 and c1 see it behind a NAT.
+        let report = |id: &str, endpoint: &str| {
+            c.report(
+                id,
+                pb::ReportRequest {
+                    peers: vec![seen_at(1, endpoint)],
+                    ..Default::default()
+                },
+            );
+        };
+        report("n-a2", "198.18.0.1:51820");
+        report("n-b1", "198.18.9.1:40000");
+        assert_eq!(endpoint_of_a1(&b1).as_deref(), Some("198.18.9.1:40000"));
+        assert_eq!(
+            endpoint_of_a1(&a2).as_deref(),
+            Some("198.18.0.1:51820"),
+            "a's own site keeps the LAN endpoint"
+        );
+        // A peer that has not heard from a1 yet does not outvote b1.
+        report("n-c1", "198.18.0.1:51820");
+        assert_eq!(endpoint_of_a1(&b1).as_deref(), Some("198.18.9.1:40000"));
+        // Another site sees another port (symmetric NAT): nothing is handed
+        // out, each peer keeps what a1's own packets taught it.
+        report("n-c1", "198.18.9.1:40001");
+        assert_eq!(endpoint_of_a1(&b1).as_deref(), Some("198.18.0.1:51820"));
+        // Everyone sees it at its registered endpoint again: nothing learnt.
+        report("n-c1", "198.18.0.1:51820");
+        report("n-b1", "198.18.0.1:51820");
+        assert_eq!(endpoint_of_a1(&b1).as_deref(), Some("198.18.0.1:51820"));
+        assert!(c.lock().learnt.is_empty());
     }
 
     #[test]

@@ -531,9 +531,10 @@ impl Peers {
     /// Adds a peer or updates it in place (its sessions survive unless the
     /// keepalive changes). The configured endpoint replaces the current
     /// one only when it differs from the one configured before (or the
-    /// peer is new): otherwise the endpoint learnt from the peer's
-    /// authenticated packets stays, since a peer behind NAT is reachable
-    /// only there. An `endpoint` of `None` keeps the current one.
+    /// peer is new) and the peer has no session: otherwise the endpoint
+    /// learnt from the peer's authenticated packets stays, since a peer
+    /// behind NAT is reachable only there. An `endpoint` of `None` keeps
+    /// the current one.
     ///
     /// Returns whether to start a handshake now: the peer is new, or its
     /// persistent keepalive was turned on (its sessions are gone).
@@ -543,7 +544,13 @@ impl Peers {
         if let Some(p) = self.by_slot.get_mut(&slot) {
             p.name = cfg.name;
             let configured = cfg.endpoint.map(normalise);
-            if configured.is_some() && configured != p.configured_endpoint {
+            // A working session proves the current endpoint: a changed
+            // configured one (say, a NAT mapping the controller learnt
+            // from other peers) is only a hint until the session ends.
+            if configured.is_some()
+                && configured != p.configured_endpoint
+                && (p.endpoint.is_none() || !p.has_session())
+            {
                 p.endpoint = configured;
             }
             p.configured_endpoint = configured;
