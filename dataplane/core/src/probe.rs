@@ -153,19 +153,26 @@ impl ProbeWindow {
     /// Records the reply to `seq` received at `now_ns`. Replies to probes
     /// the window forgot, duplicates and replies after the timeout are
     /// ignored; returns whether it counted.
+    ///
+    /// A reply that ends an outage (the peer was unreachable) forgets the
+    /// probes sent before it: they describe the outage, not the link now,
+    /// and would keep its loss high for a whole window after it recovered.
     pub fn replied(&mut self, seq: u64, now_ns: u64) -> bool {
         let timeout = self.timeout_ns;
-        match self.sent.iter_mut().find(|s| s.seq == seq) {
-            Some(s) if s.rtt_ns.is_none() && now_ns >= s.at_ns => {
-                let rtt = now_ns - s.at_ns;
-                if rtt > timeout {
-                    return false;
-                }
-                s.rtt_ns = Some(rtt);
-                true
-            }
-            Some(_) | None => false,
+        let Some(i) = self.sent.iter().position(|s| s.seq == seq) else {
+            return false;
+        };
+        let s = self.sent[i];
+        if s.rtt_ns.is_some() || now_ns < s.at_ns || now_ns - s.at_ns > timeout {
+            return false;
         }
+        let st = self.stats(now_ns);
+        let was_down = !st.reachable && st.samples as usize >= self.down_after;
+        self.sent[i].rtt_ns = Some(now_ns - s.at_ns);
+        if was_down {
+            self.sent.drain(..i);
+        }
+        true
     }
 
     /// The statistics at `now_ns`: a probe sent less than the timeout ago
@@ -205,6 +212,40 @@ mod tests {
     use super::*;
 
     const MS: u64 = 1_000_000;
+
+    #[test]
+    fn a_reply_ending_an_outage_forgets_the_outage() {
+        let mut w = ProbeWindow::new(1000 * MS, 3);
+        let mut t = 0;
+        for seq in 0..4 {
+            w.sent(seq, t);
+            assert!(w.replied(seq, t + 30 * MS));
+            t += 500 * MS;
+        }
+        // Ten probes lost: unreachable (8 of the 12 settled lost).
+        for seq in 4..14 {
+            w.sent(seq, t);
+            t += 500 * MS;
+        }
+        let st = w.stats(t);
+        assert!(!st.reachable);
+        assert_eq!(st.loss_permille, 666);
+        // The link is back: the first reply makes it reachable and loss-free.
+        w.sent(14, t);
+        assert!(w.replied(14, t + 30 * MS));
+        let st = w.stats(t + 30 * MS);
+        assert!(st.reachable);
+        assert_eq!(
+            (st.loss_permille, st.samples, st.rtt_us),
+            (0, 1, Some(30_000))
+        );
+        // An ordinary loss while reachable is remembered.
+        w.sent(15, t + 500 * MS);
+        w.sent(16, t + 1000 * MS);
+        assert!(w.replied(16, t + 1030 * MS));
+        let st = w.stats(t + 2600 * MS);
+        assert_eq!((st.samples, st.loss_permille), (3, 333));
+    }
 
     #[test]
     fn probes_round_trip_and_garbage_is_refused() {
