@@ -236,6 +236,20 @@ impl TryFrom<pb::NodePolicy> for PolicyInput {
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let local = p
+            .local
+            .iter()
+            .enumerate()
+            .map(|(i, prefix)| {
+                prefix.parse::<IpNet>().map_err(|err| {
+                    InvalidMessage::new(
+                        M,
+                        format!("local[{i}]"),
+                        format!("{prefix:?} is not a CIDR ({err})"),
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let named = p.rules.len();
         if let Some((i, t)) = tuples
             .iter()
@@ -253,6 +267,7 @@ impl TryFrom<pb::NodePolicy> for PolicyInput {
             governed: p.governed.into_iter().collect(),
             tuples,
             rules: p.rules,
+            local,
         })
     }
 }
@@ -283,6 +298,7 @@ impl From<&PolicyInput> for pb::NodePolicy {
                 })
                 .collect(),
             rules: p.rules.clone(),
+            local: p.local.iter().map(ToString::to_string).collect(),
         }
     }
 }
@@ -331,6 +347,11 @@ mod tests {
                     rule: 1,
                 }],
                 rules: vec!["db/ingress[0]".into()],
+                local: vec![
+                    "100.64.0.1/32".parse().expect("valid"),
+                    "fd00::1/128".parse().expect("valid"),
+                    "100.100.8.0/24".parse().expect("valid"),
+                ],
             },
             routes: vec![
                 "100.100.2.0/24".parse().expect("valid"),
@@ -379,6 +400,11 @@ mod tests {
         let e = NodeConfig::try_from(w).expect_err("must fail");
         assert_eq!(e.field, "policy.tuples[0].rule");
         assert!(e.to_string().contains("only 1 rules are named"), "{e}");
+        let mut w = pb::NodeConfig::from(&sample());
+        w.policy.as_mut().expect("policy").local[2] = "100.100.8.0/33".into();
+        let e = NodeConfig::try_from(w).expect_err("must fail");
+        assert_eq!(e.field, "policy.local[2]");
+        assert!(e.to_string().contains("is not a CIDR"), "{e}");
     }
 
     #[test]
@@ -407,6 +433,15 @@ mod tests {
         let c = NodeConfig::try_from(w).expect("valid");
         let p = &c.peers[&Key([7; 32])];
         assert!(p.accept_sources.is_empty() && p.fallback.is_empty());
+    }
+
+    #[test]
+    fn a_policy_without_hosted_prefixes_has_an_empty_list() {
+        let mut w = pb::NodeConfig::from(&sample());
+        w.policy.as_mut().expect("policy").local.clear();
+        let c = NodeConfig::try_from(w).expect("valid");
+        assert!(c.policy.local.is_empty());
+        assert_eq!(c.policy.governed.len(), 1);
     }
 
     #[test]

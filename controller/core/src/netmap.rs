@@ -7,7 +7,10 @@
 //!
 //! Each node's config also carries its compiled network policy: the policy
 //! of the whole network is compiled once per call ([`policy::compile`]) and
-//! cut per node ([`policy::compile_for_node`]).
+//! cut per node ([`policy::compile_for_node`]), with the prefixes the node
+//! hosts (its own /32 and /128, its advertised workload prefixes): the
+//! only addresses its datapath enforces policy for, so that a node relaying
+//! packets for another member never judges them.
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -80,9 +83,19 @@ fn compile_state(state: &State) -> Compiled {
 /// What the node with this id enforces, as the agent's lowering takes it.
 /// Each tuple counts in the slot of the rule that decides it: the node's
 /// deciding rules, sorted, are slots 1, 2, … and named in
-/// [`PolicyInput::rules`].
+/// [`PolicyInput::rules`]. [`PolicyInput::local`] is the prefixes of the
+/// endpoints the node enforces policy for (itself and its workloads).
 pub fn node_policy(compiled: &Compiled, node_id: &str) -> PolicyInput {
-    tables_to_input(&policy::compile_for_node(compiled, node_id))
+    let local: std::collections::BTreeSet<IpNet> = compiled
+        .endpoints
+        .values()
+        .filter(|e| e.node.as_deref() == Some(node_id))
+        .flat_map(|e| e.prefixes.iter().map(IpNet::trunc))
+        .collect();
+    PolicyInput {
+        local: local.into_iter().collect(),
+        ..tables_to_input(&policy::compile_for_node(compiled, node_id))
+    }
 }
 
 fn tables_to_input(tables: &PolicyTables) -> PolicyInput {
@@ -132,6 +145,7 @@ fn tables_to_input(tables: &PolicyTables) -> PolicyInput {
                 })
             })
             .collect(),
+        local: Vec::new(),
     }
 }
 
@@ -215,6 +229,7 @@ fn config_for(
 mod tests {
     use super::*;
     use crate::policy::{Endpoint, parse_documents};
+    use std::net::IpAddr;
 
     fn endpoint(name: &str, role: &str) -> Endpoint {
         let n = if name == "db" { 1 } else { 2 };
@@ -288,6 +303,117 @@ spec:
         assert_eq!(denied.len(), 1, "{db:?}");
         assert_eq!(db.rule_name(denied[0].rule), Some("db/deny[0]"));
         assert!(web.rules.is_empty());
+        // Each node hosts its own prefixes only.
+        let nets =
+            |v: &[&str]| -> Vec<IpNet> { v.iter().map(|s| s.parse().expect("net")).collect() };
+        assert_eq!(db.local, nets(&["100.64.0.1/32", "fd00::1/128"]));
+        assert_eq!(web.local, nets(&["100.64.0.2/32", "fd00::2/128"]));
         policy_maps::lower(&db).expect("the agent can lower it");
+    }
+
+    /// A gateway with the same site and labels as a member (so the same,
+    /// governed identity) hosts only its own addresses: it forwards the
+    /// member's packets unjudged; the member judges them.
+    #[test]
+    fn nodes_host_their_own_addresses_and_workload_prefixes_only() {
+        use crate::model::{NetworkSettings, Registration};
+        let settings =
+            NetworkSettings::with_ipv6_prefix("fd7e:4a1:1234::/48".parse().expect("net"));
+        let mut state = State::new(settings).expect("state");
+        state.create_site("a", 0).expect("site");
+        let labels = |role: &str| -> crate::Labels {
+            [("role".to_owned(), role.to_owned())].into_iter().collect()
+        };
+        for (i, (name, role)) in [("gw", "db"), ("db", "db"), ("web", "web")]
+            .into_iter()
+            .enumerate()
+        {
+            let k = [u8::try_from(i).expect("small") + 1; 32];
+            state
+                .create_token(&format!("t{i}"), k, "a", 0, 60)
+                .expect("token");
+            state
+                .register_node(
+                    Registration {
+                        node_id: format!("n-{name}"),
+                        token_id: format!("t{i}"),
+                        secret_hash: k,
+                        name: name.to_owned(),
+                        public_key: Key(k),
+                        endpoint: Some(([198, 18, 0, 10 + k[0]], 51820).into()),
+                        cert_fingerprint: k,
+                        labels: labels(role),
+                    },
+                    1,
+                )
+                .expect("registers");
+        }
+        // Outside the pools (100.64.0.0/10, fd7e:4a1:1234::/48).
+        let workload: IpNet = "fd00:beef:2::/64".parse().expect("net");
+        state
+            .advertise_prefixes("db", &[(workload, labels("pg"))].into_iter().collect())
+            .expect("advertises");
+        let policies = parse_documents(
+            "t.yaml",
+            r#"
+apiVersion: weft.dev/v1
+kind: NetworkPolicy
+metadata: {name: db}
+spec:
+  target: {matchLabels: {role: db}}
+  ingress:
+    - from: {matchLabels: {role: web}}
+      ports: [{protocol: TCP, port: 5432}]
+"#,
+        )
+        .expect("valid policy");
+        state.apply_policies(policies).expect("applies");
+
+        let configs = all_node_configs(&state);
+        let node = |id: &str| state.node_by_id(id).expect("node");
+        let (gw, db, web) = (node("n-gw"), node("n-db"), node("n-web"));
+        let host = |n: &crate::model::Node| {
+            vec![
+                IpNet::V4(Ipv4Net::from(n.ipv4)),
+                IpNet::V6(Ipv6Net::from(n.ipv6)),
+            ]
+        };
+        let gw_policy = &configs["n-gw"].policy;
+        let db_policy = &configs["n-db"].policy;
+        assert_eq!(gw_policy.local, host(gw));
+        let mut db_local = host(db);
+        db_local.insert(1, workload);
+        assert_eq!(
+            db_policy.local, db_local,
+            "own addresses and workload prefix"
+        );
+        assert_eq!(configs["n-web"].policy.local, host(web));
+        assert_eq!(
+            gw_policy.governed, db_policy.governed,
+            "gw and db share their identity"
+        );
+        assert!(!gw_policy.governed.is_empty());
+        assert_eq!(
+            node_config(&state, "n-db").expect("config").policy,
+            *db_policy
+        );
+
+        let gw_maps = policy_maps::lower(gw_policy).expect("lowers");
+        let db_maps = policy_maps::lower(db_policy).expect("lowers");
+        let (from, to_db) = (IpAddr::V4(web.ipv4), IpAddr::V4(db.ipv4));
+        assert_eq!(
+            gw_maps.decide_packet(from, to_db, 6, 22),
+            policy_maps::Decision::Forwarded,
+            "the gateway does not judge db's packets"
+        );
+        assert_eq!(
+            db_maps.decide_packet(from, to_db, 6, 22),
+            policy_maps::Decision::DefaultDeny
+        );
+        assert_eq!(
+            gw_maps.decide_packet(from, IpAddr::V4(gw.ipv4), 6, 22),
+            policy_maps::Decision::DefaultDeny,
+            "the gateway judges its own packets"
+        );
     }
 }

@@ -327,10 +327,10 @@ impl Inner {
                 }
                 let site = self.state.node_by_id(id).map(|n| n.site.as_str());
                 for (key, peer) in cfg.peers.iter_mut() {
-                    if let Some((peer_site, e)) = learnt.get(key) {
-                        if site != Some(*peer_site) {
-                            peer.endpoint = Some(*e);
-                        }
+                    if let Some((peer_site, e)) = learnt.get(key)
+                        && site != Some(*peer_site)
+                    {
+                        peer.endpoint = Some(*e);
                     }
                 }
                 (id.clone(), cfg)
@@ -586,9 +586,14 @@ mod tests {
     fn endpoints_seen_from_other_sites_are_learnt_and_handed_to_them() {
         let dir = tempfile::tempdir().expect("temp dir");
         let c = Controller::new(state(), Box::new(FileStore::new(dir.path())));
-        let (a2, b1) = (c.subscribe("n-a2").expect("a2"), c.subscribe("n-b1").expect("b1"));
+        let (a2, b1) = (
+            c.subscribe("n-a2").expect("a2"),
+            c.subscribe("n-b1").expect("b1"),
+        );
         let endpoint_of_a1 = |rx: &watch::Receiver<Arc<NodeConfig>>| {
-            rx.borrow().peers[&Key([1; 32])].endpoint.map(|e| e.to_string())
+            rx.borrow().peers[&Key([1; 32])]
+                .endpoint
+                .map(|e| e.to_string())
         };
         assert_eq!(endpoint_of_a1(&b1).as_deref(), Some("198.18.0.1:51820"));
         // a2 (same site) sees a1 on the LAN; b1 and c1 see it behind a NAT.

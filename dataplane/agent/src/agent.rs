@@ -347,6 +347,7 @@ async fn log_policy_counters(policy: Arc<Mutex<PolicyDatapath>>) {
             PolicyVerdict::Unparsable,
             PolicyVerdict::NotGoverned,
             PolicyVerdict::Established,
+            PolicyVerdict::Forwarded,
         ]
         .map(packets);
         if last == Some(now) {
@@ -360,6 +361,7 @@ async fn log_policy_counters(policy: Arc<Mutex<PolicyDatapath>>) {
             unparsable = packets(PolicyVerdict::Unparsable),
             not_governed = packets(PolicyVerdict::NotGoverned),
             established = packets(PolicyVerdict::Established),
+            forwarded = packets(PolicyVerdict::Forwarded),
             "policy counters (packets)"
         );
     }
@@ -376,6 +378,7 @@ fn verdict_name(v: weft_ebpf_common::policy::PolicyVerdict) -> &'static str {
         PolicyVerdict::NotGoverned => "not_governed",
         PolicyVerdict::EgressPassed => "egress",
         PolicyVerdict::Established => "established",
+        PolicyVerdict::Forwarded => "forwarded",
     }
 }
 
@@ -489,6 +492,7 @@ impl Applier {
             info!(
                 revision = cfg.revision,
                 governed = maps.governed.len(),
+                hosted = maps.hosted.len(),
                 entries = maps.policy.len(),
                 change = %report.change,
                 written = report.written,

@@ -26,7 +26,8 @@ pub struct NodeConfig {
     /// Peers by public key.
     pub peers: BTreeMap<Key, PeerConfig>,
     /// The node's compiled network policy: the whole ipcache, the
-    /// identities it hosts that are default-deny, and their rule tuples.
+    /// identities it hosts that are default-deny, their rule tuples, and
+    /// the prefixes it hosts (the addresses it enforces policy for).
     /// Empty = nothing on this node is governed. Defaults to empty so that
     /// configs persisted before policy existed still load.
     #[serde(default)]
@@ -89,6 +90,24 @@ mod tests {
         assert!(!text.contains("accept_sources") && !text.contains("fallback"));
         let again: NodeConfig = serde_json::from_str(&text).expect("round trips");
         assert_eq!(again, cfg);
+    }
+
+    #[test]
+    fn a_policy_persisted_before_hosted_prefixes_still_loads() {
+        let json = r#"{"ipcache":[["100.64.0.1/32",1]],"governed":[1],"tuples":[]}"#;
+        let policy: PolicyInput = serde_json::from_str(json).expect("old policy loads");
+        assert!(policy.local.is_empty());
+        // Lowered as "every address hosted": it keeps enforcing.
+        let maps = crate::policy_maps::lower(&policy).expect("lowers");
+        assert!(maps.hosts("100.64.0.9".parse().expect("addr")));
+        let hosted = PolicyInput {
+            local: vec!["100.64.0.1/32".parse().expect("valid")],
+            ..policy
+        };
+        let text = serde_json::to_string(&hosted).expect("serializes");
+        assert!(text.contains(r#""local":["100.64.0.1/32"]"#), "{text}");
+        let again: PolicyInput = serde_json::from_str(&text).expect("round trips");
+        assert_eq!(again, hosted);
     }
 
     #[test]

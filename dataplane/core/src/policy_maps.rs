@@ -16,6 +16,12 @@
 //!   identities, the protocol, the pad byte and the block's port bits. A
 //!   packet is one lookup with the full key.
 //! - governed: the set of destination identities that are default-deny.
+//! - hosted: LPM trie of the prefixes that live on this node (its own
+//!   overlay addresses, the workload prefixes it advertises), keyed like
+//!   the ipcache. The classifiers judge and track only packets to (and
+//!   flows from) these addresses: a node relaying for another member of
+//!   the same identity (a gateway) passes them as forwarded, and the node
+//!   that hosts the destination judges them.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -124,6 +130,15 @@ pub struct PolicyInput {
     /// `rules[i]` (e.g. `db/ingress[0]`); slot 0 is unnamed.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rules: Vec<String>,
+    /// Prefixes this node hosts (host bits are ignored): its own overlay
+    /// addresses (/32 and /128) and the workload prefixes it advertises.
+    /// Policy is enforced, and flows tracked, for these addresses only.
+    /// The controller always names the node's own addresses, so an empty
+    /// list only comes from a config computed before hosted prefixes
+    /// existed: it is lowered as "every address is hosted", which enforces
+    /// as such configs always did (fail closed).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub local: Vec<IpNet>,
 }
 
 impl PolicyInput {
@@ -282,7 +297,7 @@ pub struct PolicyEntryValue {
     pub rule: u32,
 }
 
-/// The full contents of the three policy maps.
+/// The full contents of the four policy maps.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PolicyMaps {
     /// ipcache entries.
@@ -291,6 +306,9 @@ pub struct PolicyMaps {
     pub policy: BTreeMap<PolicyEntryKey, PolicyEntryValue>,
     /// governed identities (value `1` in the kernel).
     pub governed: BTreeSet<Identity>,
+    /// prefixes hosted by this node (value `1` in the kernel); empty maps
+    /// host nothing.
+    pub hosted: BTreeSet<IpcacheEntryKey>,
 }
 
 /// What the datapath decides for one packet.
@@ -298,6 +316,9 @@ pub struct PolicyMaps {
 pub enum Decision {
     /// The destination identity is not governed: pass.
     NotGoverned,
+    /// The destination identity is governed but its address is not hosted
+    /// by this node (it forwards the packet): pass.
+    Forwarded,
     /// A rule matched.
     Rule {
         /// Its verdict.
@@ -317,8 +338,24 @@ pub enum Decision {
 /// index out of range, overlapping tuples, or a prefix given two
 /// identities.
 pub fn lower(input: &PolicyInput) -> Result<PolicyMaps, InvalidPolicyInput> {
+    let hosted = if input.local.is_empty() {
+        // A config from before hosted prefixes: every address (prefix
+        // length 0 covers IPv4-mapped addresses too).
+        [IpcacheEntryKey {
+            prefix_len: 0,
+            addr: [0; 16],
+        }]
+        .into()
+    } else {
+        input
+            .local
+            .iter()
+            .map(|&net| IpcacheEntryKey::from_net(net))
+            .collect()
+    };
     let mut maps = PolicyMaps {
         governed: input.governed.clone(),
+        hosted,
         ..PolicyMaps::default()
     };
     for &(net, identity) in &input.ipcache {
@@ -380,22 +417,17 @@ impl PolicyMaps {
     /// ([`WORLD`] when nothing matches).
     #[must_use]
     pub fn identity(&self, addr: IpAddr) -> Identity {
-        let full = u128::from_be_bytes(lookup_addr(addr));
-        (0..=IPCACHE_FULL_PREFIX)
-            .rev()
-            .find_map(|len| {
-                let masked = if len == 0 {
-                    0
-                } else {
-                    full & (u128::MAX << (128 - len))
-                };
-                self.ipcache.get(&IpcacheEntryKey {
-                    prefix_len: len,
-                    addr: Ipv6Addr::from(masked).octets(),
-                })
-            })
+        covering_keys(addr)
+            .find_map(|key| self.ipcache.get(&key))
             .copied()
             .unwrap_or(WORLD)
+    }
+
+    /// Whether `addr` lies in a hosted prefix, as the kernel's lookup in
+    /// the hosted-prefix trie finds it.
+    #[must_use]
+    pub fn hosts(&self, addr: IpAddr) -> bool {
+        covering_keys(addr).any(|key| self.hosted.contains(&key))
     }
 
     /// What the ingress program decides for a packet between identities:
@@ -423,11 +455,34 @@ impl PolicyMaps {
             })
     }
 
-    /// [`Self::decide`] for a packet between addresses.
+    /// [`Self::decide`] for a packet between addresses, in the kernel's
+    /// order: a governed destination identity at an address this node does
+    /// not host is [`Decision::Forwarded`] without a rule lookup.
     #[must_use]
     pub fn decide_packet(&self, src: IpAddr, dst: IpAddr, proto: u8, port: u16) -> Decision {
-        self.decide(self.identity(dst), self.identity(src), proto, port)
+        let dst_identity = self.identity(dst);
+        if self.governed.contains(&dst_identity) && !self.hosts(dst) {
+            return Decision::Forwarded;
+        }
+        self.decide(dst_identity, self.identity(src), proto, port)
     }
+}
+
+/// The keys covering `addr` in a trie keyed like the ipcache, longest
+/// prefix first.
+fn covering_keys(addr: IpAddr) -> impl Iterator<Item = IpcacheEntryKey> {
+    let full = u128::from_be_bytes(lookup_addr(addr));
+    (0..=IPCACHE_FULL_PREFIX).rev().map(move |len| {
+        let masked = if len == 0 {
+            0
+        } else {
+            full & (u128::MAX << (128 - len))
+        };
+        IpcacheEntryKey {
+            prefix_len: len,
+            addr: Ipv6Addr::from(masked).octets(),
+        }
+    })
 }
 
 /// Map updates turning one [`PolicyMaps`] into another.
@@ -451,6 +506,10 @@ pub struct MapsDiff {
     pub policy_deletes: Vec<PolicyEntryKey>,
     /// ipcache entries to remove.
     pub ipcache_deletes: Vec<IpcacheEntryKey>,
+    /// prefixes to mark hosted.
+    pub hosted_upserts: Vec<IpcacheEntryKey>,
+    /// prefixes no longer hosted.
+    pub hosted_deletes: Vec<IpcacheEntryKey>,
 }
 
 impl MapsDiff {
@@ -463,6 +522,8 @@ impl MapsDiff {
             && self.governed_deletes.is_empty()
             && self.policy_deletes.is_empty()
             && self.ipcache_deletes.is_empty()
+            && self.hosted_upserts.is_empty()
+            && self.hosted_deletes.is_empty()
     }
 
     /// Number of map operations.
@@ -474,6 +535,8 @@ impl MapsDiff {
             + self.governed_deletes.len()
             + self.policy_deletes.len()
             + self.ipcache_deletes.len()
+            + self.hosted_upserts.len()
+            + self.hosted_deletes.len()
     }
 
     /// The single map operations of the diff: upserts, then deletes.
@@ -495,6 +558,7 @@ impl MapsDiff {
                 .iter()
                 .map(|&(k, id)| MapOp::IpcacheUpsert(k, id)),
         );
+        ops.extend(self.hosted_upserts.iter().map(|&k| MapOp::HostedUpsert(k)));
         ops.extend(
             self.governed_deletes
                 .iter()
@@ -505,6 +569,7 @@ impl MapsDiff {
                 .iter()
                 .map(|&k| MapOp::IpcacheDelete(k)),
         );
+        ops.extend(self.hosted_deletes.iter().map(|&k| MapOp::HostedDelete(k)));
         ops.extend(self.policy_deletes.iter().map(|&k| MapOp::PolicyDelete(k)));
         ops
     }
@@ -533,6 +598,10 @@ pub enum MapOp {
     IpcacheDelete(IpcacheEntryKey),
     /// Remove a policy entry.
     PolicyDelete(PolicyEntryKey),
+    /// Mark a prefix hosted.
+    HostedUpsert(IpcacheEntryKey),
+    /// Mark a prefix no longer hosted.
+    HostedDelete(IpcacheEntryKey),
 }
 
 impl MapOp {
@@ -557,6 +626,12 @@ impl MapOp {
             MapOp::PolicyDelete(k) => {
                 maps.policy.remove(&k);
             }
+            MapOp::HostedUpsert(k) => {
+                maps.hosted.insert(k);
+            }
+            MapOp::HostedDelete(k) => {
+                maps.hosted.remove(&k);
+            }
         }
     }
 }
@@ -565,13 +640,15 @@ impl fmt::Display for MapsDiff {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "ipcache +{}/-{}, policy +{}/-{}, governed +{}/-{}",
+            "ipcache +{}/-{}, policy +{}/-{}, governed +{}/-{}, hosted +{}/-{}",
             self.ipcache_upserts.len(),
             self.ipcache_deletes.len(),
             self.policy_upserts.len(),
             self.policy_deletes.len(),
             self.governed_upserts.len(),
-            self.governed_deletes.len()
+            self.governed_deletes.len(),
+            self.hosted_upserts.len(),
+            self.hosted_deletes.len()
         )
     }
 }
@@ -605,6 +682,8 @@ pub fn diff(old: &PolicyMaps, new: &PolicyMaps) -> MapsDiff {
         governed_deletes: old.governed.difference(&new.governed).copied().collect(),
         policy_deletes,
         ipcache_deletes,
+        hosted_upserts: new.hosted.difference(&old.hosted).copied().collect(),
+        hosted_deletes: old.hosted.difference(&new.hosted).copied().collect(),
     }
 }
 
@@ -719,6 +798,120 @@ mod tests {
         assert_eq!(maps.identity("fd01::9".parse().expect("addr")), WORLD);
     }
 
+    #[test]
+    fn hosted_prefixes_decide_what_is_judged_here() {
+        let input = PolicyInput {
+            ipcache: vec![
+                ("100.64.0.0/10".parse().expect("net"), 1),
+                ("100.100.2.0/24".parse().expect("net"), 1),
+                ("fd00::/8".parse().expect("net"), 1),
+            ],
+            governed: [1].into(),
+            tuples: vec![tuple(1, 1, Protocol::Tcp, 22, 22)],
+            // Host bits of a workload prefix are ignored.
+            local: vec![
+                "100.64.0.7/32".parse().expect("net"),
+                "fd00::7/128".parse().expect("net"),
+                "100.100.2.9/24".parse().expect("net"),
+            ],
+            ..PolicyInput::default()
+        };
+        let maps = lower(&input).expect("lower");
+        let keys: Vec<_> = maps.hosted.iter().map(|k| k.prefix_len).collect();
+        assert_eq!(keys, vec![120, 128, 128], "{:?}", maps.hosted);
+        assert!(maps.hosted.contains(&IpcacheEntryKey::from_net(
+            "100.100.2.0/24".parse().expect("net")
+        )));
+        let addr = |s: &str| -> IpAddr { s.parse().expect("addr") };
+        for hosted in ["100.64.0.7", "fd00::7", "100.100.2.200"] {
+            assert!(maps.hosts(addr(hosted)), "{hosted}");
+        }
+        for other in ["100.64.0.8", "fd00::8", "100.100.3.1", "::ffff:100.64.0.6"] {
+            assert!(!maps.hosts(addr(other)), "{other}");
+        }
+        let allow = Decision::Rule {
+            verdict: Verdict::Allow,
+            rule: 0,
+        };
+        let peer = addr("100.64.0.9");
+        // Same identity, same port: judged where hosted, forwarded elsewhere.
+        assert_eq!(maps.decide_packet(peer, addr("100.64.0.7"), 6, 22), allow);
+        assert_eq!(
+            maps.decide_packet(peer, addr("100.64.0.7"), 6, 23),
+            Decision::DefaultDeny
+        );
+        assert_eq!(
+            maps.decide_packet(peer, addr("100.64.0.8"), 6, 23),
+            Decision::Forwarded
+        );
+        assert_eq!(
+            maps.decide_packet(addr("fd00::9"), addr("fd00::8"), 17, 53),
+            Decision::Forwarded
+        );
+        assert_eq!(
+            maps.decide_packet(peer, addr("100.100.2.1"), 6, 23),
+            Decision::DefaultDeny
+        );
+        // An ungoverned destination passes whether hosted or not.
+        assert_eq!(
+            maps.decide_packet(peer, addr("198.18.0.1"), 6, 23),
+            Decision::NotGoverned
+        );
+    }
+
+    #[test]
+    fn no_hosted_prefixes_means_every_address_is_hosted() {
+        // A policy computed before hosted prefixes keeps enforcing
+        // everything it governs.
+        let maps = lower(&PolicyInput {
+            ipcache: vec![("100.64.0.0/10".parse().expect("net"), 1)],
+            governed: [1].into(),
+            ..PolicyInput::default()
+        })
+        .expect("lower");
+        assert_eq!(maps.hosted.len(), 1);
+        for a in ["100.64.0.1", "100.127.255.254", "fd00::1", "198.18.0.1"] {
+            assert!(maps.hosts(a.parse().expect("addr")), "{a}");
+        }
+        assert_eq!(
+            maps.decide_packet(
+                "100.64.0.2".parse().expect("addr"),
+                "100.64.0.1".parse().expect("addr"),
+                6,
+                22
+            ),
+            Decision::DefaultDeny
+        );
+        assert!(PolicyMaps::default().hosted.is_empty());
+    }
+
+    #[test]
+    fn hosted_prefix_changes_are_diffed() {
+        let with = |local: &[&str]| {
+            lower(&PolicyInput {
+                local: local.iter().map(|s| s.parse().expect("net")).collect(),
+                ..PolicyInput::default()
+            })
+            .expect("lower")
+        };
+        let old = with(&["100.64.0.7/32", "fd00::7/128"]);
+        let new = with(&["100.64.0.7/32", "fd00::7/128", "100.100.2.0/24"]);
+        let d = diff(&old, &new);
+        assert_eq!(d.len(), 1);
+        assert_eq!(
+            d.ops(),
+            vec![MapOp::HostedUpsert(IpcacheEntryKey::from_net(
+                "100.100.2.0/24".parse().expect("net")
+            ))]
+        );
+        assert!(d.to_string().ends_with("hosted +1/-0"), "{d}");
+        let back = diff(&new, &old);
+        assert_eq!(back.hosted_deletes.len(), 1);
+        let mut applied = new.clone();
+        back.apply_to(&mut applied);
+        assert_eq!(applied, old);
+    }
+
     /// Naive evaluator: linear scans over the input.
     fn naive(input: &PolicyInput, src: IpAddr, dst: IpAddr, proto: u8, port: u16) -> Decision {
         let id = |addr: IpAddr| {
@@ -736,6 +929,14 @@ mod tests {
         let (d, s) = (id(dst), id(src));
         if !input.governed.contains(&d) {
             return Decision::NotGoverned;
+        }
+        let contains = |net: &IpNet, addr: IpAddr| match (net, addr) {
+            (IpNet::V4(n), IpAddr::V4(a)) => n.contains(&a),
+            (IpNet::V6(n), IpAddr::V6(a)) => n.contains(&a),
+            _ => false,
+        };
+        if !input.local.is_empty() && !input.local.iter().any(|n| contains(n, dst)) {
+            return Decision::Forwarded;
         }
         input
             .tuples
@@ -824,6 +1025,7 @@ mod tests {
             nets in proptest::collection::vec((arb_net(), 0u32..4), 0..12),
             governed in proptest::collection::btree_set(0u32..4, 0..4),
             tuples in proptest::collection::vec(arb_tuple(), 0..24),
+            local in proptest::collection::vec(arb_net(), 0..4),
         ) -> PolicyInput {
             let mut kept: Vec<PolicyTuple> = Vec::new();
             for t in tuples {
@@ -841,7 +1043,7 @@ mod tests {
                     ipcache.push((net, id));
                 }
             }
-            PolicyInput { ipcache, governed, tuples: kept, rules: vec![] }
+            PolicyInput { ipcache, governed, tuples: kept, rules: vec![], local }
         }
     }
 

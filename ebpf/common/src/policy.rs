@@ -3,21 +3,31 @@
 //!
 //! Per packet the ingress program does two ipcache lookups (source and
 //! destination address → identity), one hash lookup (is the destination
-//! identity governed?) and one policy LPM lookup with the full key, whatever
-//! the number of rules: port ranges are stored as aligned power-of-two
-//! blocks, a prefix on the port bits of [`PolicyKey`].
+//! identity governed?), one hosted-prefix LPM lookup (does the destination
+//! address live on this node?) and one policy LPM lookup with the full key,
+//! whatever the number of rules: port ranges are stored as aligned
+//! power-of-two blocks, a prefix on the port bits of [`PolicyKey`].
 //!
-//! Epochs: the ipcache, policy and governed maps hold two copies of the
-//! policy, told apart by an epoch (0 or 1) in every key. The programs read
-//! the active epoch once per packet from [`CONFIG_MAP`]; the agent writes a
-//! change into the inactive copy and then flips [`CONFIG_EPOCH`], so every
-//! packet sees one whole policy, old or new.
+//! Hosted prefixes: [`HOSTED_MAP`] holds the node's own overlay addresses
+//! and the workload prefixes it advertises. Identities are per (site,
+//! label set), so a node relaying traffic for another member (a gateway)
+//! can share the destination's identity; the classifiers judge and track
+//! only packets to (ingress) or from (egress) a hosted address, and pass a
+//! packet for another node untouched ([`PolicyVerdict::Forwarded`]): the
+//! node that hosts the destination judges it, with its own flow state.
+//!
+//! Epochs: the ipcache, policy, governed and hosted maps hold two copies of
+//! the policy, told apart by an epoch (0 or 1) in every key. The programs
+//! read the active epoch once per packet from [`CONFIG_MAP`]; the agent
+//! writes a change into the inactive copy and then flips [`CONFIG_EPOCH`],
+//! so every packet sees one whole policy, old or new.
 //!
 //! Connection tracking: [`CONNTRACK_MAP`], an LRU hash of [`CtKey`] →
 //! [`CtValue`]. Both directions of a flow share one key, written in the
 //! orientation of the packets that enter the node (remote → local): the
 //! egress program records every flow the node opens, and the ingress
-//! program records every governed flow a policy allowed. A packet of a
+//! program records every governed flow a policy allowed (flows of hosted
+//! addresses only, both ways). A packet of a
 //! tracked flow passes as [`PolicyVerdict::Established`] without a policy
 //! lookup, so a policy change never drops an established flow; the agent
 //! marks the tracked inbound flows that a new policy no longer allows as
@@ -35,6 +45,9 @@ pub const IPCACHE_MAP: &str = "WEFT_IPCACHE";
 pub const POLICY_MAP: &str = "WEFT_POLICY";
 /// Name of the governed set: hash of identity `u32` → [`GOVERNED`].
 pub const GOVERNED_MAP: &str = "WEFT_GOVERNED";
+/// Name of the hosted prefixes: LPM trie of [`IpcacheKey`] (with a prefix
+/// length) → [`HOSTED`]; the addresses that live on this node.
+pub const HOSTED_MAP: &str = "WEFT_HOSTED";
 /// Name of the per-CPU array of [`crate::Counters`] indexed by
 /// [`PolicyVerdict::index`].
 pub const VERDICT_COUNTERS_MAP: &str = "WEFT_POLICY_VERDICTS";
@@ -58,8 +71,8 @@ pub const POLICY_EGRESS_PROGRAM: &str = "weft_policy_egress";
 /// under BPF_PROG_TEST_RUN (which always hands TC programs an Ethernet
 /// frame). The loader sets it; the program trusts it.
 pub const CONFIG_L3_OFFSET: u32 = 0;
-/// Slot of [`CONFIG_MAP`]: the active epoch (0 or 1) of the ipcache, policy
-/// and governed maps.
+/// Slot of [`CONFIG_MAP`]: the active epoch (0 or 1) of the ipcache, policy,
+/// governed and hosted maps.
 pub const CONFIG_EPOCH: u32 = 1;
 /// Slot of [`CONFIG_MAP`]: an interface index (0: none). The enforcing
 /// classifier passes, without a lookup or a count, a packet that entered
@@ -76,6 +89,8 @@ pub const WORLD: u32 = 0;
 /// Value stored in [`GOVERNED_MAP`] for a governed identity (a `u32`
 /// flag, not a `bool`: every bit pattern of a map value must be valid).
 pub const GOVERNED: u32 = 1;
+/// Value stored in [`HOSTED_MAP`] for a hosted prefix (non-zero).
+pub const HOSTED: u32 = 1;
 
 /// Capacity of [`IPCACHE_MAP`] (both epochs).
 pub const IPCACHE_MAX_ENTRIES: u32 = 1 << 17;
@@ -84,6 +99,9 @@ pub const IPCACHE_MAX_ENTRIES: u32 = 1 << 17;
 pub const POLICY_MAX_ENTRIES: u32 = 1 << 21;
 /// Capacity of [`GOVERNED_MAP`] (both epochs).
 pub const GOVERNED_MAX_ENTRIES: u32 = 1 << 17;
+/// Capacity of [`HOSTED_MAP`] (both epochs): a node's own two addresses
+/// and its advertised workload prefixes.
+pub const HOSTED_MAX_ENTRIES: u32 = 1 << 12;
 /// Capacity of [`CONNTRACK_MAP`]: the least recently used flow goes first
 /// when it is full.
 pub const CONNTRACK_MAX_ENTRIES: u32 = 1 << 16;
@@ -249,11 +267,15 @@ pub enum PolicyVerdict {
     /// Governed destination, the flow is tracked (the node opened it, or a
     /// policy allowed it earlier): passed without a policy lookup.
     Established = 6,
+    /// Governed destination identity, but an address this node does not
+    /// host (a gateway relaying for another member): passed without a
+    /// policy lookup or tracking; the node hosting it judges it.
+    Forwarded = 7,
 }
 
 impl PolicyVerdict {
     /// Every verdict, in slot order.
-    pub const ALL: [PolicyVerdict; 7] = [
+    pub const ALL: [PolicyVerdict; 8] = [
         PolicyVerdict::Allowed,
         PolicyVerdict::Denied,
         PolicyVerdict::DefaultDenied,
@@ -261,6 +283,7 @@ impl PolicyVerdict {
         PolicyVerdict::NotGoverned,
         PolicyVerdict::EgressPassed,
         PolicyVerdict::Established,
+        PolicyVerdict::Forwarded,
     ];
 
     /// Slot of this verdict in [`VERDICT_COUNTERS_MAP`].

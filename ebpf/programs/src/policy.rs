@@ -2,31 +2,35 @@
 //!
 //! `weft_policy_ingress` (remote → local) enforces: destination address →
 //! identity through the ipcache (unknown → `WORLD`); destination identity
-//! not governed → pass; a packet of a tracked flow (the connection-tracking
-//! table has its 5-tuple and the entry is not idle for longer than its
-//! protocol's timeout) → pass as `Established`; else the source identity
-//! and one LPM lookup of `{dst, src, proto, port}` in the policy map:
-//! allow → pass and track the flow, deny → drop, no match → drop (default
-//! deny). Every map lookup uses the active epoch read once per packet.
+//! not governed → pass; destination address not hosted by this node (a
+//! gateway relaying for another member of the same identity) → pass as
+//! `Forwarded`, untracked; a packet of a tracked flow (the
+//! connection-tracking table has its 5-tuple and the entry is not idle for
+//! longer than its protocol's timeout) → pass as `Established`; else the
+//! source identity and one LPM lookup of `{dst, src, proto, port}` in the
+//! policy map: allow → pass and track the flow, deny → drop, no match →
+//! drop (default deny). Every map lookup uses the active epoch read once
+//! per packet.
 //!
 //! Fail closed: a packet whose IP header cannot be read (truncated, wrong
 //! version nibble, IHL < 5) is dropped, because its destination cannot be
-//! shown to be ungoverned; a packet to a governed destination whose L4
-//! header cannot be read (truncated TCP/UDP/ICMP, IPv4 or IPv6 non-first
-//! fragment, more than [`MAX_V6_EXT`] IPv6 extension headers, an ESP
-//! header) is dropped. Both count as `Unparsable`. Packets that are not IP
-//! (`skb->protocol`) pass as `NotGoverned`: the policy governs IP only, and
-//! a TUN device carries nothing else.
+//! shown to be ungoverned; a packet to a governed, hosted destination whose
+//! L4 header cannot be read (truncated TCP/UDP/ICMP, IPv4 or IPv6
+//! non-first fragment, more than [`MAX_V6_EXT`] IPv6 extension headers, an
+//! ESP header) is dropped. Both count as `Unparsable`. Packets that are not
+//! IP (`skb->protocol`) pass as `NotGoverned`: the policy governs IP only,
+//! and a TUN device carries nothing else.
 //!
 //! IPv6 extension headers Hop-by-Hop, Routing, Destination Options,
 //! Fragment (first fragment only) and AH are walked, up to [`MAX_V6_EXT`].
 //!
 //! `weft_policy_egress` (local → remote) does not enforce: it records the
 //! flows the node opens in the tracking table (a TCP SYN, a UDP datagram,
-//! an ICMP echo request; a flow already there is refreshed), so replies to
-//! connections the node opens pass its ingress policy, counts
-//! (`EgressPassed`) and passes. A packet it cannot parse passes untracked.
-//! A revoked flow is not re-opened by the node's own packets.
+//! an ICMP echo request from a hosted source address; a flow already there
+//! is refreshed), so replies to connections the node opens pass its
+//! ingress policy, counts (`EgressPassed`) and passes. A packet it cannot
+//! parse, or one it forwards for another node (source not hosted), passes
+//! untracked. A revoked flow is not re-opened by the node's own packets.
 //!
 //! Verdicts are `TC_ACT_UNSPEC` (pass: the next program, if any, or the stack
 //! decides) and `TC_ACT_SHOT` (drop).
@@ -43,7 +47,7 @@ use weft_ebpf_common::{
     policy::{
         CONFIG_EPOCH, CONFIG_L3_OFFSET, CONFIG_SKIP_INGRESS_IFINDEX, CONFIG_SLOTS, CONNTRACK_MAX_ENTRIES, CT_INBOUND,
         CT_OUTBOUND, CT_REFRESH_NS, CT_REVOKED, CtKey, CtValue, GOVERNED_MAX_ENTRIES, GovernedKey,
-        IPCACHE_MAX_ENTRIES, IpcacheKey, POLICY_MAX_ENTRIES, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP,
+        HOSTED_MAX_ENTRIES, IPCACHE_MAX_ENTRIES, IpcacheKey, POLICY_MAX_ENTRIES, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP,
         PROTO_UDP, PolicyKey, PolicyValue, PolicyVerdict, RULE_COUNTER_SLOTS, VERDICT_ALLOW,
         VERDICT_SLOTS, WORLD,
     },
@@ -62,6 +66,11 @@ static WEFT_POLICY: LpmTrie<PolicyKey, PolicyValue> =
 #[map(name = "WEFT_GOVERNED")]
 static WEFT_GOVERNED: HashMap<GovernedKey, u32> =
     HashMap::with_max_entries(GOVERNED_MAX_ENTRIES, 0);
+
+/// Prefixes hosted by this node per epoch (value `HOSTED`, non-zero): its
+/// own overlay addresses and its advertised workload prefixes.
+#[map(name = "WEFT_HOSTED")]
+static WEFT_HOSTED: LpmTrie<IpcacheKey, u32> = LpmTrie::with_max_entries(HOSTED_MAX_ENTRIES, 0);
 
 /// Tracked flows, keyed in the remote → local orientation.
 #[map(name = "WEFT_CT")]
@@ -144,7 +153,7 @@ fn action(verdict: PolicyVerdict) -> i32 {
         PolicyVerdict::Allowed | PolicyVerdict::NotGoverned | PolicyVerdict::EgressPassed => {
             TC_ACT_UNSPEC
         }
-        PolicyVerdict::Established => TC_ACT_UNSPEC,
+        PolicyVerdict::Established | PolicyVerdict::Forwarded => TC_ACT_UNSPEC,
         PolicyVerdict::Denied | PolicyVerdict::DefaultDenied | PolicyVerdict::Unparsable => {
             TC_ACT_SHOT
         }
@@ -219,6 +228,11 @@ fn try_ingress(ctx: &TcContext) -> Result<PolicyVerdict, Error> {
     let dst_identity = identity(epoch, &addrs.dst);
     if !governed(epoch, dst_identity) {
         return Ok(PolicyVerdict::NotGoverned);
+    }
+    // Identities are per (site, labels): a gateway can share the identity
+    // of the member it relays to. The node hosting the address judges it.
+    if !hosted(epoch, &addrs.dst) {
+        return Ok(PolicyVerdict::Forwarded);
     }
     let l4 = if v6 { v6_l4(ctx, l3)? } else { v4_l4(ctx, l3)? };
     // SAFETY: a BPF helper without arguments.
@@ -304,6 +318,11 @@ fn track_egress(ctx: &TcContext) -> Result<(), Error> {
     if refresh(&ct_key, l4.proto, now) {
         return Ok(());
     }
+    // A packet the node forwards for another node (a gateway relaying)
+    // opens no flow here: the hosts at both ends track it.
+    if !hosted(config(CONFIG_EPOCH)?, &addrs.src) {
+        return Ok(());
+    }
     // Only what opens a flow creates an entry: a TCP SYN, a UDP datagram,
     // an echo request. A revoked flow stays revoked unless a new TCP
     // connection reuses its ports.
@@ -359,6 +378,13 @@ fn revoked(key: &CtKey, proto: u8, now: u64) -> bool {
 fn identity(epoch: u32, addr: &[u8; 16]) -> u32 {
     let key = Key::new(IpcacheKey::FULL_PREFIX, IpcacheKey::v6(epoch, *addr));
     WEFT_IPCACHE.get(&key).copied().unwrap_or(WORLD)
+}
+
+/// Whether `addr` lies in a prefix this node hosts.
+#[inline(always)]
+fn hosted(epoch: u32, addr: &[u8; 16]) -> bool {
+    let key = Key::new(IpcacheKey::FULL_PREFIX, IpcacheKey::v6(epoch, *addr));
+    WEFT_HOSTED.get(&key).is_some_and(|flag| *flag != 0)
 }
 
 #[inline(always)]

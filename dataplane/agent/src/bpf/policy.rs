@@ -1,8 +1,11 @@
 //! The network-policy datapath: loads `weft_policy_ingress` (enforcing) and
 //! `weft_policy_egress` (tracking the flows the node opens), attaches them
-//! to a device, and keeps their maps (ipcache, policy, governed) equal to
-//! the lowered policy (`weft_dataplane_core::policy_maps`) by applying
-//! diffs: map upserts and deletes, never a program reload.
+//! to a device, and keeps their maps (ipcache, policy, governed, hosted)
+//! equal to the lowered policy (`weft_dataplane_core::policy_maps`) by
+//! applying diffs: map upserts and deletes, never a program reload. The
+//! hosted prefixes (the node's own addresses and advertised workload
+//! prefixes) limit enforcement and tracking to traffic of this node:
+//! packets it forwards for other members pass unjudged.
 //!
 //! The maps hold two epochs. A change is written as a diff into the
 //! inactive epoch (which holds the policy before last), then one write to
@@ -32,9 +35,9 @@ use weft_dataplane_core::policy_maps::{
 use weft_ebpf_common::Counters;
 use weft_ebpf_common::policy::{
     CONFIG_EPOCH, CONFIG_L3_OFFSET, CONFIG_MAP, CONFIG_SKIP_INGRESS_IFINDEX, CONNTRACK_MAP,
-    CT_INBOUND, CT_REVOKED, CtKey, CtValue, GOVERNED, GOVERNED_MAP, GovernedKey, IPCACHE_MAP,
-    IpcacheKey, POLICY_EGRESS_PROGRAM, POLICY_INGRESS_PROGRAM, POLICY_MAP, PROTO_ICMP, PolicyKey,
-    PolicyValue, PolicyVerdict, RULE_COUNTERS_MAP, VERDICT_COUNTERS_MAP,
+    CT_INBOUND, CT_REVOKED, CtKey, CtValue, GOVERNED, GOVERNED_MAP, GovernedKey, HOSTED,
+    HOSTED_MAP, IPCACHE_MAP, IpcacheKey, POLICY_EGRESS_PROGRAM, POLICY_INGRESS_PROGRAM, POLICY_MAP,
+    PROTO_ICMP, PolicyKey, PolicyValue, PolicyVerdict, RULE_COUNTERS_MAP, VERDICT_COUNTERS_MAP,
 };
 
 use super::{OBJECT, classifier, tcx_supported};
@@ -253,6 +256,14 @@ impl PolicyDatapath {
                     remove_present(self.policy()?.remove(&policy_key(epoch, key)))
                         .with_context(|| format!("{POLICY_MAP}: removing {key:?}"))?;
                 }
+                MapOp::HostedUpsert(key) => self
+                    .hosted()?
+                    .insert(&ipcache_key(epoch, key), HOSTED, 0)
+                    .with_context(|| format!("{HOSTED_MAP}: inserting {key:?}"))?,
+                MapOp::HostedDelete(key) => {
+                    remove_present(self.hosted()?.remove(&ipcache_key(epoch, key)))
+                        .with_context(|| format!("{HOSTED_MAP}: removing {key:?}"))?;
+                }
             }
             op.apply_to(&mut self.epochs[epoch as usize]);
         }
@@ -358,6 +369,11 @@ impl PolicyDatapath {
             .with_context(|| format!("{POLICY_MAP} is not an LPM trie of PolicyKey → PolicyValue"))
     }
 
+    fn hosted(&mut self) -> anyhow::Result<LpmTrie<&mut MapData, IpcacheKey, u32>> {
+        LpmTrie::try_from(map_mut(&mut self.ebpf, HOSTED_MAP)?)
+            .with_context(|| format!("{HOSTED_MAP} is not an LPM trie of IpcacheKey → u32"))
+    }
+
     fn governed(&mut self) -> anyhow::Result<HashMap<&mut MapData, GovernedKey, u32>> {
         HashMap::try_from(map_mut(&mut self.ebpf, GOVERNED_MAP)?)
             .with_context(|| format!("{GOVERNED_MAP} is not a hash of GovernedKey → u32"))
@@ -447,7 +463,8 @@ fn policy_key(epoch: u32, key: PolicyEntryKey) -> Key<PolicyKey> {
 }
 
 /// Whether `policy` lets the first packet of the tracked inbound flow `key`
-/// in (ungoverned destination, or an allow rule).
+/// in (ungoverned destination, an address no longer hosted here, whose
+/// packets pass unjudged, or an allow rule).
 fn flow_allowed(policy: &PolicyMaps, key: &CtKey) -> bool {
     // ICMP rules have port 0; an ICMP key's port says request or reply.
     let port = if key.proto == PROTO_ICMP {
@@ -458,6 +475,7 @@ fn flow_allowed(policy: &PolicyMaps, key: &CtKey) -> bool {
     matches!(
         policy.decide_packet(addr(key.src), addr(key.dst), key.proto, port),
         Decision::NotGoverned
+            | Decision::Forwarded
             | Decision::Rule {
                 verdict: Verdict::Allow,
                 ..

@@ -43,6 +43,14 @@ const WEB_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 1);
 const OPEN_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 2);
 const CLIENT_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, 7);
 const STRANGER_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 9);
+/// Another node of WEB's identity (same site and labels), which this node
+/// relays packets to, as a gateway does: not hosted here.
+const PEER_V4: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 3);
+const PEER_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 3);
+/// In WEB's workload prefix hosted here (100.100.2.0/24).
+const WORKLOAD_V4: Ipv4Addr = Ipv4Addr::new(100, 100, 2, 9);
+/// In a workload prefix of WEB's identity hosted elsewhere.
+const REMOTE_WORKLOAD_V4: Ipv4Addr = Ipv4Addr::new(100, 100, 3, 9);
 
 #[derive(Clone, Copy, Debug)]
 enum L4 {
@@ -137,15 +145,25 @@ fn tuple(
 /// (rule 1), UDP 5000-5199 except 5100, which a deny rule takes (the
 /// compiler's split: rules 2, 3, 2), and ICMP (rule 4); anyone unknown
 /// (WORLD) on TCP 443 (rule 5); BLOCKED is denied all TCP (rule 6).
+/// This node hosts WEB's and OPEN's addresses and the workload prefix
+/// 100.100.2.0/24; PEER and 100.100.0.0/16 outside it have WEB's identity
+/// but live on other nodes.
 fn fixture() -> PolicyMaps {
-    lower(&PolicyInput {
+    lower(&fixture_input()).expect("valid fixture")
+}
+
+fn fixture_input() -> PolicyInput {
+    PolicyInput {
         ipcache: vec![
             (net("100.64.0.1/32"), WEB),
             (net("100.64.0.2/32"), OPEN),
+            (net("100.64.0.3/32"), WEB),
             (net("100.64.1.0/24"), CLIENT),
             (net("100.64.2.0/24"), BLOCKED),
+            (net("100.100.0.0/16"), WEB),
             (net("fd00::1/128"), WEB),
             (net("fd00::2/128"), OPEN),
+            (net("fd00::3/128"), WEB),
             (net("fd00:1::/64"), CLIENT),
         ],
         governed: [WEB].into(),
@@ -165,8 +183,14 @@ fn fixture() -> PolicyMaps {
             tuple(BLOCKED, Protocol::Tcp, (0, u16::MAX), Verdict::Deny, 6),
         ],
         rules: Vec::new(),
-    })
-    .expect("valid fixture")
+        local: vec![
+            net("100.64.0.1/32"),
+            net("fd00::1/128"),
+            net("100.64.0.2/32"),
+            net("fd00::2/128"),
+            net("100.100.2.0/24"),
+        ],
+    }
 }
 
 fn loaded(maps: &PolicyMaps) -> PolicyDatapath {
@@ -224,7 +248,8 @@ fn expect(
         PolicyVerdict::Allowed
         | PolicyVerdict::NotGoverned
         | PolicyVerdict::EgressPassed
-        | PolicyVerdict::Established => TC_ACT_UNSPEC,
+        | PolicyVerdict::Established
+        | PolicyVerdict::Forwarded => TC_ACT_UNSPEC,
         PolicyVerdict::Denied | PolicyVerdict::DefaultDenied | PolicyVerdict::Unparsable => {
             TC_ACT_SHOT
         }
@@ -590,6 +615,7 @@ fn diffs_change_verdicts_without_reloading() {
             1,
         )],
         rules: Vec::new(),
+        local: Vec::new(),
     })
     .expect("valid");
     input_narrow
@@ -659,7 +685,8 @@ fn ten_thousand_rules_keep_the_right_verdicts() {
     let dst_of = |i: u32| 1000 + i / 100;
     let src_of = |i: u32| 2000 + i % 100;
     let low = |id: u32| u8::try_from(id % 1000).expect("< 100");
-    let v4_of = |id: u32| Ipv4Addr::new(10, u8::try_from(id / 1000).expect("< 256"), 0, low(id));
+    let v4_of =
+        |id: u32| Ipv4Addr::new(100, 64 + u8::try_from(id / 1000).expect("< 3"), 0, low(id));
     let v6_of = |id: u32| {
         Ipv6Addr::new(
             0xfd00,
@@ -697,6 +724,12 @@ fn ten_thousand_rules_keep_the_right_verdicts() {
     for id in (1000..1100).chain(2000..2100) {
         if id < 2000 {
             input.governed.insert(id);
+            input
+                .local
+                .push(IpNet::from(std::net::IpAddr::from(v4_of(id))));
+            input
+                .local
+                .push(IpNet::from(std::net::IpAddr::from(v6_of(id))));
         }
         input
             .ipcache
@@ -735,6 +768,7 @@ fn ten_thousand_rules_keep_the_right_verdicts() {
                 } => (PolicyVerdict::Denied, Some(rule)),
                 Decision::DefaultDeny => (PolicyVerdict::DefaultDenied, None),
                 Decision::NotGoverned => (PolicyVerdict::NotGoverned, None),
+                Decision::Forwarded => (PolicyVerdict::Forwarded, None),
             };
             if port == t.first || port == t.last {
                 assert_eq!(
@@ -848,6 +882,7 @@ fn enforces_on_a_tun_device_where_packets_start_at_the_ip_header() {
                 l3(&v4(CLIENT_V4, WEB_V4, L4::Tcp(22))).to_vec(),
                 l3(&v6(STRANGER_V6, OPEN_V6, L4::Tcp(22))).to_vec(),
                 l3(&v4_raw(CLIENT_V4, WEB_V4, PROTO_TCP, &[0x9c, 0x40])).to_vec(),
+                l3(&v4(CLIENT_V4, PEER_V4, L4::Tcp(22))).to_vec(),
             ];
             let before = dp.verdict_counters().expect("counters");
             for p in &packets {
@@ -883,6 +918,7 @@ fn enforces_on_a_tun_device_where_packets_start_at_the_ip_header() {
             (PolicyVerdict::Unparsable, one(lens[4])),
             (PolicyVerdict::NotGoverned, one(lens[3])),
             (PolicyVerdict::Established, Counters::default()),
+            (PolicyVerdict::Forwarded, one(lens[5])),
         ],
         "verdict counters on the TUN device (bytes = IP packet lengths: no link header)"
     );
@@ -1064,4 +1100,134 @@ fn allowed_flows_survive_policy_changes_until_revoked() {
     assert!(report.written > 0);
     assert_eq!(dp.current(), &fixture());
     expect(&mut dp, "allowed again", &first, ok, Some(1));
+}
+
+/// A gateway relays packets to PEER, another node of WEB's identity: it
+/// passes them as forwarded, without a policy lookup and without tracking
+/// them (PEER judges them, with its own flow state), and still enforces
+/// on the addresses it hosts itself.
+#[test]
+fn packets_to_addresses_hosted_elsewhere_pass_as_forwarded_untracked() {
+    let mut dp = loaded(&fixture());
+    let (fwd, dd, ok) = (
+        PolicyVerdict::Forwarded,
+        PolicyVerdict::DefaultDenied,
+        PolicyVerdict::Allowed,
+    );
+    // What default deny drops at WEB passes to PEER.
+    let to_peer = v4(CLIENT_V4, PEER_V4, L4::Tcp(22));
+    expect(&mut dp, "v4 tcp 22 to peer", &to_peer, fwd, None);
+    expect(
+        &mut dp,
+        "v6 udp 53 to peer",
+        &v6(CLIENT_V6, PEER_V6, L4::Udp(53)),
+        fwd,
+        None,
+    );
+    // The reply of a flow PEER opened through another gateway.
+    let reply = v4_tcp(BLOCKED_V4, PEER_V4, 22, 41000);
+    expect(&mut dp, "reply to peer's flow", &reply, fwd, None);
+    // What a rule allows at WEB (and would track) is neither counted in
+    // the rule nor tracked for PEER.
+    let allowed = v4_tcp(CLIENT_V4, PEER_V4, 40000, 8000);
+    expect(&mut dp, "allowed port to peer", &allowed, fwd, None);
+    expect(&mut dp, "allowed port again", &allowed, fwd, None);
+    expect(
+        &mut dp,
+        "v6 icmp to peer",
+        &v6(CLIENT_V6, PEER_V6, L4::Icmp),
+        fwd,
+        None,
+    );
+    let remote = v4(CLIENT_V4, REMOTE_WORKLOAD_V4, L4::Tcp(22));
+    expect(&mut dp, "workload prefix elsewhere", &remote, fwd, None);
+    // Unparsable L4 to a forwarded destination passes too: it is judged
+    // where it is going.
+    let cut = v4_raw(CLIENT_V4, PEER_V4, PROTO_TCP, &[0x9c, 0x40]);
+    expect(&mut dp, "truncated tcp to peer", &cut, fwd, None);
+    let flows = dp.tracked_flows().expect("tracked flows");
+    assert!(
+        flows.is_empty(),
+        "forwarded packets track nothing: {flows:?}"
+    );
+
+    // The same packets to addresses hosted here are judged.
+    expect(
+        &mut dp,
+        "v4 tcp 22 to web",
+        &v4(CLIENT_V4, WEB_V4, L4::Tcp(22)),
+        dd,
+        None,
+    );
+    let to_web = v4_tcp(CLIENT_V4, WEB_V4, 40000, 8000);
+    expect(&mut dp, "allowed port to web", &to_web, ok, Some(1));
+    let workload = v4(CLIENT_V4, WORKLOAD_V4, L4::Tcp(22));
+    expect(&mut dp, "hosted workload prefix", &workload, dd, None);
+    let flows = dp.tracked_flows().expect("tracked flows");
+    assert_eq!(flows.len(), 1, "{flows:?}");
+    assert_eq!(flows[0].0.dst, policy_maps::lookup_addr(WEB_V4.into()));
+
+    // PEER's address moves here (a hosted-prefix change flips the epoch):
+    // enforced; and back: forwarded again.
+    let mut input = fixture_input();
+    input.local.push(net("100.64.0.3/32"));
+    let hosting = lower(&input).expect("valid");
+    let epoch = dp.active_epoch();
+    let report = dp.sync(&hosting).expect("host peer's address");
+    assert_eq!(report.change.hosted_upserts.len(), 1);
+    assert_ne!(dp.active_epoch(), epoch);
+    expect(&mut dp, "hosted now", &to_peer, dd, None);
+    expect(&mut dp, "allowed, hosted now", &allowed, ok, Some(1));
+    let report = dp.sync(&fixture()).expect("peer's address leaves");
+    assert_eq!(report.change.hosted_deletes.len(), 1);
+    assert_eq!(
+        report.flows_revoked, 0,
+        "an address leaving revokes nothing"
+    );
+    expect(&mut dp, "forwarded again", &to_peer, fwd, None);
+    assert_eq!(dp.current(), &fixture());
+}
+
+/// The egress classifier opens flows only for packets from addresses this
+/// node hosts: what a gateway forwards leaves untracked, so replies to it
+/// are not taken for replies to the gateway's own flows.
+#[test]
+fn egress_tracks_only_flows_of_hosted_sources() {
+    let mut dp = loaded(&fixture());
+    let (fwd, est, deny) = (
+        PolicyVerdict::Forwarded,
+        PolicyVerdict::Established,
+        PolicyVerdict::Denied,
+    );
+    // PEER opens flows through this node (TCP, UDP, ICMP echo, v4 and v6).
+    send(&mut dp, &v4_syn(PEER_V4, BLOCKED_V4, 41000, 22));
+    send(&mut dp, &v4(PEER_V4, CLIENT_V4, L4::Udp(53)));
+    send(
+        &mut dp,
+        &v4_raw(PEER_V4, BLOCKED_V4, PROTO_ICMP, &echo(8, 77)),
+    );
+    send(&mut dp, &v6_syn(PEER_V6, STRANGER_V6, 41000, 80));
+    send(&mut dp, &v6_raw(PEER_V6, CLIENT_V6, 58, &echo(128, 9)));
+    send(&mut dp, &v4_syn(REMOTE_WORKLOAD_V4, BLOCKED_V4, 41000, 22));
+    let flows = dp.tracked_flows().expect("tracked flows");
+    assert!(
+        flows.is_empty(),
+        "forwarded packets open no flow: {flows:?}"
+    );
+    let reply = v4_tcp(BLOCKED_V4, PEER_V4, 22, 41000);
+    expect(&mut dp, "reply to a forwarded flow", &reply, fwd, None);
+
+    // The same from hosted sources opens flows.
+    send(&mut dp, &v4_syn(WEB_V4, BLOCKED_V4, 41000, 22));
+    send(&mut dp, &v4_syn(WORKLOAD_V4, BLOCKED_V4, 41000, 22));
+    send(&mut dp, &v6_raw(WEB_V6, CLIENT_V6, 58, &echo(128, 9)));
+    let flows = dp.tracked_flows().expect("tracked flows");
+    assert_eq!(flows.len(), 3, "{flows:?}");
+    assert!(flows.iter().all(|(_, v)| v.origin == CT_OUTBOUND));
+    let reply = v4_tcp(BLOCKED_V4, WEB_V4, 22, 41000);
+    expect(&mut dp, "reply to web's flow", &reply, est, None);
+    let reply = v4_tcp(BLOCKED_V4, WORKLOAD_V4, 22, 41000);
+    expect(&mut dp, "reply to the workload's flow", &reply, est, None);
+    let other = v4_tcp(BLOCKED_V4, WORKLOAD_V4, 22, 41001);
+    expect(&mut dp, "not a tracked flow", &other, deny, Some(6));
 }
