@@ -24,6 +24,11 @@ use crate::topology::TopologyConfig;
 /// Longest join token lifetime: 30 days.
 pub const MAX_TOKEN_TTL_SECS: u64 = 30 * 86_400;
 
+/// How long after a registration the same agent (same name and WireGuard
+/// key, same token) may register again and get the same node: a retry
+/// after a lost reply.
+pub const REGISTER_RETRY_SECS: u64 = 600;
+
 /// The desired state of the network, persisted as a whole by the store.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -208,6 +213,9 @@ impl State {
             .filter(|t| hashes_equal(&t.secret_hash, &reg.secret_hash))
             .ok_or_else(|| Error::TokenInvalid(reg.token_id.clone()))?;
         if let Some(node) = &token.used_by {
+            if self.is_retry(&reg, now) {
+                return self.redo_registration(reg);
+            }
             return Err(Error::TokenUsed {
                 id: token.id.clone(),
                 node: node.clone(),
@@ -268,6 +276,62 @@ impl State {
             advertised: BTreeMap::new(),
         };
         Ok(self.nodes.entry(reg.node_id).or_insert(node))
+    }
+
+    /// The id of the node a registration repeats, if it is a retry: the
+    /// token (secret checked) was used by a node with the same name and
+    /// WireGuard key less than [`REGISTER_RETRY_SECS`] ago. An agent whose
+    /// first `Register` reply was lost retries like that; it gets the same
+    /// node back, with a new certificate.
+    pub fn retried_registration(
+        &self,
+        token_id: &str,
+        secret_hash: &[u8; 32],
+        name: &str,
+        public_key: &Key,
+        now: u64,
+    ) -> Option<&str> {
+        let token = self
+            .tokens
+            .get(token_id)
+            .filter(|t| hashes_equal(&t.secret_hash, secret_hash))?;
+        let node = self.nodes.get(token.used_by.as_deref()?)?;
+        (node.name == name
+            && node.public_key == *public_key
+            && now < node.created_unix.saturating_add(REGISTER_RETRY_SECS))
+        .then_some(node.id.as_str())
+    }
+
+    fn is_retry(&self, reg: &Registration, now: u64) -> bool {
+        self.retried_registration(
+            &reg.token_id,
+            &reg.secret_hash,
+            &reg.name,
+            &reg.public_key,
+            now,
+        ) == Some(reg.node_id.as_str())
+    }
+
+    /// A retried registration: the node gets the new certificate (the one
+    /// whose reply was lost is no longer accepted) and endpoint.
+    fn redo_registration(&mut self, reg: Registration) -> Result<&Node, Error> {
+        if let Some(holder) = self
+            .node_by_cert(&reg.cert_fingerprint)
+            .filter(|n| n.id != reg.node_id)
+        {
+            return Err(Error::CertInUse {
+                fingerprint: Key(reg.cert_fingerprint).to_hex(),
+                holder: Member::Node(holder.id.clone()),
+            });
+        }
+        let node = self
+            .nodes
+            .get_mut(&reg.node_id)
+            .ok_or_else(|| Error::NodeNotFound(reg.node_id.clone()))?;
+        node.cert_fingerprint = reg.cert_fingerprint;
+        node.endpoint = reg.endpoint;
+        self.revision += 1;
+        Ok(node)
     }
 
     /// Sets a node's underlay endpoint; returns whether it changed (the

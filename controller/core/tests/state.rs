@@ -117,6 +117,42 @@ fn used_token_is_refused_naming_the_node() {
 }
 
 #[test]
+fn a_retry_after_a_lost_reply_gets_the_same_node_with_the_new_certificate() {
+    let mut s = state();
+    let first = s
+        .register_node(reg("n-1f2e", "a1", 1), NOW)
+        .expect("first use")
+        .clone();
+    // The same agent (name, key) retries within the window.
+    assert_eq!(
+        s.retried_registration("abc123", &[7; 32], "a1", &Key([1; 32]), NOW + 5),
+        Some("n-1f2e")
+    );
+    let mut again = reg("n-1f2e", "a1", 1);
+    again.cert_fingerprint = [9; 32];
+    let node = s.register_node(again, NOW + 5).expect("retry").clone();
+    assert_eq!((node.ipv4, node.ipv6), (first.ipv4, first.ipv6));
+    assert!(s.node_by_cert(&[1; 32]).is_none(), "the lost certificate is dropped");
+    assert_eq!(s.node_by_cert(&[9; 32]).map(|n| n.id.as_str()), Some("n-1f2e"));
+    assert_eq!(s.nodes().count(), 1);
+    assert_eq!(s.validate(), Ok(()));
+    // Not a retry: another key, another name, a wrong secret, or too late.
+    let retried = |s: &State, secret: [u8; 32], name: &str, key: u8, at: u64| {
+        s.retried_registration("abc123", &secret, name, &Key([key; 32]), at)
+            .map(str::to_owned)
+    };
+    assert_eq!(retried(&s, [7; 32], "a1", 2, NOW + 5), None);
+    assert_eq!(retried(&s, [7; 32], "a2", 1, NOW + 5), None);
+    assert_eq!(retried(&s, [8; 32], "a1", 1, NOW + 5), None);
+    assert_eq!(retried(&s, [7; 32], "a1", 1, NOW + 601), None);
+    assert_refused(
+        &mut s,
+        "join token abc123 was already used by node n-1f2e",
+        |s| s.register_node(reg("n-1f2e", "a1", 1), NOW + 601).map(drop),
+    );
+}
+
+#[test]
 fn expired_token_is_refused_with_the_time() {
     let mut s = state();
     assert_refused(

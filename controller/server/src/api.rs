@@ -143,7 +143,16 @@ impl AgentService for AgentApi {
             .map_err(|e| Status::permission_denied(format!("join token refused: {e}")))?;
         let public_key = parse_key(M, "public_key", &r.public_key).map_err(invalid)?;
         let endpoint = advertised_endpoint(&r.endpoint, r.listen_port, remote, M)?;
-        let node_id = format!("n-{}", random_lower(8));
+        let now = now_unix();
+        // A retry after a lost reply gets the node it created back.
+        let retried = self.controller.read(|s, _| {
+            s.retried_registration(&token_id, &sha256(&secret), &r.name, &public_key, now)
+                .map(str::to_owned)
+        });
+        if let Some(id) = &retried {
+            info!(node = %id, name = %r.name, token = %token_id, "registration retried: same name, key and token; issuing a new certificate");
+        }
+        let node_id = retried.unwrap_or_else(|| format!("n-{}", random_lower(8)));
         let (cert_pem, fingerprint) = self.ca.sign_node_csr(&r.csr_der, &node_id).map_err(|e| {
             Status::invalid_argument(format!("invalid {M}: field `csr_der`: {e:#}"))
         })?;
@@ -157,7 +166,6 @@ impl AgentService for AgentApi {
             cert_fingerprint: fingerprint,
             labels: labels(r.labels.clone()),
         };
-        let now = now_unix();
         match self.controller.mutate("register node", |s| {
             s.register_node(reg, now).map(|n| n.id.clone())
         }) {
