@@ -24,6 +24,10 @@ use crate::topology::TopologyConfig;
 /// Longest join token lifetime: 30 days.
 pub const MAX_TOKEN_TTL_SECS: u64 = 30 * 86_400;
 
+/// How long expired join tokens are kept (listed as expired) before
+/// [`State::prune_tokens`] forgets them: 7 days.
+pub const TOKEN_KEEP_SECS: u64 = 7 * 86_400;
+
 /// How long after a registration the same agent (same name and WireGuard
 /// key, same token) may register again and get the same node: a retry
 /// after a lost reply.
@@ -189,6 +193,31 @@ impl State {
             .ok_or_else(|| Error::TokenNotFound(id.to_owned()))?;
         self.revision += 1;
         Ok(())
+    }
+
+    /// Forgets the join tokens that can no longer matter: expired more
+    /// than [`TOKEN_KEEP_SECS`] ago and either unused or used by a node
+    /// that is gone (a used token of a live node stays: it says how the
+    /// node joined). Returns their ids; bumps the revision if any.
+    pub fn prune_tokens(&mut self, now: u64) -> Vec<String> {
+        let gone: Vec<String> = self
+            .tokens
+            .values()
+            .filter(|t| now >= t.expires_unix.saturating_add(TOKEN_KEEP_SECS))
+            .filter(|t| {
+                t.used_by
+                    .as_ref()
+                    .is_none_or(|n| !self.nodes.contains_key(n))
+            })
+            .map(|t| t.id.clone())
+            .collect();
+        for id in &gone {
+            self.tokens.remove(id);
+        }
+        if !gone.is_empty() {
+            self.revision += 1;
+        }
+        gone
     }
 
     /// All join tokens, by id.

@@ -132,8 +132,14 @@ fn a_retry_after_a_lost_reply_gets_the_same_node_with_the_new_certificate() {
     again.cert_fingerprint = [9; 32];
     let node = s.register_node(again, NOW + 5).expect("retry").clone();
     assert_eq!((node.ipv4, node.ipv6), (first.ipv4, first.ipv6));
-    assert!(s.node_by_cert(&[1; 32]).is_none(), "the lost certificate is dropped");
-    assert_eq!(s.node_by_cert(&[9; 32]).map(|n| n.id.as_str()), Some("n-1f2e"));
+    assert!(
+        s.node_by_cert(&[1; 32]).is_none(),
+        "the lost certificate is dropped"
+    );
+    assert_eq!(
+        s.node_by_cert(&[9; 32]).map(|n| n.id.as_str()),
+        Some("n-1f2e")
+    );
     assert_eq!(s.nodes().count(), 1);
     assert_eq!(s.validate(), Ok(()));
     // Not a retry: another key, another name, a wrong secret, or too late.
@@ -150,6 +156,29 @@ fn a_retry_after_a_lost_reply_gets_the_same_node_with_the_new_certificate() {
         "join token abc123 was already used by node n-1f2e",
         |s| s.register_node(reg("n-1f2e", "a1", 1), NOW + 601).map(drop),
     );
+}
+
+#[test]
+fn expired_tokens_are_pruned_after_a_week_unless_they_name_a_live_node() {
+    let mut s = state();
+    s.create_token("unused", [7; 32], "eu-west", NOW, HOUR)
+        .expect("token");
+    s.register_node(reg("n-1", "a1", 1), NOW)
+        .expect("uses abc123");
+    let week = 7 * 86_400;
+    let rev = s.revision();
+    assert!(
+        s.prune_tokens(NOW + HOUR + week - 1).is_empty(),
+        "kept a week"
+    );
+    assert_eq!(s.revision(), rev);
+    assert_eq!(s.prune_tokens(NOW + HOUR + week), vec!["unused".to_owned()]);
+    assert_eq!(s.revision(), rev + 1);
+    assert!(s.token("abc123").is_some(), "a1 still lives");
+    s.delete_node("a1").expect("deletes");
+    assert_eq!(s.prune_tokens(NOW + HOUR + week), vec!["abc123".to_owned()]);
+    assert_eq!(s.tokens().count(), 0);
+    assert_eq!(s.validate(), Ok(()));
 }
 
 #[test]

@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -41,6 +42,8 @@ pub(crate) struct NodeStatus {
 
 pub(crate) struct Controller {
     inner: Mutex<Inner>,
+    /// When join tokens were last pruned (Unix seconds).
+    pruned_unix: AtomicU64,
 }
 
 impl std::fmt::Debug for Controller {
@@ -101,9 +104,12 @@ impl Controller {
             learnt: BTreeMap::new(),
         };
         inner.publish();
-        Controller {
+        let c = Controller {
             inner: Mutex::new(inner),
-        }
+            pruned_unix: AtomicU64::new(0),
+        };
+        c.prune_tokens(now_unix());
+        c
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -173,7 +179,22 @@ impl Controller {
     /// Lets reports age: recomputes the paths when the fresh reports say
     /// something new (called every second).
     pub(crate) fn tick(&self) {
-        self.lock().remeasure(now_unix());
+        let now = now_unix();
+        self.lock().remeasure(now);
+        let last = self.pruned_unix.load(Ordering::Relaxed);
+        if now >= last.saturating_add(3600) {
+            self.prune_tokens(now);
+        }
+    }
+
+    /// Forgets join tokens expired for a week (see `State::prune_tokens`).
+    pub(crate) fn prune_tokens(&self, now: u64) {
+        self.pruned_unix.store(now, Ordering::Relaxed);
+        match self.mutate("prune expired join tokens", |s| Ok(s.prune_tokens(now))) {
+            Ok(ids) if !ids.is_empty() => info!(tokens = ?ids, "expired join tokens pruned"),
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "pruning expired join tokens failed; will retry"),
+        }
     }
 
     /// The members a packet from `from` to `to` crosses, and why: the live
