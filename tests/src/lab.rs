@@ -25,14 +25,18 @@
 //! ([`LabBuilder::site_nodes`]); a NAT site ([`LabBuilder::nat_sites`])
 //! hides its LAN behind its router (nftables masquerade out of `wan0`, table
 //! `weft_lab`; the WAN router has no route to that LAN, so its nodes can
-//! reach out but nothing outside can reach them first); and the WAN path
+//! reach out but nothing outside can reach them first; Linux masquerade
+//! keeps a node's source port when it can, so one LAN socket has the same
+//! public mapping towards every destination), or behind a symmetric NAT
+//! ([`LabBuilder::symmetric_nat_sites`], `masquerade fully-random`: a new
+//! random public port per destination); and the WAN path
 //! between two sites can be cut while both keep their uplinks
 //! ([`Lab::cut_pair`], blackhole rules at pref 50 in the WAN router, before
 //! the delay line's rules at pref 100 and 200).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
@@ -75,6 +79,10 @@ pub struct SiteRec {
     /// route to it).
     #[serde(default)]
     pub nat: bool,
+    /// Whether that NAT is symmetric (`masquerade fully-random`: a random
+    /// public port per destination); implies `nat`.
+    #[serde(default)]
+    pub symmetric_nat: bool,
 }
 
 /// One node running (or meant to run) `weft-agent`.
@@ -275,6 +283,7 @@ pub struct LabBuilder {
     nodes_per_site: usize,
     site_nodes: BTreeMap<String, usize>,
     nat_sites: BTreeSet<String>,
+    symmetric_nat_sites: BTreeSet<String>,
     delays_ms: Vec<u32>,
     mesh_timeout: Duration,
     start_agents: bool,
@@ -290,6 +299,7 @@ impl Default for LabBuilder {
             nodes_per_site: 2,
             site_nodes: BTreeMap::new(),
             nat_sites: BTreeSet::new(),
+            symmetric_nat_sites: BTreeSet::new(),
             delays_ms: vec![5, 10, 15],
             mesh_timeout: Duration::from_secs(60),
             start_agents: true,
@@ -326,12 +336,24 @@ impl LabBuilder {
 
     /// Sites behind NAT: the site router masquerades its LAN out of `wan0`
     /// (nftables table `weft_lab` in the router namespace) and drops
-    /// connections opened from outside, and the WAN router has no route to
-    /// the LAN. Its nodes reach the WAN and the controller; nothing outside
+    /// connections opened from outside (towards the LAN or the router
+    /// itself), and the WAN router has no route to the LAN. Its nodes reach the WAN and the controller; nothing outside
     /// reaches them until they sent something. Their agents still announce
-    /// their LAN address as endpoint.
+    /// their LAN address as endpoint. The masquerade keeps a LAN socket's
+    /// source port when no other mapping holds it, and reuses a socket's
+    /// mapping for new destinations: the same public address and port
+    /// towards everyone (what UDP hole punching needs).
     pub fn nat_sites(mut self, sites: &[&str]) -> Self {
         self.nat_sites = sites.iter().map(|s| (*s).to_owned()).collect();
+        self
+    }
+
+    /// Sites behind a symmetric NAT: like [`LabBuilder::nat_sites`], but the
+    /// router masquerades with `fully-random`, so each destination sees a
+    /// LAN socket at its own random public port (a peer cannot learn from
+    /// a third party where to reach it: no hole punching).
+    pub fn symmetric_nat_sites(mut self, sites: &[&str]) -> Self {
+        self.symmetric_nat_sites = sites.iter().map(|s| (*s).to_owned()).collect();
         self
     }
 
@@ -401,7 +423,14 @@ impl LabBuilder {
             "the lab needs root (network namespaces); run as root"
         );
         ensure!(!self.sites.is_empty(), "a lab needs at least one site");
-        for nat in &self.nat_sites {
+        if let Some(both) = self
+            .nat_sites
+            .intersection(&self.symmetric_nat_sites)
+            .next()
+        {
+            bail!("site {both:?} cannot be both a NAT site and a symmetric NAT site");
+        }
+        for nat in self.nat_sites.iter().chain(&self.symmetric_nat_sites) {
             ensure!(
                 self.sites.contains(nat),
                 "NAT site {nat:?} is not one of the sites {:?}",
@@ -694,6 +723,39 @@ impl Lab {
         let to_s = to.to_string();
         let out = self.exec(from, &["ping", "-n", "-q", "-c", "1", "-W", &w, &to_s]);
         out.status.success()
+    }
+
+    /// What the nodes `to` see as the source of one UDP datagram each from
+    /// a single socket on node `from` (its LAN address, port `port`), sent
+    /// to a socket on port `port` + 1 of each: the NAT's public mapping of
+    /// that socket per destination. Behind a port-preserving NAT all are
+    /// the same; behind a symmetric one each destination sees another port.
+    pub fn udp_sources(&self, from: &str, port: u16, to: &[&str]) -> Result<Vec<SocketAddr>> {
+        let sock = |node: &str, port: u16| {
+            let n = self.node(node);
+            netns::udp_socket_in(&n.ns, SocketAddr::new(n.underlay.into(), port))
+        };
+        let sender = sock(from, port)?;
+        let mut seen = Vec::new();
+        for dest in to {
+            let sink = sock(dest, port + 1)?;
+            sink.set_read_timeout(Some(Duration::from_millis(500)))?;
+            let target = sink.local_addr()?;
+            let mut buf = [0u8; 64];
+            let mut got = None;
+            // A few tries: the first datagram may wait for ARP.
+            for _ in 0..6 {
+                sender
+                    .send_to(b"weft-lab-mapping", target)
+                    .with_context(|| format!("{from} sending to {target}"))?;
+                if let Ok((_, src)) = sink.recv_from(&mut buf) {
+                    got = Some(src);
+                    break;
+                }
+            }
+            seen.push(got.ok_or_else(|| anyhow!("{dest} ({target}) heard nothing from {from}"))?);
+        }
+        Ok(seen)
     }
 
     /// Polls `cond` every 50 ms until it holds; panics after `timeout` with a
@@ -1287,17 +1349,30 @@ impl Lab {
     }
 
     /// Masquerades site `i`'s LAN out of `wan0` and drops connections
-    /// opened from the WAN towards the LAN (nftables table `weft_lab` in
-    /// the router namespace, removed with it).
-    fn masquerade(&self, router: &str, i: u8) -> Result<()> {
+    /// opened from the WAN towards the LAN or the router itself (nftables
+    /// table `weft_lab` in the router namespace, removed with it); `fully-random` (a random
+    /// public port per connection, hence per destination) when `symmetric`.
+    fn masquerade(&self, router: &str, i: u8, symmetric: bool) -> Result<()> {
+        let flags = if symmetric { " fully-random" } else { "" };
         let ruleset = [
             "table ip weft_lab {".to_owned(),
             "  chain masq {".to_owned(),
             "    type nat hook postrouting priority srcnat; policy accept;".to_owned(),
-            format!("    oifname \"wan0\" ip saddr 198.19.{i}.0/24 masquerade"),
+            format!("    oifname \"wan0\" ip saddr 198.19.{i}.0/24 masquerade{flags}"),
             "  }".to_owned(),
             "  chain from_wan {".to_owned(),
             "    type filter hook forward priority filter; policy accept;".to_owned(),
+            "    iifname \"wan0\" ct state established,related accept".to_owned(),
+            "    iifname \"wan0\" drop".to_owned(),
+            "  }".to_owned(),
+            // Unsolicited packets for the router itself are dropped too, as
+            // a NAT gateway's firewall does: accepted, they would leave a
+            // conntrack entry (e.g. of a peer's hole-punching handshake
+            // arriving first) whose reply tuple takes the port the LAN
+            // node's own mapping needs, and the masquerade would move that
+            // node to another port towards that peer.
+            "  chain to_router {".to_owned(),
+            "    type filter hook input priority filter; policy accept;".to_owned(),
             "    iifname \"wan0\" ct state established,related accept".to_owned(),
             "    iifname \"wan0\" drop".to_owned(),
             "  }".to_owned(),
@@ -1443,19 +1518,21 @@ impl Lab {
             netns::ip(&wan, &format!("link set {to_site} up"))?;
             netns::ip(&router, &format!("addr add 198.18.{index}.2/24 dev wan0"))?;
             netns::ip(&router, "link set wan0 up")?;
-            let nat = b.nat_sites.contains(site);
+            let symmetric_nat = b.symmetric_nat_sites.contains(site);
+            let nat = symmetric_nat || b.nat_sites.contains(site);
             uplink_routes(&router, &wan, index, nat)?;
             netns::ip(&router, "link add br0 type bridge")?;
             netns::ip(&router, &format!("addr add 198.19.{index}.1/24 dev br0"))?;
             netns::ip(&router, "link set br0 up")?;
             if nat {
-                self.masquerade(&router, index)?;
+                self.masquerade(&router, index, symmetric_nat)?;
             }
             self.st.sites.push(SiteRec {
                 name: site.clone(),
                 index,
                 delay_ms,
                 nat,
+                symmetric_nat,
             });
             for n in 1..=b.nodes_of(site) {
                 let name = format!("{site}{n}");

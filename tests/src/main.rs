@@ -131,6 +131,11 @@ enum LabCmd {
         /// LAN and the WAN router has no route to it.
         #[arg(long, value_delimiter = ',')]
         nat_sites: Vec<String>,
+        /// Sites behind a symmetric NAT, comma separated: like --nat-sites,
+        /// but the masquerade picks a random public port per destination
+        /// (`masquerade fully-random`).
+        #[arg(long, value_delimiter = ',')]
+        symmetric_nat_sites: Vec<String>,
         /// Seconds to wait for the WireGuard mesh to form.
         #[arg(long, default_value_t = 60)]
         mesh_timeout_secs: u64,
@@ -201,6 +206,7 @@ fn lab(cmd: LabCmd) -> Result<()> {
             nodes_per_site,
             site_nodes,
             nat_sites,
+            symmetric_nat_sites,
             mesh_timeout_secs,
             topology_only,
         } => up(&UpArgs {
@@ -209,6 +215,7 @@ fn lab(cmd: LabCmd) -> Result<()> {
             nodes_per_site,
             site_nodes,
             nat_sites,
+            symmetric_nat_sites,
             mesh_timeout_secs,
             topology_only,
         }),
@@ -263,6 +270,7 @@ struct UpArgs {
     nodes_per_site: usize,
     site_nodes: Vec<(String, usize)>,
     nat_sites: Vec<String>,
+    symmetric_nat_sites: Vec<String>,
     mesh_timeout_secs: u64,
     topology_only: bool,
 }
@@ -274,6 +282,7 @@ fn up(args: &UpArgs) -> Result<()> {
         nodes_per_site,
         ref site_nodes,
         ref nat_sites,
+        ref symmetric_nat_sites,
         mesh_timeout_secs,
         topology_only,
     } = *args;
@@ -304,13 +313,15 @@ fn up(args: &UpArgs) -> Result<()> {
         bail!("--site-nodes names site {unknown:?}, which is not in --sites {sites:?}");
     }
     let nat: Vec<&str> = nat_sites.iter().map(String::as_str).collect();
+    let symmetric: Vec<&str> = symmetric_nat_sites.iter().map(String::as_str).collect();
     println!(
-        "building lab: sites and node counts {counts:?}, NAT sites {nat:?} \
-         (waiting up to {mesh_timeout_secs}s for the mesh)..."
+        "building lab: sites and node counts {counts:?}, NAT sites {nat:?}, symmetric \
+         NAT sites {symmetric:?} (waiting up to {mesh_timeout_secs}s for the mesh)..."
     );
     let lab = Lab::builder()
         .site_nodes(&counts)
         .nat_sites(&nat)
+        .symmetric_nat_sites(&symmetric)
         .mesh_timeout(Duration::from_secs(mesh_timeout_secs))
         .persistent(true)
         .topology_only(topology_only)
@@ -347,11 +358,17 @@ fn print_info(lab: &Lab) {
     } else {
         println!("WAN delays: none");
     }
-    let nat: Vec<&str> = st
+    let nat: Vec<String> = st
         .sites
         .iter()
         .filter(|s| s.nat)
-        .map(|s| s.name.as_str())
+        .map(|s| {
+            if s.symmetric_nat {
+                format!("{} (symmetric)", s.name)
+            } else {
+                s.name.clone()
+            }
+        })
         .collect();
     if !nat.is_empty() {
         println!("sites behind NAT: {}", nat.join(", "));

@@ -1,8 +1,11 @@
 //! Thin wrappers over `ip`, `tc` and `ip netns exec`: the only way the lab
 //! touches the kernel. Every command names its namespace explicitly, so
-//! nothing is ever configured in the host's namespace.
+//! nothing is ever configured in the host's namespace. Besides, UDP sockets
+//! bound inside a namespace ([`udp_socket_in`]), for probes whose source
+//! port matters.
 
 use std::ffi::OsStr;
+use std::net::{SocketAddr, UdpSocket};
 use std::process::{Command, Output, Stdio};
 
 use anyhow::{Context as _, Result, bail};
@@ -125,4 +128,22 @@ fn describe<S: AsRef<OsStr>>(program: &str, args: &[S]) -> String {
         s.push_str(&a.as_ref().to_string_lossy());
     }
     s
+}
+
+/// A UDP socket bound to `addr` in namespace `ns`. It is created by a
+/// short-lived thread that entered the namespace (`setns`, that thread
+/// only) and keeps that namespace for its whole life, whichever thread
+/// uses it.
+pub fn udp_socket_in(ns: &str, addr: SocketAddr) -> Result<UdpSocket> {
+    let path = format!("/run/netns/{ns}");
+    let handle = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
+    std::thread::scope(|s| {
+        s.spawn(|| -> Result<UdpSocket> {
+            nix::sched::setns(&handle, nix::sched::CloneFlags::CLONE_NEWNET)
+                .with_context(|| format!("entering namespace {ns}"))?;
+            UdpSocket::bind(addr).with_context(|| format!("binding UDP {addr} in {ns}"))
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("the thread entering {ns} panicked"))?
+    })
 }

@@ -72,8 +72,10 @@ fn lab_topology() {
 }
 
 /// The lab's variations, on the underlay alone: per-site node counts, a NAT
-/// site whose nodes reach out but cannot be reached, and a cut WAN path
-/// between two sites that leaves their other paths alone.
+/// site whose nodes reach out but cannot be reached (one public mapping per
+/// LAN socket, whatever the destination), a symmetric NAT site (a mapping
+/// per destination), and a cut WAN path between two sites that leaves
+/// their other paths alone.
 #[test]
 fn lab_variants() {
     if weft_tests::skip_unless_root("lab_variants") {
@@ -90,15 +92,16 @@ fn lab_variants() {
     let prefix;
     {
         let mut lab = Lab::builder()
-            .site_nodes(&[("a", 1), ("b", 2), ("c", 1), ("n", 2)])
+            .site_nodes(&[("a", 1), ("b", 2), ("c", 1), ("n", 2), ("m", 1)])
             .nat_sites(&["n"])
+            .symmetric_nat_sites(&["m"])
             .wan_delays_ms(&[5, 10, 15, 20])
             .topology_only(true)
             .build();
         prefix = lab.prefix().to_owned();
         assert_eq!(
             lab.node_names(),
-            ["a1", "b1", "b2", "c1", "n1", "n2"],
+            ["a1", "b1", "b2", "c1", "n1", "n2", "m1"],
             "per-site node counts"
         );
         assert_eq!(lab.site_nodes("b"), ["b1", "b2"]);
@@ -155,6 +158,43 @@ fn lab_variants() {
         assert!(
             table.contains("masquerade") && table.contains("198.19.4.0/24"),
             "n's router masquerades its LAN:\n{table}"
+        );
+
+        // The mappings: n1's socket is 198.18.4.2 with one port towards
+        // a1, b1 and c1 (its own port: nothing else holds it); m1's socket
+        // gets a random port per destination.
+        let seen = lab
+            .udp_sources("n1", 40000, &["a1", "b1", "c1"])
+            .unwrap_or_else(|e| panic!("UDP from n1: {e:#}"));
+        eprintln!("n1:40000 as seen by a1, b1, c1: {seen:?}");
+        assert!(
+            seen.iter().all(|s| s.to_string() == "198.18.4.2:40000"),
+            "n's NAT keeps the source port, the same towards every destination: {seen:?}"
+        );
+        let m1 = ip("198.19.5.11");
+        assert!(
+            !lab.ping_once("a1", m1, 700),
+            "a1 reaches m1 behind the NAT"
+        );
+        let seen = lab
+            .udp_sources("m1", 40000, &["a1", "b1", "c1"])
+            .unwrap_or_else(|e| panic!("UDP from m1: {e:#}"));
+        eprintln!("m1:40000 as seen by a1, b1, c1: {seen:?}");
+        assert!(
+            seen.iter().all(|s| s.ip() == ip("198.18.5.2")),
+            "m's NAT maps to its uplink address: {seen:?}"
+        );
+        let ports: std::collections::BTreeSet<u16> = seen.iter().map(|s| s.port()).collect();
+        assert_eq!(
+            ports.len(),
+            3,
+            "m's symmetric NAT maps m1:40000 to another port per destination: {seen:?}"
+        );
+        let out = lab.sh("m", "nft list table ip weft_lab");
+        let table = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            table.contains("fully-random") && table.contains("198.19.5.0/24"),
+            "m's router masquerades its LAN fully-random:\n{table}"
         );
 
         // Cut a <-> b only.

@@ -2,7 +2,8 @@
 //! their site, traffic between sites goes member -> gateway -> gateway ->
 //! member, `weftctl topology set --mode gateways`), failover when a gateway
 //! dies or a WAN path between two sites is cut, residency rules that drop
-//! rather than relay through a foreign site, and a site behind NAT.
+//! rather than relay through a foreign site, and sites behind NAT (hole
+//! punching between two NAT sites, relaying around a symmetric NAT).
 //!
 //! - `gateway_paths`: sites a (2 nodes), b (3), c (2), gateways a1, b1, b2,
 //!   c1. A plain member peers only with its own site; a2 -> b3 and a2 -> c2
@@ -24,6 +25,21 @@
 //!   nodes announce unroutable LAN endpoints) with two normal sites: every
 //!   node of n reaches and is reached by every node of the others (ping and
 //!   TCP).
+//! - `nat_sites_punch_through`: full mesh, site a (1 node, public), n and m
+//!   (2 nodes each) behind NATs that keep source ports. The controller
+//!   learns each NATed node's public mapping from a's reports ("endpoint
+//!   learnt" in its log, for all four) and hands it to the other NAT site;
+//!   the simultaneous handshakes open both NATs: every node of n pings
+//!   every node of m and back, TCP n -> m, directly (n1's endpoint for m1
+//!   is m's NAT address, n1's wg transfer with m1 grows with the pings,
+//!   a1's TUN sees none of them; n2 keeps n1's LAN endpoint). Prints how
+//!   long after the mesh formed n1 -> m1 first answered.
+//! - `symmetric_nat_relays_via_gateway`: site a (1 node), n (2) behind a
+//!   port-preserving NAT, m (2) behind a symmetric one: in full mesh n1
+//!   never reaches m1 (12 s). Gateway mode with gateways a1, n1, m1: the
+//!   n–m link is measured down, `route trace` n2 -> m2 (and back, and
+//!   n1 <-> m1) is relayed via a, n2 <-> m2 ping both ways through a1 (its
+//!   TUN counters), TCP both ways, and a1 <-> every node of n and m.
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
@@ -875,4 +891,413 @@ fn nat_site_gateways() {
     }
     check_nat_reachability(&lab, switched);
     eprintln!("nat_site_gateways passed in {:?}", t0.elapsed());
+}
+
+/// Site `site`'s NAT address (its router's uplink, 198.18.<i>.2).
+fn uplink_ip(lab: &Lab, site: &str) -> String {
+    let s = lab
+        .state()
+        .sites
+        .iter()
+        .find(|s| s.name == site)
+        .unwrap_or_else(|| panic!("no site {site}"));
+    format!("198.18.{}.2", s.index)
+}
+
+/// The endpoint `node`'s interface has for peer `peer` (`wg show
+/// endpoints`), if any.
+fn endpoint_of(lab: &Lab, node: &str, peer: &str) -> Option<String> {
+    let key = lab.node_info(peer).public_key;
+    lab.wg_show(node, "endpoints").lines().find_map(|l| {
+        let mut f = l.split_whitespace();
+        (f.next() == Some(key.as_str()))
+            .then(|| f.next().map(str::to_owned))
+            .flatten()
+            .filter(|e| e != "(none)")
+    })
+}
+
+/// The controller's log (stderr and stdout), without colours.
+fn controller_log(lab: &Lab) -> String {
+    let Some(p) = lab.proc("controller") else {
+        return String::new();
+    };
+    [&p.stderr, &p.stdout]
+        .iter()
+        .filter_map(|path| std::fs::read_to_string(path).ok())
+        .map(|t| weft_tests::process::strip_ansi(&t))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// A node's controller-assigned ID, as the controller logs it.
+fn node_id(lab: &Lab, node: &str) -> String {
+    let id = lab.node_info(node).id;
+    id.as_str().map_or_else(|| id.to_string(), str::to_owned)
+}
+
+/// The controller's "endpoint learnt" lines about `node`.
+fn learnt_lines(log: &str, id: &str) -> Vec<String> {
+    let field = format!("node={id}");
+    log.lines()
+        .filter(|l| {
+            l.contains("endpoint learnt") && l.split_whitespace().any(|w| w == field.as_str())
+        })
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Endpoints and last handshakes as the nodes' interfaces have them (peers
+/// by name), and the controller's NAT and reachability log lines: printed
+/// when a NAT test fails, before the lab's log tails.
+fn nat_state(lab: &Lab, nodes: &[&str]) -> String {
+    let names = lab.names_by_key();
+    let name = |k: &str| names.get(k).cloned().unwrap_or_else(|| k.to_owned());
+    let mut s = String::new();
+    for n in nodes {
+        s.push_str(&format!("--- {n}: peer endpoint, last handshake (unix)\n"));
+        let hs = lab.wg_show(n, "latest-handshakes");
+        for l in lab.wg_show(n, "endpoints").lines() {
+            let mut f = l.split_whitespace();
+            let (Some(k), Some(e)) = (f.next(), f.next()) else {
+                continue;
+            };
+            let h = hs
+                .lines()
+                .find_map(|h| h.strip_prefix(k))
+                .map_or("?", str::trim);
+            s.push_str(&format!("  {:<4} {e:<22} {h}\n", name(k)));
+        }
+    }
+    s.push_str("--- controller: NAT and reachability lines\n");
+    for l in controller_log(lab).lines().filter(|l| {
+        l.contains("endpoint learnt")
+            || l.contains("reachability changed")
+            || l.contains("site path changed")
+    }) {
+        s.push_str(l);
+        s.push('\n');
+    }
+    s
+}
+
+/// Prints [`nat_state`] when the test panics (declare it after the lab, so
+/// it drops first, while the lab still runs).
+struct NatStateOnPanic<'a> {
+    lab: &'a Lab,
+    nodes: Vec<&'static str>,
+}
+
+impl Drop for NatStateOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "===== NAT state at the failure =====\n{}",
+                nat_state(self.lab, &self.nodes)
+            );
+        }
+    }
+}
+
+/// Sites a (public), n and m behind NAT (m's symmetric when `m_symmetric`),
+/// with the given node counts; returns the lab and when its mesh formed.
+fn two_nat_lab(a: usize, n: usize, m: usize, m_symmetric: bool) -> (Lab, Instant) {
+    let t0 = Instant::now();
+    let b = Lab::builder()
+        .site_nodes(&[("a", a), ("n", n), ("m", m)])
+        .wan_delays_ms(&[5, 10, 15]);
+    let lab = if m_symmetric {
+        b.nat_sites(&["n"]).symmetric_nat_sites(&["m"])
+    } else {
+        b.nat_sites(&["n", "m"])
+    }
+    .build();
+    eprintln!(
+        "lab with NAT sites n and m ({}) built in {:?}",
+        if m_symmetric {
+            "m symmetric"
+        } else {
+            "both port-preserving"
+        },
+        t0.elapsed()
+    );
+    (lab, Instant::now())
+}
+
+#[test]
+fn nat_sites_punch_through() {
+    if weft_tests::skip_unless_root("nat_sites_punch_through") {
+        return;
+    }
+    let t0 = Instant::now();
+    let (lab, meshed) = two_nat_lab(1, 2, 2, false);
+    let _diag = NatStateOnPanic {
+        lab: &lab,
+        nodes: vec!["a1", "n1", "n2", "m1", "m2"],
+    };
+    let (n_nodes, m_nodes) = (lab.site_nodes("n"), lab.site_nodes("m"));
+    let (n_pub, m_pub) = (uplink_ip(&lab, "n"), uplink_ip(&lab, "m"));
+
+    // n1 -> m1: both behind NAT, neither can be reached first; only the
+    // mappings learnt through the controller and simultaneous handshakes
+    // open a way.
+    let took = time_to_ping(&lab, "n1", v4(&lab, "m1"), meshed, Duration::from_secs(30));
+    eprintln!("n1 -> m1 (NAT to NAT) first answered {took:?} after the mesh formed");
+    assert!(
+        took.is_some(),
+        "n1 -> m1 got no reply within 30 s of the mesh forming"
+    );
+
+    // Every node of n with every node of m, both ways.
+    for x in &n_nodes {
+        for y in &m_nodes {
+            for (from, to) in [(x, y), (y, x)] {
+                let t = Instant::now();
+                lab.wait_until(
+                    Duration::from_secs(20),
+                    &format!("{from} to reach {to} (NAT to NAT)"),
+                    || lab.ping_once(from, v4(&lab, to), 500),
+                );
+                eprintln!(
+                    "{from} -> {to}: first reply {:?} after the first try, {:?} after the mesh \
+                     formed",
+                    t.elapsed(),
+                    meshed.elapsed()
+                );
+            }
+        }
+    }
+    eprintln!("{}", nat_state(&lab, &["n1", "m1"]));
+
+    // Direct: the peers' endpoints are the other NAT's public address, and
+    // a1 (the only public node, which relays nothing in full mesh anyway)
+    // carries none of it.
+    for (x, y, public) in [("n1", "m1", &m_pub), ("m1", "n1", &n_pub)] {
+        let e = endpoint_of(&lab, x, y);
+        assert!(
+            e.as_deref()
+                .is_some_and(|e| e.starts_with(&format!("{public}:"))),
+            "{x} should reach {y} at its NAT's public address {public}, has endpoint {e:?}"
+        );
+    }
+    // Inside a site, the LAN address stays.
+    let e = endpoint_of(&lab, "n2", "n1");
+    assert!(
+        e.as_deref()
+            .is_some_and(|e| e.starts_with(&format!("{}:", lab.node("n1").underlay))),
+        "n2 keeps n1's LAN endpoint, has {e:?}"
+    );
+    const N: u32 = 5;
+    let m1_key = lab.node_info("m1").public_key;
+    let n1_m1 = |lab: &Lab| {
+        lab.wg_transfer("n1")
+            .get(&m1_key)
+            .copied()
+            .unwrap_or((0, 0))
+    };
+    let transfer0 = n1_m1(&lab);
+    let a1_before = lab.tun_packets("a1");
+    for x in &n_nodes {
+        for y in &m_nodes {
+            for (from, to) in [(x, y), (y, x)] {
+                let r = lab.ping(from, v4(&lab, to), N);
+                assert_eq!(r.received, N, "{from} -> {to} (NAT to NAT): {r:?}");
+            }
+        }
+    }
+    let a1_after = lab.tun_packets("a1");
+    let transfer1 = n1_m1(&lab);
+    let (rx, tx) = (
+        transfer1.0.saturating_sub(transfer0.0),
+        transfer1.1.saturating_sub(transfer0.1),
+    );
+    let pings = u64::from(2 * N);
+    eprintln!(
+        "n1's wg transfer with m1 during the pings: rx +{rx}, tx +{tx} bytes; a1's TUN \
+         rx +{}, tx +{}",
+        a1_after.0 - a1_before.0,
+        a1_after.1 - a1_before.1
+    );
+    assert!(
+        rx >= pings * 84 && tx >= pings * 84,
+        "n1 <-> m1's {pings} echo requests and replies go over n1's session with m1 \
+         (wg transfer rx +{rx}, tx +{tx} bytes)"
+    );
+    assert!(
+        a1_after.0 - a1_before.0 < 5 && a1_after.1 - a1_before.1 < 5,
+        "a1 must carry nothing of the n <-> m pings: TUN rx +{}, tx +{}",
+        a1_after.0 - a1_before.0,
+        a1_after.1 - a1_before.1
+    );
+
+    // TCP n -> m.
+    let _listeners: Vec<_> = m_nodes
+        .iter()
+        .map(|y| listen(&lab, y, &[("-4", 7300)]))
+        .collect();
+    for x in &n_nodes {
+        for y in &m_nodes {
+            assert!(
+                connects(&lab, x, v4(&lab, y), 7300, Duration::from_secs(5)),
+                "TCP {x} -> {y}:7300 (NAT to NAT)"
+            );
+        }
+    }
+
+    // The controller learnt every NATed node's public mapping.
+    let mut missing = Vec::new();
+    let logged = weft_tests::try_wait_until(
+        Duration::from_secs(10),
+        "the controller to log learnt endpoints for n's and m's nodes",
+        || {
+            let log = controller_log(&lab);
+            missing = n_nodes
+                .iter()
+                .chain(&m_nodes)
+                .filter(|n| learnt_lines(&log, &node_id(&lab, n)).is_empty())
+                .cloned()
+                .collect();
+            missing.is_empty()
+        },
+    );
+    assert!(
+        logged.is_ok(),
+        "the controller logged no \"endpoint learnt\" line for {missing:?}"
+    );
+    let log = controller_log(&lab);
+    for n in n_nodes.iter().chain(&m_nodes) {
+        for l in learnt_lines(&log, &node_id(&lab, n)) {
+            eprintln!("controller about {n}: {l}");
+        }
+    }
+    eprintln!("nat_sites_punch_through passed in {:?}", t0.elapsed());
+}
+
+#[test]
+fn symmetric_nat_relays_via_gateway() {
+    if weft_tests::skip_unless_root("symmetric_nat_relays_via_gateway") {
+        return;
+    }
+    let t0 = Instant::now();
+    let (lab, meshed) = two_nat_lab(1, 2, 2, true);
+    let _diag = NatStateOnPanic {
+        lab: &lab,
+        nodes: vec!["a1", "n1", "n2", "m1", "m2"],
+    };
+    // In full mesh n and m cannot meet: m's NAT maps each destination to
+    // its own port, so the mapping the controller hands out (the one a1
+    // sees) is not the one n's packets would need, and m's packets reach
+    // n's NAT from ports it never sent to. Longer than two NAT sites that
+    // keep their ports need (nat_sites_punch_through).
+    let direct = time_to_ping(&lab, "n1", v4(&lab, "m1"), meshed, Duration::from_secs(12));
+    eprintln!(
+        "full mesh: n1 -> m1 (port-preserving NAT to symmetric NAT) within 12 s of the \
+         mesh: {direct:?}\n{}",
+        nat_state(&lab, &["n1", "m1"])
+    );
+    assert!(
+        direct.is_none(),
+        "n1 reached m1 behind the symmetric NAT directly in full mesh ({direct:?} after the \
+         mesh formed): is m's masquerade fully-random?"
+    );
+
+    let switched = Instant::now();
+    topology_set(
+        &lab,
+        &[
+            "--mode",
+            "gateways",
+            "--gateway",
+            "a1",
+            "--gateway",
+            "n1",
+            "--gateway",
+            "m1",
+        ],
+    );
+    wait_peers(&lab, "n2", &names(&["n1"]), Duration::from_secs(20));
+    wait_peers(&lab, "m2", &names(&["m1"]), Duration::from_secs(20));
+    // The n–m link is measured down (probes between n1 and m1 go
+    // unanswered): n <-> m goes via a.
+    let (t, took) = wait_trace(
+        &lab,
+        "n2",
+        "m2",
+        Duration::from_secs(60),
+        "a path relayed via a",
+        |t| t.delivered && t.explanation.contains("relayed via a"),
+    );
+    eprintln!("{took:?} after topology set:\n{}", t.text());
+    assert_eq!(
+        t.nodes,
+        ["n2", "n1", "a1", "m1", "m2"],
+        "n2 -> m2 through the gateways and a1:\n{}",
+        t.text()
+    );
+    for (from, to) in [("m2", "n2"), ("n1", "m1"), ("m1", "n1")] {
+        let (t, _) = wait_trace(
+            &lab,
+            from,
+            to,
+            Duration::from_secs(10),
+            "a path relayed via a",
+            |t| t.delivered && t.explanation.contains("relayed via a"),
+        );
+        eprintln!("route trace {from} {to}:\n{}", t.text());
+    }
+    eprintln!("route list:\n{}", lab.weftctl_ok(&["route", "list"]));
+
+    let (n2_v4, m2_v4) = (v4(&lab, "n2"), v4(&lab, "m2"));
+    let took = time_to_ping(&lab, "n2", m2_v4, switched, Duration::from_secs(60));
+    eprintln!("n2 -> m2 first answered {took:?} after topology set");
+    assert!(
+        took.is_some(),
+        "n2 -> m2 got no reply within 60 s of topology set"
+    );
+    const N: u64 = 10;
+    let all = ["a1", "n1", "n2", "m1", "m2"];
+    for (from, to) in [("n2", m2_v4), ("m2", n2_v4)] {
+        let before = tun_snapshot(&lab, &all);
+        let r = lab.ping(from, to, N as u32);
+        let after = tun_snapshot(&lab, &all);
+        assert_eq!(u64::from(r.received), N, "{from} -> {to} via a: {r:?}");
+        let (rx, tx) = delta(&before, &after, "a1");
+        eprintln!("{from} -> {to} via a: {r:?}; a1's TUN rx +{rx}, tx +{tx}");
+        assert!(
+            rx >= 2 * N && tx >= 2 * N,
+            "gateway a1 relays the {N} echo requests and replies of {from} -> {to}: TUN \
+             rx +{rx}, tx +{tx}"
+        );
+    }
+    let _l = [
+        listen(&lab, "m2", &[("-4", 7300)]),
+        listen(&lab, "n2", &[("-4", 7300)]),
+    ];
+    assert!(
+        connects(&lab, "n2", m2_v4, 7300, Duration::from_secs(5)),
+        "TCP n2 -> m2 via a"
+    );
+    assert!(
+        connects(&lab, "m2", n2_v4, 7300, Duration::from_secs(5)),
+        "TCP m2 -> n2 via a"
+    );
+
+    // a with each NAT site, both ways.
+    for x in ["n1", "n2", "m1", "m2"] {
+        let xa = v4(&lab, x);
+        let a1 = v4(&lab, "a1");
+        let t = Instant::now();
+        lab.wait_until(Duration::from_secs(20), &format!("a1 to reach {x}"), || {
+            lab.ping_once("a1", xa, 500)
+        });
+        let r = lab.ping("a1", xa, 3);
+        assert_eq!(r.received, 3, "a1 -> {x}: {r:?}");
+        let r = lab.ping(x, a1, 3);
+        assert_eq!(r.received, 3, "{x} -> a1: {r:?}");
+        eprintln!("a1 <-> {x} ({:?})", t.elapsed());
+    }
+    eprintln!(
+        "symmetric_nat_relays_via_gateway passed in {:?}",
+        t0.elapsed()
+    );
 }
