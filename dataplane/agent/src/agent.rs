@@ -504,8 +504,20 @@ impl Applier {
         Ok(())
     }
 
-    /// What a prompt report watches: verdict counts and peer reachability.
-    fn watched(&self) -> Watched {
+    /// What a prompt report watches: verdict counts, peer reachability and
+    /// peer endpoints.
+    async fn watched(&self) -> Watched {
+        let endpoints = self
+            .tunnel
+            .peers()
+            .await
+            .map(|peers| {
+                peers
+                    .into_iter()
+                    .map(|p| (p.public_key, p.endpoint))
+                    .collect()
+            })
+            .unwrap_or_default();
         let reachable = self
             .probes
             .as_ref()
@@ -515,6 +527,7 @@ impl Applier {
         Watched {
             verdicts: self.verdict_packets(),
             reachable,
+            endpoints,
         }
     }
 
@@ -774,11 +787,12 @@ async fn session(
                 reported = report(&mut client, applier).await?;
             }
             _ = report_tick.tick() => reported = report(&mut client, applier).await?,
-            // Policy counters that moved and peers whose reachability
-            // changed are reported within a second, so the controller (and
-            // `weftctl node get`) see drops and broken paths as they happen.
+            // Policy counters that moved, peers whose reachability changed
+            // and peers that roamed are reported within a second, so the
+            // controller (and `weftctl node get`) see drops, broken paths
+            // and NAT mappings as they happen.
             _ = counters_tick.tick() => {
-                if applier.watched() != reported {
+                if applier.watched().await != reported {
                     reported = report(&mut client, applier).await?;
                 }
             }
@@ -793,6 +807,9 @@ struct Watched {
     verdicts: Option<Vec<u64>>,
     /// Peers the probes find reachable.
     reachable: BTreeMap<Key, bool>,
+    /// Where each peer's packets come from (a peer that roams, e.g. from
+    /// behind NAT, teaches the controller its mapping this way).
+    endpoints: BTreeMap<Key, Option<std::net::SocketAddr>>,
 }
 
 /// Reports the applied revision, the last error, the peers (with their
@@ -802,7 +819,7 @@ async fn report(
     client: &mut AgentServiceClient<tonic::transport::Channel>,
     applier: &Applier,
 ) -> Result<Watched> {
-    let counted = applier.watched();
+    let counted = applier.watched().await;
     let probed = applier
         .probes
         .as_ref()

@@ -151,8 +151,10 @@ impl Engine {
     ///   does): a node behind NAT opens its mappings now, not one keepalive
     ///   interval later.
     ///
-    /// Sends one initiation each (none if a handshake is already under
-    /// way); boringtun's timers retry as usual.
+    /// - peers without a session whose endpoint changed (a NAT mapping the
+    ///   controller learnt): both ends of two NATed nodes try at once.
+    ///
+    /// Sends one initiation each; boringtun's timers retry as usual.
     async fn initiate_handshakes(&mut self, slots: &[u32]) {
         let Engine {
             udp, peers, dst, ..
@@ -167,7 +169,9 @@ impl Engine {
             let (Some(tunn), Some(ep)) = (peer.tunn.as_mut(), peer.endpoint) else {
                 continue;
             };
-            if let TunnResult::WriteToNetwork(out) = tunn.format_handshake_initiation(dst, false) {
+            // Forced: an initiation still under way went to the old
+            // endpoint (for a peer behind NAT, one nothing reaches).
+            if let TunnResult::WriteToNetwork(out) = tunn.format_handshake_initiation(dst, true) {
                 peer.tx_bytes += out.len() as u64;
                 udp.send(out, ep).await;
             }

@@ -536,11 +536,14 @@ impl Peers {
     /// behind NAT is reachable only there. An `endpoint` of `None` keeps
     /// the current one.
     ///
-    /// Returns whether to start a handshake now: the peer is new, or its
-    /// persistent keepalive was turned on (its sessions are gone).
+    /// Returns whether to start a handshake now: the peer is new, its
+    /// persistent keepalive was turned on (its sessions are gone), or it
+    /// has no session and a new endpoint to try (for two nodes behind NATs,
+    /// both ends trying the learnt mappings at once opens both).
     pub(crate) fn upsert(&mut self, cfg: PeerConfig) -> bool {
         let new = !self.by_key.contains_key(&cfg.public_key);
         let slot = self.slot_or_insert(cfg.public_key);
+        let mut moved = false;
         if let Some(p) = self.by_slot.get_mut(&slot) {
             p.name = cfg.name;
             let configured = cfg.endpoint.map(normalise);
@@ -551,6 +554,7 @@ impl Peers {
                 && configured != p.configured_endpoint
                 && (p.endpoint.is_none() || !p.has_session())
             {
+                moved = p.endpoint != configured;
                 p.endpoint = configured;
             }
             p.configured_endpoint = configured;
@@ -559,7 +563,7 @@ impl Peers {
         let keepalive_on = self.set_keepalive_psk(slot, Some(cfg.persistent_keepalive), None);
         self.clear_allowed_ips(slot);
         self.add_allowed_ips(slot, &cfg.allowed_ips);
-        new || keepalive_on
+        new || keepalive_on || moved
     }
 
     /// Applies a validated UAPI `set` (everything but the listen port, which
@@ -792,6 +796,14 @@ mod tests {
             !peers.upsert(cfg(1, &["100.64.0.1/32"], None)),
             "keepalive off"
         );
+        // A new endpoint for a peer without a session: try it now.
+        let at = |e: &str| PeerConfig {
+            endpoint: Some(endpoint(e)),
+            ..cfg(1, &["100.64.0.1/32"], None)
+        };
+        assert!(peers.upsert(at("198.18.0.1:51820")), "endpoint learnt");
+        assert!(!peers.upsert(at("198.18.0.1:51820")), "same endpoint");
+        assert!(peers.upsert(at("198.18.0.2:40000")), "endpoint moved");
         let slot = peers.slot_of(&Key([1; 32])).expect("peer");
         assert!(!peers.get_mut(slot).expect("peer").0.has_session());
 
