@@ -19,7 +19,7 @@ use crate::model::{
     Site, check_id, check_labels, check_name, check_prefix,
 };
 use crate::policy::{Endpoint, Policy, to_yaml};
-use crate::topology::TopologyConfig;
+use crate::topology::config::TopologyConfig;
 
 /// Longest join token lifetime: 30 days.
 pub const MAX_TOKEN_TTL_SECS: u64 = 30 * 86_400;

@@ -5,7 +5,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::topology::TopologyMode;
+use crate::topology::config::TopologyMode;
 use crate::topology::paths::{PathTable, dijkstra};
 
 /// The route between two sites and the reason for it.

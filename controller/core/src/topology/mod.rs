@@ -14,6 +14,7 @@
 //! their site; traffic between sites goes through gateway nodes along the
 //! site paths).
 
+pub mod config;
 pub mod explain;
 pub mod fabric;
 pub mod gateways;
@@ -23,7 +24,6 @@ pub mod paths;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
@@ -33,46 +33,11 @@ use weft_dataplane_core::Key;
 use crate::model::Member;
 use crate::state::State;
 
+pub use config::{TopologyConfig, TopologyMode};
 pub use explain::{NoRoute, RelayReason, SiteRoute, SiteTrace};
 pub use fabric::{Affected, Fabric, MemberConfig, MemberHop, MemberTrace, PeerRoutes};
 pub use graph::{Link, Measurements, PathParams, ResidencyRule, SiteGraph, SiteSpec};
 pub use paths::{PathTable, compute_paths};
-
-/// How members of different sites reach each other.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum TopologyMode {
-    /// Every member peers directly with every other member.
-    #[default]
-    FullMesh,
-    /// Members mesh inside their site; traffic between sites goes through
-    /// the sites' gateway nodes, relayed through other sites as the
-    /// measured paths say.
-    Gateways,
-}
-
-/// The operator's topology settings for a network.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct TopologyConfig {
-    /// Full mesh or gateways.
-    pub mode: TopologyMode,
-    /// Residency tags by site name.
-    pub site_tags: BTreeMap<String, BTreeSet<String>>,
-    /// Ids of the nodes that are gateways of their site.
-    pub gateways: BTreeSet<String>,
-    /// Residency rules.
-    pub residency: Vec<ResidencyRule>,
-    /// Path costs and hysteresis.
-    pub params: PathParams,
-}
-
-impl TopologyConfig {
-    /// Whether these are the defaults (full mesh, nothing set).
-    pub fn is_default(&self) -> bool {
-        *self == TopologyConfig::default()
-    }
-}
 
 /// A node or external peer as topology sees it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

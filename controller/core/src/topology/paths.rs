@@ -26,7 +26,7 @@
 //! tree. A kept site's cost can then only fall; an unusable path is left at
 //! once.
 
-use crate::topology::TopologyMode;
+use crate::topology::config::TopologyMode;
 use crate::topology::graph::{PathParams, SiteGraph};
 
 const INF: u64 = u64::MAX;
