@@ -60,14 +60,24 @@ pub fn external_peer_config(state: &State, name: &str) -> Option<NodeConfig> {
 
 /// The configs of all nodes, by node id.
 pub fn all_node_configs(state: &State) -> BTreeMap<String, NodeConfig> {
-    let peers = all_peers(state);
+    configs_with(state, &all_peers(state))
+}
+
+/// The configs of all nodes without peers, by node id: what gateway mode
+/// completes with the topology's peers (skipping the full mesh, which
+/// costs O(n²)).
+pub fn all_node_configs_without_peers(state: &State) -> BTreeMap<String, NodeConfig> {
+    configs_with(state, &BTreeMap::new())
+}
+
+fn configs_with(state: &State, peers: &BTreeMap<Key, PeerConfig>) -> BTreeMap<String, NodeConfig> {
     let compiled = compile_state(state);
     state
         .nodes()
         .map(|n| {
             let config = NodeConfig {
                 policy: node_policy(&compiled, &n.id),
-                ..config_for(state, &peers, &n.id, &n.name, &n.public_key, n.ipv4, n.ipv6)
+                ..config_for(state, peers, &n.id, &n.name, &n.public_key, n.ipv4, n.ipv6)
             };
             (n.id.clone(), config)
         })

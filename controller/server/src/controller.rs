@@ -246,8 +246,11 @@ impl Inner {
     /// Recomputes every node's config from the state and pushes those whose
     /// content changed.
     fn publish(&mut self) {
-        self.base = netmap::all_node_configs(&self.state);
         let topology = self.state.topology();
+        self.base = match topology.mode {
+            TopologyMode::FullMesh => netmap::all_node_configs(&self.state),
+            TopologyMode::Gateways => netmap::all_node_configs_without_peers(&self.state),
+        };
         self.fabric = (topology.mode == TopologyMode::Gateways).then(|| {
             let input = TopologyInput::from_state(&self.state, topology);
             let prev = self.fabric.as_ref().map(Fabric::paths);
