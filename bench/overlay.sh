@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # bench/overlay.sh - Weft's userspace WireGuard tunnel against boringtun-cli
 # and wireguard-go, measured in the same run between two network namespaces
-# joined by a veth pair. Prints a markdown table on stdout.
+# joined by a veth pair; optionally also a null relay (a tunnel without
+# cryptography), the floor of any TUN + UDP userspace design. Prints a
+# markdown table on stdout.
 #
 #   bench/overlay.sh [options]
 #
@@ -11,6 +13,14 @@
 #                    boringtun     boringtun-cli, default threads
 #                    boringtun-t1  boringtun-cli --threads 1
 #                    wireguard-go  wireguard-go
+#                    not measured unless asked for:
+#                    null-relay       `weft bench null-relay`: no crypto, one
+#                                     thread, a packet per datagram, sleeps
+#                                     in poll(2) (built in release if needed)
+#                    null-relay-spin  the same with --busy-poll: spins on
+#                                     non-blocking reads and sched_yield(2),
+#                                     never sleeps (one CPU per end while it
+#                                     runs, idle or not)
 #   --duration S     iperf3 seconds per run, 1..30 [5]
 #   --runs N         iperf3 runs per test, the median is reported [1]
 #   --streams P      streams of the multi-stream test [4]
@@ -20,19 +30,23 @@
 #                    one extra single-stream run; reports go to DIR
 #   --keep-logs DIR  keep daemon logs and iperf3 JSON in DIR
 #
-#   Environment: WEFT_AGENT_BIN, BORINGTUN_BIN, WIREGUARD_GO_BIN override the
-#   binaries; CARGO (default cargo) builds weft-agent. `scripts/setup.sh
-#   bench` installs everything (boringtun-cli 0.7.1 from crates.io, perf).
+#   Environment: WEFT_AGENT_BIN, BORINGTUN_BIN, WIREGUARD_GO_BIN, WEFT_BIN
+#   (the `weft` tool of weft-tests) override the binaries; CARGO (default
+#   cargo) builds weft-agent and weft. `scripts/setup.sh bench` installs
+#   everything (boringtun-cli 0.7.1 from crates.io, perf).
 #
 # Columns: TCP throughput (iperf3, receiver side, Gbit/s) with 1 and P
 # streams; RTT p50/p99 of pings over the overlay (and, in the first row,
 # over the bare veth); CPU seconds the two tunnel processes spent (utime +
 # stime from /proc, both ends together) per GB delivered, over the TCP runs.
+# The × after Weft's throughput is against the best of the other WireGuard
+# implementations in the same run (null relays excluded).
 #
 # Network: namespaces wbn<PID>a/b, veth, underlay 198.18.0.1/30 <->
 # 198.18.0.2/30, overlay 100.64.0.1/32 <-> 100.64.0.2/32; no default route.
 # Each implementation gets its own interface names (the UAPI socket
-# directory /var/run/wireguard is shared by all namespaces). Everything is
+# directory /var/run/wireguard is shared by all namespaces). Null relays use
+# UDP port 51820 too, with no keys and no UAPI socket. Everything is
 # removed on exit; only processes this script started are stopped, by PID.
 
 set -Eeuo pipefail
@@ -126,6 +140,12 @@ bin_for() {
       local b=${WIREGUARD_GO_BIN:-$(command -v wireguard-go || true)}
       [ -n "$b" ] && [ -x "$b" ] || die "wireguard-go not found: run scripts/setup.sh"
       echo "$b" ;;
+    null-relay|null-relay-spin)
+      if [ -n "${WEFT_BIN:-}" ]; then echo "$WEFT_BIN"; return; fi
+      local target=${CARGO_TARGET_DIR:-$ROOT/target}
+      log "building weft (weft-tests, release)"
+      (cd "$ROOT" && ${CARGO:-cargo} build --release -q -p weft-tests --bin weft) >&2 || die "cargo build failed"
+      echo "$target/release/weft" ;;
     *) die "unknown implementation $1" ;;
   esac
 }
@@ -178,26 +198,31 @@ iperf() {
   echo "$(jq -r '.end.sum_received.bits_per_second / 1e9' "$j") $(jq -r '.end.sum_received.bytes' "$j") $((c1 - c0))"
 }
 
+is_null_relay() { case "$1" in null-relay|null-relay-spin) return 0 ;; *) return 1 ;; esac; }
+
 start_daemon() { # impl ns ifname -> sets DAEMON_PID (no subshell: PIDS must see it)
-  local impl=$1 ns=$2 ifn=$3 lf="$WORK/$3.log"
+  local impl=$1 ns=$2 ifn=$3 lf="$WORK/$3.log" me=$U_A peer=$U_B
+  [ "$ns" = "$NS_A" ] || { me=$U_B; peer=$U_A; }
   case "$impl" in
     weft) ip netns exec "$ns" env RUST_LOG=warn "${BIN[$impl]}" wg "$ifn" >"$lf" 2>&1 & ;;
     boringtun) ip netns exec "$ns" "${BIN[$impl]}" --foreground --disable-drop-privileges --verbosity error "$ifn" >"$lf" 2>&1 & ;;
     boringtun-t1) ip netns exec "$ns" "${BIN[$impl]}" --foreground --disable-drop-privileges --threads 1 --verbosity error "$ifn" >"$lf" 2>&1 & ;;
     wireguard-go) ip netns exec "$ns" env WG_PROCESS_FOREGROUND=1 "${BIN[$impl]}" -f "$ifn" >"$lf" 2>&1 & ;;
+    null-relay) ip netns exec "$ns" "${BIN[$impl]}" bench null-relay --tun "$ifn" --listen "$me:$PORT" --peer "$peer:$PORT" >"$lf" 2>&1 & ;;
+    null-relay-spin) ip netns exec "$ns" "${BIN[$impl]}" bench null-relay --busy-poll --tun "$ifn" --listen "$me:$PORT" --peer "$peer:$PORT" >"$lf" 2>&1 & ;;
   esac
   DAEMON_PID=$!
   track "$DAEMON_PID"
 }
 
-wait_ready() { # ns ifname pid
-  local i
+wait_ready() { # impl ns ifname pid
+  local impl=$1 i; shift
   for i in $(seq 100); do
-    ip -n "$1" link show "$2" >/dev/null 2>&1 && [ -S "$SOCK_DIR/$2.sock" ] && return 0
+    ip -n "$1" link show "$2" >/dev/null 2>&1 && { is_null_relay "$impl" || [ -S "$SOCK_DIR/$2.sock" ]; } && return 0
     kill -0 "$3" 2>/dev/null || die "daemon for $2 exited: $(tail -n 5 "$WORK/$2.log")"
     sleep 0.1
   done
-  die "interface $2 or its UAPI socket did not appear within 10 s"
+  die "interface $2 (or its UAPI socket) did not appear within 10 s"
 }
 
 # ---------------------------------------------------------------- measure
@@ -220,11 +245,13 @@ for impl in "${IMPL_LIST[@]}"; do
   log "$impl: starting"
   start_daemon "$impl" "$NS_A" "$IF_A"; pa=$DAEMON_PID
   start_daemon "$impl" "$NS_B" "$IF_B"; pb=$DAEMON_PID
-  wait_ready "$NS_A" "$IF_A" "$pa"; wait_ready "$NS_B" "$IF_B" "$pb"
-  nsx "$NS_A" wg set "$IF_A" listen-port $PORT private-key "$WORK/a.key" \
-    peer "$(cat "$WORK/b.pub")" endpoint "$U_B:$PORT" allowed-ips "$O_B/32"
-  nsx "$NS_B" wg set "$IF_B" listen-port $PORT private-key "$WORK/b.key" \
-    peer "$(cat "$WORK/a.pub")" endpoint "$U_A:$PORT" allowed-ips "$O_A/32"
+  wait_ready "$impl" "$NS_A" "$IF_A" "$pa"; wait_ready "$impl" "$NS_B" "$IF_B" "$pb"
+  if ! is_null_relay "$impl"; then
+    nsx "$NS_A" wg set "$IF_A" listen-port $PORT private-key "$WORK/a.key" \
+      peer "$(cat "$WORK/b.pub")" endpoint "$U_B:$PORT" allowed-ips "$O_B/32"
+    nsx "$NS_B" wg set "$IF_B" listen-port $PORT private-key "$WORK/b.key" \
+      peer "$(cat "$WORK/a.pub")" endpoint "$U_A:$PORT" allowed-ips "$O_A/32"
+  fi
   for s in A B; do
     eval ns=\$NS_$s ifn=\$IF_$s
     if [ $s = A ]; then me=$O_A; peer=$O_B; else me=$O_B; peer=$O_A; fi
@@ -277,8 +304,8 @@ done
 
 # ---------------------------------------------------------------- table
 read -r ul50 ul99 <<<"$UL_RTT"
-best=$(for r in "${ROWS[@]}"; do IFS='|' read -r i g1 _ _ _ _ <<<"$r"; [ "$i" = weft ] || echo "$g1"; done | sort -g | tail -n1)
-best4=$(for r in "${ROWS[@]}"; do IFS='|' read -r i _ g4 _ _ _ <<<"$r"; [ "$i" = weft ] || echo "$g4"; done | sort -g | tail -n1)
+best=$(for r in "${ROWS[@]}"; do IFS='|' read -r i g1 _ _ _ _ <<<"$r"; [ "$i" = weft ] || is_null_relay "$i" || echo "$g1"; done | sort -g | tail -n1)
+best4=$(for r in "${ROWS[@]}"; do IFS='|' read -r i _ g4 _ _ _ <<<"$r"; [ "$i" = weft ] || is_null_relay "$i" || echo "$g4"; done | sort -g | tail -n1)
 echo
 echo "$(date -u +%Y-%m-%d), $(nproc) vCPU, kernel $(uname -r), overlay MTU $MTU, iperf3 ${DURATION} s × $RUNS run(s) per test (median), $PINGS pings"
 echo
@@ -292,6 +319,8 @@ for r in "${ROWS[@]}"; do
     weft) name="weft-agent wg" ;;
     boringtun) name="boringtun-cli (default threads)" ;;
     boringtun-t1) name="boringtun-cli --threads 1" ;;
+    null-relay) name="null relay (no crypto, poll(2))" ;;
+    null-relay-spin) name="null relay (no crypto, busy poll)" ;;
   esac
   if [ "$i" = weft ] && [ -n "$best" ]; then
     g1=$(awk -v a="$g1" -v b="$best" 'BEGIN{ printf "%.2f (%.1f×)", a, (b > 0 ? a / b : 0) }')

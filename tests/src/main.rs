@@ -1,9 +1,11 @@
 //! `weft`: developer tool. `weft lab up|status|cut|restore|down|clean`
 //! manages a persistent network-namespace lab (3 sites × 2 nodes by default,
 //! a controller) on this machine; `weft bench policy` measures what network
-//! policy costs on the overlay path.
+//! policy costs on the overlay path; `weft bench null-relay` is the
+//! tunnel without cryptography that `bench/overlay.sh` measures as a floor.
 
 mod bench_policy;
+mod null_relay;
 
 use std::fs;
 use std::net::SocketAddr;
@@ -46,6 +48,29 @@ enum BenchCmd {
     /// nft; binaries are taken from the directory of this executable
     /// (override with WEFT_BIN_DIR).
     Policy(bench_policy::PolicyArgs),
+    /// A userspace tunnel without cryptography, the floor of a TUN + UDP
+    /// design: creates TUN device --tun (the caller adds addresses and
+    /// routes and brings it up) and, in one thread, sends each packet read
+    /// from it as-is in one UDP datagram from --listen to --peer, and writes
+    /// each datagram from --peer as-is to it. Sleeps in poll(2), or with
+    /// --busy-poll spins on non-blocking reads, yielding the CPU after each
+    /// empty round but never sleeping (one CPU). Runs until SIGTERM or
+    /// SIGINT. `bench/overlay.sh --impls null-relay,null-relay-spin`.
+    NullRelay {
+        /// TUN device to create.
+        #[arg(long)]
+        tun: String,
+        /// Local UDP address.
+        #[arg(long)]
+        listen: SocketAddr,
+        /// The other relay's UDP address.
+        #[arg(long)]
+        peer: SocketAddr,
+        /// Spin on non-blocking reads (sched_yield(2) after each empty
+        /// round) instead of sleeping in poll(2).
+        #[arg(long)]
+        busy_poll: bool,
+    },
     /// (Internal) sends datagrams as fast as it can; prints JSON.
     #[command(hide = true)]
     UdpSend {
@@ -231,6 +256,12 @@ fn lab(cmd: LabCmd) -> Result<()> {
 fn bench(cmd: BenchCmd) -> Result<()> {
     match cmd {
         BenchCmd::Policy(args) => bench_policy::run(&args),
+        BenchCmd::NullRelay {
+            tun,
+            listen,
+            peer,
+            busy_poll,
+        } => null_relay::run(&tun, listen, peer, busy_poll),
         BenchCmd::RrServer { port } => bench_policy::rr_server(port),
         BenchCmd::UdpSend { to, secs, size } => bench_policy::udp_send(to, secs, size),
         BenchCmd::UdpSink { port, secs, wait } => bench_policy::udp_sink(port, secs, wait),

@@ -91,7 +91,9 @@ struct IfReq {
 
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 
-fn open_tun(name: &str) -> Result<File> {
+/// Creates TUN device `name` (`IFF_TUN | IFF_NO_PI`: one IP packet per read
+/// or write, no header); it lives as long as the returned file.
+pub fn open_tun(name: &str) -> Result<File> {
     if name.is_empty() || name.len() > 15 {
         bail!("interface name {name:?} must be 1..=15 bytes");
     }
