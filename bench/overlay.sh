@@ -14,6 +14,8 @@
 #                    boringtun-t1  boringtun-cli --threads 1
 #                    wireguard-go  wireguard-go
 #                    not measured unless asked for:
+#                    weft-spin     `weft-agent wg IF --busy-poll`: never
+#                                  sleeps (a CPU per end, idle or not)
 #                    null-relay       `weft bench null-relay`: no crypto, one
 #                                     thread, a packet per datagram, sleeps
 #                                     in poll(2) (built in release if needed)
@@ -126,7 +128,7 @@ nsx() { local ns=$1; shift; ip netns exec "$ns" "$@"; }
 # ---------------------------------------------------------------- binaries
 bin_for() {
   case "$1" in
-    weft)
+    weft|weft-spin)
       if [ -n "${WEFT_AGENT_BIN:-}" ]; then echo "$WEFT_AGENT_BIN"; return; fi
       local target=${CARGO_TARGET_DIR:-$ROOT/target}
       log "building weft-agent (release)"
@@ -205,6 +207,7 @@ start_daemon() { # impl ns ifname -> sets DAEMON_PID (no subshell: PIDS must see
   [ "$ns" = "$NS_A" ] || { me=$U_B; peer=$U_A; }
   case "$impl" in
     weft) ip netns exec "$ns" env RUST_LOG=warn "${BIN[$impl]}" wg "$ifn" >"$lf" 2>&1 & ;;
+    weft-spin) ip netns exec "$ns" env RUST_LOG=warn "${BIN[$impl]}" wg --busy-poll "$ifn" >"$lf" 2>&1 & ;;
     boringtun) ip netns exec "$ns" "${BIN[$impl]}" --foreground --disable-drop-privileges --verbosity error "$ifn" >"$lf" 2>&1 & ;;
     boringtun-t1) ip netns exec "$ns" "${BIN[$impl]}" --foreground --disable-drop-privileges --threads 1 --verbosity error "$ifn" >"$lf" 2>&1 & ;;
     wireguard-go) ip netns exec "$ns" env WG_PROCESS_FOREGROUND=1 "${BIN[$impl]}" -f "$ifn" >"$lf" 2>&1 & ;;
@@ -304,8 +307,8 @@ done
 
 # ---------------------------------------------------------------- table
 read -r ul50 ul99 <<<"$UL_RTT"
-best=$(for r in "${ROWS[@]}"; do IFS='|' read -r i g1 _ _ _ _ <<<"$r"; [ "$i" = weft ] || is_null_relay "$i" || echo "$g1"; done | sort -g | tail -n1)
-best4=$(for r in "${ROWS[@]}"; do IFS='|' read -r i _ g4 _ _ _ <<<"$r"; [ "$i" = weft ] || is_null_relay "$i" || echo "$g4"; done | sort -g | tail -n1)
+best=$(for r in "${ROWS[@]}"; do IFS='|' read -r i g1 _ _ _ _ <<<"$r"; [ "$i" = weft ] || [ "$i" = weft-spin ] || is_null_relay "$i" || echo "$g1"; done | sort -g | tail -n1)
+best4=$(for r in "${ROWS[@]}"; do IFS='|' read -r i _ g4 _ _ _ <<<"$r"; [ "$i" = weft ] || [ "$i" = weft-spin ] || is_null_relay "$i" || echo "$g4"; done | sort -g | tail -n1)
 echo
 echo "$(date -u +%Y-%m-%d), $(nproc) vCPU, kernel $(uname -r), overlay MTU $MTU, iperf3 ${DURATION} s × $RUNS run(s) per test (median), $PINGS pings"
 echo
@@ -317,12 +320,13 @@ for r in "${ROWS[@]}"; do
   name=$i
   case "$i" in
     weft) name="weft-agent wg" ;;
+    weft-spin) name="weft-agent wg --busy-poll" ;;
     boringtun) name="boringtun-cli (default threads)" ;;
     boringtun-t1) name="boringtun-cli --threads 1" ;;
     null-relay) name="null relay (no crypto, poll(2))" ;;
     null-relay-spin) name="null relay (no crypto, busy poll)" ;;
   esac
-  if [ "$i" = weft ] && [ -n "$best" ]; then
+  if { [ "$i" = weft ] || [ "$i" = weft-spin ]; } && [ -n "$best" ]; then
     g1=$(awk -v a="$g1" -v b="$best" 'BEGIN{ printf "%.2f (%.1f×)", a, (b > 0 ? a / b : 0) }')
     g4=$(awk -v a="$g4" -v b="$best4" 'BEGIN{ printf "%.2f (%.1f×)", a, (b > 0 ? a / b : 0) }')
   else

@@ -92,6 +92,12 @@ pub(crate) struct AgentArgs {
     #[arg(long, env = "WEFT_UAPI_DIR", default_value = tunnel::DEFAULT_UAPI_DIR)]
     uapi_dir: PathBuf,
 
+    /// Poll the tunnel's TUN device and UDP socket without ever sleeping:
+    /// about 0.1 ms less round-trip time on a small VM, at the price of a
+    /// CPU kept busy even when idle. Off by default.
+    #[arg(long, env = "WEFT_BUSY_POLL")]
+    busy_poll: bool,
+
     /// Label KEY=VALUE that network policy selects this node by; repeat
     /// for several (WEFT_LABELS: comma-separated). Sent when enrolling;
     /// change later with `weftctl node label`.
@@ -220,6 +226,7 @@ async fn run(args: AgentArgs) -> Result<()> {
         private_key: Some(private_key),
         mtu: weft_dataplane_core::config::DEFAULT_MTU,
         uapi_dir: args.uapi_dir.clone(),
+        busy_poll: args.busy_poll,
     })
     .await?;
     // Packet and byte counters on the TUN device (eBPF); the agent works without them.

@@ -25,6 +25,11 @@ pub(crate) struct WgArgs {
     /// MTU of the TUN interface, in bytes.
     #[arg(long, env = "WEFT_MTU", default_value_t = DEFAULT_MTU)]
     pub(crate) mtu: u16,
+    /// Poll the TUN device and the UDP socket without ever sleeping: about
+    /// 0.1 ms less round-trip time on a small VM, at the price of a CPU
+    /// kept busy even when idle.
+    #[arg(long, env = "WEFT_BUSY_POLL")]
+    pub(crate) busy_poll: bool,
 }
 
 pub(crate) fn main(args: WgArgs) -> anyhow::Result<()> {
@@ -51,6 +56,7 @@ async fn run(args: WgArgs) -> anyhow::Result<()> {
         private_key: None,
         mtu: args.mtu,
         uapi_dir: args.uapi_dir,
+        busy_poll: args.busy_poll,
     })
     .await?;
     let stopped_by_itself = tokio::select! {

@@ -56,6 +56,8 @@ pub(crate) struct TunnelSettings {
     pub(crate) mtu: u16,
     /// Directory of the UAPI socket `<uapi_dir>/<ifname>.sock`.
     pub(crate) uapi_dir: PathBuf,
+    /// Poll without sleeping (lower latency, a CPU always busy).
+    pub(crate) busy_poll: bool,
 }
 
 /// What the tunnel knows about one peer.
@@ -114,7 +116,7 @@ pub(crate) async fn start(settings: TunnelSettings) -> anyhow::Result<TunnelHand
         "tunnel up"
     );
     let (tx, rx) = mpsc::channel(64);
-    let engine = eventloop::Engine::new(tun, udp, settings.private_key);
+    let engine = eventloop::Engine::new(tun, udp, settings.private_key, settings.busy_poll);
     tokio::spawn(engine.run(rx));
     tokio::spawn(uapi::serve(listener, tx.clone()));
     guard.disarm();

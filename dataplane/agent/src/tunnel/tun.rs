@@ -158,6 +158,12 @@ impl Tun {
         self.fd.try_io(Interest::READABLE, |f| (&mut &*f).read(buf))
     }
 
+    /// Reads one vnet header and packet with a system call whatever the
+    /// cached readiness says (busy polling: the reactor is not consulted).
+    pub(crate) fn read_now(&self, buf: &mut [u8]) -> io::Result<usize> {
+        (&mut self.fd.get_ref()).read(buf)
+    }
+
     /// Writes one vnet header and packet, waiting while the device queue is
     /// full.
     pub(crate) async fn write(&self, packet: &[u8]) -> io::Result<()> {

@@ -137,6 +137,15 @@ impl Udp {
         Ok(n)
     }
 
+    /// Like [`Udp::try_recv`] but always makes the system call (busy
+    /// polling: the reactor's cached readiness is not consulted).
+    pub(crate) fn recv_now(&self, batch: &mut RecvBatch) -> io::Result<usize> {
+        batch.count = 0;
+        let n = recvmmsg(&self.sock, batch)?;
+        batch.count = n;
+        Ok(n)
+    }
+
     /// Sends everything in `batch` and empties it, waiting while the
     /// socket buffer is full (back-pressure instead of drops).
     pub(crate) async fn send_batch(&mut self, batch: &mut SendBatch) {
