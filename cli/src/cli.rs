@@ -124,10 +124,10 @@ pub(crate) enum TopologyModeArg {
     /// relayed.
     FullMesh,
     /// Members mesh inside their site; traffic between sites goes through
-    /// the sites' gateways (active-active: each destination is carried by
-    /// one gateway, spread by hashing; a dead gateway's share moves to the
-    /// others), relayed through other sites when the measured direct path
-    /// is down or much slower.
+    /// the sites' gateways (active-active: flows are spread over a site's
+    /// gateways by a hash of their addresses and ports; a dead gateway's
+    /// flows move to the others), relayed through other sites when the
+    /// measured direct path is down or much slower.
     Gateways,
 }
 

@@ -335,6 +335,7 @@ impl AdminService for Mock {
                 persistent_keepalive: 25,
                 accept_sources: vec![],
                 fallback: vec![],
+                shared_routes: vec![],
             }],
         }))
     }

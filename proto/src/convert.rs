@@ -92,6 +92,7 @@ impl TryFrom<pb::PeerConfig> for PeerConfig {
             persistent_keepalive: (keepalive != 0).then_some(keepalive),
             accept_sources: parse_nets(M, "accept_sources", &p.accept_sources)?,
             fallback,
+            shared_routes: parse_nets(M, "shared_routes", &p.shared_routes)?,
             name: p.name,
         })
     }
@@ -107,6 +108,7 @@ impl From<&PeerConfig> for pb::PeerConfig {
             persistent_keepalive: p.persistent_keepalive.map(u32::from).unwrap_or(0),
             accept_sources: p.accept_sources.iter().map(ToString::to_string).collect(),
             fallback: p.fallback.iter().map(|k| k.0.to_vec()).collect(),
+            shared_routes: p.shared_routes.iter().map(ToString::to_string).collect(),
         }
     }
 }
@@ -323,6 +325,7 @@ mod tests {
                 "fd00:beef:8::/64".parse().expect("valid"),
             ],
             fallback: vec![Key([8; 32]), Key([9; 32])],
+            shared_routes: vec!["100.64.3.0/24".parse().expect("valid")],
         };
         NodeConfig {
             revision: 9,

@@ -192,6 +192,7 @@ fn peer(
         persistent_keepalive,
         accept_sources: Vec::new(),
         fallback: Vec::new(),
+        shared_routes: Vec::new(),
     }
 }
 

@@ -883,6 +883,7 @@ mod tests {
             persistent_keepalive: None,
             accept_sources: Vec::new(),
             fallback: Vec::new(),
+            shared_routes: Vec::new(),
         };
         let desired: BTreeMap<Key, PeerConfig> = (1..=4).map(|i| (Key([i; 32]), peer(i))).collect();
         let stats = |samples, reachable| ProbeStats {

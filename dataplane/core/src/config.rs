@@ -60,11 +60,18 @@ pub struct PeerConfig {
     /// not routed to it. Defaults to none (configs persisted before them).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub accept_sources: Vec<IpNet>,
-    /// Peers to move this peer's `allowed_ips` to, the first live one
-    /// first, while this peer is found dead (see [`crate::fallback`]).
-    /// Defaults to none.
+    /// Peers interchangeable with this one (a site's other gateways): the
+    /// flows of `shared_routes` spread over this peer and them, and this
+    /// peer's routes move to the first live one while this peer is found
+    /// dead (see [`crate::fallback`]). Defaults to none.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub fallback: Vec<Key>,
+    /// Prefixes routed to this peer like `allowed_ips`, whose flows are
+    /// spread over this peer and its `fallback` peers by [`crate::flow`]
+    /// (remote destinations behind a site's gateways). Disjoint from every
+    /// peer's `allowed_ips` and `shared_routes`. Defaults to none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shared_routes: Vec<IpNet>,
 }
 
 #[cfg(test)]
@@ -121,6 +128,7 @@ mod tests {
             persistent_keepalive: None,
             accept_sources: vec!["100.64.8.0/24".parse().expect("valid")],
             fallback: vec![Key([6; 32])],
+            shared_routes: vec!["100.64.9.0/24".parse().expect("valid")],
         };
         let text = serde_json::to_string(&peer).expect("serializes");
         let again: PeerConfig = serde_json::from_str(&text).expect("loads");

@@ -5,11 +5,16 @@
 //! Pure: the desired peers and the set of dead peers in, the peers to
 //! configure out. The dead peer stays configured, with no allowed IPs, so
 //! its sessions and probes continue and it is noticed when it comes back;
-//! the prefixes it routed are appended to its target's allowed IPs (so the
+//! the prefixes it routed (and shared) are appended to its target's (so the
 //! target's packets from them pass the source check), and the target also
 //! accepts the sources the dead peer accepted (relayed traffic it now
 //! carries). A dead peer whose fallbacks are all dead or unknown keeps its
 //! routes: there is nowhere better to send them.
+//!
+//! The fallback list also names the peers the tunnel spreads a peer's
+//! flows over (each flow, by a hash of its addresses and ports, to this
+//! peer or one of its fallbacks: a site's gateways are interchangeable),
+//! so dead peers are struck from every fallback list.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -46,10 +51,15 @@ pub fn effective_peers(
     dead: &BTreeSet<Key>,
 ) -> BTreeMap<Key, PeerConfig> {
     let targets = fallback_targets(desired, dead);
-    if targets.is_empty() {
-        return desired.clone();
-    }
     let mut out = desired.clone();
+    if !dead.is_empty() {
+        for p in out.values_mut() {
+            p.fallback.retain(|k| !dead.contains(k));
+        }
+    }
+    if targets.is_empty() {
+        return out;
+    }
     for (from, to) in &targets {
         let (Some(moved), Some(accepted)) = (
             out.get_mut(from)
@@ -58,8 +68,13 @@ pub fn effective_peers(
         ) else {
             continue;
         };
+        let shared = out
+            .get_mut(from)
+            .map(|p| std::mem::take(&mut p.shared_routes))
+            .unwrap_or_default();
         if let Some(target) = out.get_mut(to) {
             target.allowed_ips.extend(moved);
+            target.shared_routes.extend(shared);
             target.accept_sources.extend(accepted);
         }
     }
@@ -67,6 +82,8 @@ pub fn effective_peers(
         if let Some(target) = out.get_mut(to) {
             target.allowed_ips.sort_unstable();
             target.allowed_ips.dedup();
+            target.shared_routes.sort_unstable();
+            target.shared_routes.dedup();
             target.accept_sources.sort_unstable();
             target.accept_sources.dedup();
         }
@@ -100,6 +117,7 @@ mod tests {
             persistent_keepalive: None,
             accept_sources: vec![net(&format!("100.100.{i}.0/24"))],
             fallback: fallback.iter().map(|f| key(*f)).collect(),
+            shared_routes: Vec::new(),
         }
     }
 
@@ -151,7 +169,10 @@ mod tests {
             peer(2, &["100.64.2.0/24"], &[]),
         ]);
         let dead: BTreeSet<Key> = [key(1), key(2)].into();
-        assert_eq!(effective_peers(&desired, &dead), desired);
+        let eff = effective_peers(&desired, &dead);
+        assert_eq!(eff[&key(1)].allowed_ips, desired[&key(1)].allowed_ips);
+        assert_eq!(eff[&key(1)].fallback, vec![key(9)], "dead peers struck");
+        assert_eq!(eff[&key(2)], desired[&key(2)]);
         assert!(fallback_targets(&desired, &dead).is_empty());
     }
 
@@ -168,7 +189,8 @@ mod tests {
                     let mut desired = BTreeMap::new();
                     for (i, (fallback, accept)) in fallbacks.into_iter().zip(accepts).enumerate() {
                         let id = u8::try_from(i + 1).expect("at most 6 peers");
-                        let allowed = owners
+                        // Odd prefixes are shared routes, even ones plain.
+                        let (shared, allowed): (Vec<IpNet>, Vec<IpNet>) = owners
                             .iter()
                             .enumerate()
                             .filter(|(_, o)| **o == i)
@@ -176,7 +198,9 @@ mod tests {
                                 let host = u8::try_from(j).expect("fewer than 256 prefixes");
                                 IpNet::V4(Ipv4Net::from(Ipv4Addr::new(100, 64, 0, host)))
                             })
-                            .collect();
+                            .partition(
+                                |n| matches!(n, IpNet::V4(v) if v.addr().octets()[3] % 2 == 1),
+                            );
                         let accept_sources = accept
                             .into_iter()
                             .map(|a| net(&format!("100.100.{a}.0/24")))
@@ -189,6 +213,7 @@ mod tests {
                             persistent_keepalive: None,
                             accept_sources,
                             fallback: fallback.into_iter().map(key).collect(),
+                            shared_routes: shared,
                         };
                         desired.insert(key(id), p);
                     }
@@ -201,7 +226,12 @@ mod tests {
     fn routed(peers: &BTreeMap<Key, PeerConfig>) -> Vec<(IpNet, Key)> {
         peers
             .values()
-            .flat_map(|p| p.allowed_ips.iter().map(|n| (*n, p.public_key)))
+            .flat_map(|p| {
+                p.allowed_ips
+                    .iter()
+                    .chain(&p.shared_routes)
+                    .map(|n| (*n, p.public_key))
+            })
             .collect()
     }
 
@@ -229,13 +259,20 @@ mod tests {
             let targets = fallback_targets(&desired, &dead);
             for (k, p) in &desired {
                 let e = &eff[k];
-                // Names, endpoints, keepalives and fallbacks never change.
+                // Names, endpoints and keepalives never change; fallback
+                // lists lose exactly the dead peers.
                 prop_assert_eq!(
-                    (&e.name, e.endpoint, e.persistent_keepalive, &e.fallback),
-                    (&p.name, p.endpoint, p.persistent_keepalive, &p.fallback)
+                    (&e.name, e.endpoint, e.persistent_keepalive),
+                    (&p.name, p.endpoint, p.persistent_keepalive)
                 );
+                let live: Vec<Key> =
+                    p.fallback.iter().copied().filter(|f| !dead.contains(f)).collect();
+                prop_assert_eq!(&e.fallback, &live);
                 if !targets.contains_key(k) && !targets.values().any(|t| t == k) {
-                    prop_assert_eq!(e, p);
+                    prop_assert_eq!(
+                        (&e.allowed_ips, &e.accept_sources),
+                        (&p.allowed_ips, &p.accept_sources)
+                    );
                 }
                 if dead.contains(k) && !targets.contains_key(k) {
                     // No live fallback: its routes stay.

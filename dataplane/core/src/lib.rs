@@ -3,11 +3,13 @@
 //! No clock, no sockets, no files: the desired configuration of a node
 //! ([`config::NodeConfig`]), and the plans that turn an observed state into
 //! the desired one ([`plan`], [`routes`] for workload prefixes), peer-probe
-//! statistics ([`probe`]), and the peers to configure while some are found
-//! dead ([`fallback`]). The agent crate carries the plans out.
+//! statistics ([`probe`]), the peers to configure while some are found
+//! dead ([`fallback`]), and the flow hash that spreads flows over a site's
+//! gateways ([`flow`]). The agent crate carries the plans out.
 
 pub mod config;
 pub mod fallback;
+pub mod flow;
 pub mod key;
 pub mod plan;
 pub mod policy_maps;

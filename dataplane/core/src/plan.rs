@@ -99,6 +99,7 @@ mod tests {
             persistent_keepalive: keepalive,
             accept_sources: Vec::new(),
             fallback: Vec::new(),
+            shared_routes: Vec::new(),
         }
     }
 

@@ -24,7 +24,12 @@
 //!
 //! Each peer also carries a fallback list: the site's other gateways, in
 //! rotation, that an agent may move the peer's routes to when it finds the
-//! peer dead before the controller has recomputed.
+//! peer dead before the controller has recomputed. The remote destinations
+//! routed to a gateway are `shared`: any gateway of a site carries any
+//! destination the site's paths reach, so members spread their flows over
+//! the gateway and its fallbacks (active-active per flow). A gateway's own
+//! prefixes and external peers' (which accept from one gateway only) stay
+//! in `routes`.
 //!
 //! The fabric stores, per site, lists of member slots (4 bytes each), not
 //! prefixes; a member's config is materialised from them on demand. A
@@ -74,9 +79,17 @@ pub struct PeerRoutes {
     pub routes: Vec<IpNet>,
     /// Sources accepted from this peer besides `routes` (relayed traffic).
     pub accept_sources: Vec<IpNet>,
-    /// Peers to move `routes` to, first reachable first, if this one is
-    /// found dead.
+    /// Peers interchangeable with this one (its site's other gateways, in
+    /// rotation): `shared` flows spread over this peer and them, and the
+    /// agent moves `routes` and `shared` to the first reachable one if this
+    /// one is found dead.
     pub fallback: Vec<Key>,
+    /// Remote destinations routed to this gateway whose flows the member
+    /// spreads over this peer and its `fallback` (any gateway of a site
+    /// carries any destination the site's paths reach). Disjoint from
+    /// every peer's `routes` and `shared`.
+    #[serde(default)]
+    pub shared: Vec<IpNet>,
 }
 
 impl MemberConfig {
@@ -94,17 +107,20 @@ impl MemberConfig {
                     persistent_keepalive: p.persistent_keepalive,
                     accept_sources: p.accept_sources.clone(),
                     fallback: p.fallback.clone(),
+                    shared_routes: p.shared.clone(),
                 };
                 (*k, peer)
             })
             .collect()
     }
 
-    /// The peer routing `addr`, by longest prefix.
+    /// The peer routing `addr`, by longest prefix (its flows may be
+    /// spread over that peer's `fallback` peers too, if `addr` is in its
+    /// `shared` routes).
     pub fn route(&self, addr: std::net::IpAddr) -> Option<&PeerRoutes> {
         self.peers
             .values()
-            .flat_map(|p| p.routes.iter().map(move |r| (r, p)))
+            .flat_map(|p| p.routes.iter().chain(&p.shared).map(move |r| (r, p)))
             .filter(|(r, _)| r.contains(&addr))
             .max_by_key(|(r, _)| r.prefix_len())
             .map(|(_, p)| p)
@@ -334,8 +350,24 @@ impl Fabric {
         let slot = *self.by_id.get(id)?;
         let e = self.entry(slot)?;
         let mut peers = BTreeMap::new();
+        // External peers (plain WireGuard) accept only from the one gateway
+        // their key picks: traffic to them is never spread.
+        let external: BTreeSet<IpNet> = self
+            .live()
+            .filter(|(_, e)| matches!(e.spec.id, Member::ExternalPeer(_)))
+            .flat_map(|(_, e)| e.spec.prefixes.iter().copied())
+            .collect();
         let mut add = |p: u32, routes: Vec<IpNet>, accept: Vec<IpNet>, fallback: Vec<Key>| {
             if let Some(pe) = self.entry(p) {
+                // A gateway's own prefixes go to it; what it carries for
+                // others is shared with its interchangeable peers.
+                let (routes, shared) = if fallback.is_empty() {
+                    (routes, Vec::new())
+                } else {
+                    routes
+                        .into_iter()
+                        .partition(|r| pe.spec.prefixes.contains(r) || external.contains(r))
+                };
                 let peer = PeerRoutes {
                     name: pe.spec.name.clone(),
                     public_key: pe.spec.public_key,
@@ -344,6 +376,7 @@ impl Fabric {
                     routes,
                     accept_sources: accept,
                     fallback,
+                    shared,
                 };
                 peers.insert(pe.spec.public_key, peer);
             }

@@ -1,8 +1,9 @@
-//! Which gateway of a site carries which destination.
+//! Which gateway of a site is a destination's primary.
 //!
-//! WireGuard routes a prefix to exactly one peer, so a site's gateways
-//! share load by destination, not by packet: each destination member is
-//! assigned to one gateway by rendezvous hashing (highest score of
+//! WireGuard routes a prefix to exactly one peer, so each destination
+//! member is assigned a primary gateway (Weft agents then spread flows
+//! over it and its site's other gateways, see `fabric`; plain WireGuard
+//! peers stay on the primary) by rendezvous hashing (highest score of
 //! hash(member key, gateway key)). Every member of the world computes the
 //! same choice, spreading destinations evenly; when a gateway goes down only
 //! its share moves, each destination to its second-best gateway, and the

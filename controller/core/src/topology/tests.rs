@@ -88,12 +88,25 @@ fn addr(spec: &MemberSpec) -> IpAddr {
 
 /// Walks a packet from `src` to `dst` through the materialised configs:
 /// each hop routes by longest prefix and the receiver checks the source.
-/// Returns the members crossed, or why it was dropped.
+/// Returns the members crossed, or why it was dropped. Where a hop may
+/// spread flows (a shared route), the packet takes the routed peer.
 fn walk(
     configs: &BTreeMap<Member, MemberConfig>,
     specs: &BTreeMap<Member, MemberSpec>,
     src: &Member,
     dst: &Member,
+) -> Result<Vec<Member>, String> {
+    walk_flow(configs, specs, src, dst, 0)
+}
+
+/// [`walk`] for one flow: where a hop spreads flows over a peer and its
+/// fallbacks, the flow takes option `flow % options`.
+fn walk_flow(
+    configs: &BTreeMap<Member, MemberConfig>,
+    specs: &BTreeMap<Member, MemberSpec>,
+    src: &Member,
+    dst: &Member,
+    flow: usize,
 ) -> Result<Vec<Member>, String> {
     let by_key: BTreeMap<Key, &Member> = specs.iter().map(|(m, s)| (s.public_key, m)).collect();
     let (from, to) = (addr(&specs[src]), addr(&specs[dst]));
@@ -107,7 +120,19 @@ fn walk(
         let Some(peer) = cfg.route(to) else {
             return Err(format!("{cur} has no route to {to}"));
         };
-        let next = by_key[&peer.public_key].clone();
+        let mut next_key = peer.public_key;
+        if peer.shared.iter().any(|r| r.contains(&to)) {
+            let options: Vec<Key> = std::iter::once(peer.public_key)
+                .chain(
+                    peer.fallback
+                        .iter()
+                        .copied()
+                        .filter(|k| cfg.peers.contains_key(k)),
+                )
+                .collect();
+            next_key = options[flow % options.len()];
+        }
+        let next = by_key[&next_key].clone();
         // The receiver's view of the sender.
         let back = configs[&next]
             .peers
@@ -116,6 +141,7 @@ fn walk(
         let accepted = back
             .routes
             .iter()
+            .chain(&back.shared)
             .chain(&back.accept_sources)
             .any(|p| p.contains(&from));
         if !accepted {
@@ -392,14 +418,24 @@ fn gateway_mode_routes_across_sites_through_gateways() {
     assert!(trace.delivered);
     assert_eq!(trace.hops.len(), 4);
 
-    // Both gateways of a carry a share of the remote destinations.
-    let shares: Vec<usize> = [n(1), n(2)]
-        .iter()
-        .map(|g| c3.peers[&specs[g].public_key].routes.len())
-        .collect();
-    // Each gateway's own /32 and /128, then b's and c's four members.
-    assert_eq!(shares.iter().sum::<usize>(), 2 * 2 + 4 * 2, "{shares:?}");
-    assert!(shares.iter().all(|s| *s > 2), "{shares:?}");
+    // Both gateways of a carry a share of the remote destinations, shared
+    // with the other gateway (flows spread over both); their own
+    // addresses are theirs alone.
+    let peer = |g: &Member| &c3.peers[&specs[g].public_key];
+    let shares: Vec<usize> = [n(1), n(2)].iter().map(|g| peer(g).shared.len()).collect();
+    // b's and c's four members, /32 and /128 each.
+    assert_eq!(shares.iter().sum::<usize>(), 4 * 2, "{shares:?}");
+    assert!(shares.iter().all(|s| *s > 0), "{shares:?}");
+    for (g, other) in [(n(1), n(2)), (n(2), n(1))] {
+        assert_eq!(peer(&g).routes.len(), 2, "only its own addresses");
+        assert_eq!(peer(&g).fallback, vec![specs[&other].public_key]);
+    }
+    // Every flow, whichever gateway it takes, is delivered.
+    for flow in 0..4 {
+        let hops = walk_flow(&configs, &specs, &n(3), &n(6), flow).expect("delivered");
+        assert_eq!(hops.len(), 4, "{hops:?}");
+        assert!(hops[1] == n(1) || hops[1] == n(2), "{hops:?}");
+    }
 }
 
 #[test]
@@ -833,7 +869,7 @@ proptest! {
         for cfg in configs.values() {
             let mut seen = BTreeSet::new();
             for p in cfg.peers.values() {
-                for r in &p.routes {
+                for r in p.routes.iter().chain(&p.shared) {
                     prop_assert!(seen.insert(*r), "{} routes {} twice", cfg.member, r);
                 }
             }
@@ -848,7 +884,16 @@ proptest! {
                         let hops = result.map_err(|e| TestCaseError::fail(format!("{} -> {}: {e}", src.id, dst.id)))?;
                         let mut crossed: Vec<&str> = hops.iter().map(|h| by_id[h].site.as_str()).collect();
                         crossed.dedup();
-                        prop_assert_eq!(crossed, site_path);
+                        prop_assert_eq!(&crossed, &site_path);
+                        // Flows spread over a site's gateways all arrive,
+                        // over the same sites.
+                        for flow in 1..4 {
+                            let alt = walk_flow(&configs, &by_id, &src.id, &dst.id, flow)
+                                .map_err(|e| TestCaseError::fail(format!("{} -> {} flow {flow}: {e}", src.id, dst.id)))?;
+                            let mut sites: Vec<&str> = alt.iter().map(|h| by_id[h].site.as_str()).collect();
+                            sites.dedup();
+                            prop_assert_eq!(&sites, &site_path);
+                        }
                         prop_assert!(trace.delivered);
                         prop_assert_eq!(trace.hops.len(), hops.len());
                     }

@@ -311,9 +311,13 @@ impl Engine {
             return;
         };
         let pkt = &mut tun_buf[VNET_HDR_LEN..n];
-        let Some(slot) = Tunn::dst_address(pkt).and_then(|ip| peers.route(ip)) else {
+        let Some(dst) = Tunn::dst_address(pkt) else {
             return;
         };
+        let Some(slot) = peers.route(dst) else {
+            return;
+        };
+        let slot = peers.spread(slot, dst, pkt);
         let Some((peer, _)) = peers.get_mut(slot) else {
             return;
         };

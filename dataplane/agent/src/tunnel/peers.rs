@@ -261,6 +261,12 @@ pub(crate) struct Peer {
     /// Sources accepted from this peer besides its allowed IPs (relayed
     /// traffic); not routed to it and not shown by `wg show`.
     accept_sources: SourceRanges,
+    /// Peers interchangeable with this one (a site's other gateways, from
+    /// the config's fallback list): flows to `shared` destinations are
+    /// spread over this peer and them.
+    equivalents: Vec<Key>,
+    /// The routed prefixes whose flows are spread (`shared_routes`).
+    shared: SourceRanges,
     pub(crate) keepalive: Option<u16>,
     pub(crate) preshared_key: Option<Key>,
     /// `None` while we have no private key.
@@ -293,6 +299,8 @@ impl Peer {
             configured_endpoint: None,
             allowed_ips: Vec::new(),
             accept_sources: SourceRanges::default(),
+            equivalents: Vec::new(),
+            shared: SourceRanges::default(),
             keepalive: None,
             preshared_key: None,
             tunn: None,
@@ -392,6 +400,37 @@ impl Peers {
     /// Cryptokey routing: which peer an outgoing packet to `dst` goes to.
     pub(crate) fn route(&self, dst: IpAddr) -> Option<u32> {
         self.routes.lookup(dst)
+    }
+
+    /// The peer that carries `packet` to `dst`, routed to `slot`: `slot`
+    /// itself, or, for a destination among the peer's shared routes and a
+    /// peer with interchangeable peers (a site's gateways), the one the
+    /// packet's flow hashes to, among those that have an endpoint or a
+    /// session. No allocation.
+    pub(crate) fn spread(&self, slot: u32, dst: IpAddr, packet: &[u8]) -> u32 {
+        let Some(p) = self.by_slot.get(&slot) else {
+            return slot;
+        };
+        if p.equivalents.is_empty() || !p.shared.contains(dst) {
+            return slot;
+        }
+        let Some(hash) = weft_dataplane_core::flow::flow_hash(packet) else {
+            return slot;
+        };
+        let i = weft_dataplane_core::flow::pick(hash, 1 + p.equivalents.len());
+        let Some(other) = i.checked_sub(1).and_then(|j| p.equivalents.get(j)) else {
+            return slot;
+        };
+        match self.by_key.get(other) {
+            Some(s)
+                if self.by_slot.get(s).is_some_and(|q| {
+                    q.tunn.is_some() && (q.endpoint.is_some() || q.has_session())
+                }) =>
+            {
+                *s
+            }
+            _ => slot,
+        }
     }
 
     /// A peer and the routing table (for the source check), borrowed apart.
@@ -559,10 +598,18 @@ impl Peers {
             }
             p.configured_endpoint = configured;
             p.accept_sources = SourceRanges::new(&cfg.accept_sources);
+            p.equivalents = cfg
+                .fallback
+                .iter()
+                .copied()
+                .filter(|k| *k != cfg.public_key)
+                .collect();
+            p.shared = SourceRanges::new(&cfg.shared_routes);
         }
         let keepalive_on = self.set_keepalive_psk(slot, Some(cfg.persistent_keepalive), None);
         self.clear_allowed_ips(slot);
         self.add_allowed_ips(slot, &cfg.allowed_ips);
+        self.add_allowed_ips(slot, &cfg.shared_routes);
         new || keepalive_on || moved
     }
 
@@ -684,6 +731,7 @@ mod tests {
             persistent_keepalive: keepalive,
             accept_sources: Vec::new(),
             fallback: Vec::new(),
+            shared_routes: Vec::new(),
         }
     }
 
@@ -777,6 +825,58 @@ mod tests {
             ..SetRequest::default()
         });
         assert_eq!(current(&mut peers), Some(endpoint("198.18.0.3:51820")));
+    }
+
+    fn tcp_packet(sport: u16) -> Vec<u8> {
+        let mut p = vec![0u8; 40];
+        p[0] = 0x45;
+        p[9] = 6;
+        p[12..16].copy_from_slice(&[100, 64, 0, 1]);
+        p[16..20].copy_from_slice(&[100, 64, 9, 9]);
+        p[20..22].copy_from_slice(&sport.to_be_bytes());
+        p[22..24].copy_from_slice(&443u16.to_be_bytes());
+        p
+    }
+
+    #[test]
+    fn flows_spread_over_a_peer_and_its_live_equivalents() {
+        let mut peers = Peers::new(Some(Key([7; 32])), 5);
+        let gw = |seed: u8, shared: &[&str], fallback: &[u8], ep: Option<&str>| PeerConfig {
+            endpoint: ep.map(endpoint),
+            fallback: fallback.iter().map(|i| Key([*i; 32])).collect(),
+            shared_routes: shared.iter().map(|s| net(s)).collect(),
+            ..cfg(seed, &[&format!("100.64.0.{seed}/32")], None)
+        };
+        peers.upsert(gw(1, &["100.64.9.0/24"], &[2, 3], Some("198.18.0.1:51820")));
+        peers.upsert(gw(2, &[], &[1, 3], Some("198.18.0.2:51820")));
+        // Peer 3 has no endpoint and no session: it cannot carry anything.
+        peers.upsert(gw(3, &[], &[1, 2], None));
+        let slot = |i: u8| peers.slot_of(&Key([i; 32])).expect("peer");
+        let dst = ip("100.64.9.9");
+        let routed = peers.route(dst).expect("route");
+        assert_eq!(routed, slot(1));
+        let mut carried = BTreeMap::new();
+        for sport in 0..600u16 {
+            let pkt = tcp_packet(40_000 + sport);
+            let s = peers.spread(routed, dst, &pkt);
+            assert_eq!(s, peers.spread(routed, dst, &pkt), "one flow, one peer");
+            *carried.entry(s).or_insert(0) += 1;
+        }
+        assert!(
+            !carried.contains_key(&slot(3)),
+            "no endpoint, no flows: {carried:?}"
+        );
+        assert!(
+            carried[&slot(1)] > 150 && carried[&slot(2)] > 150,
+            "{carried:?}"
+        );
+        // The gateway's own address is not shared: always to it.
+        let own = ip("100.64.0.1");
+        assert_eq!(peers.route(own), Some(slot(1)));
+        assert!((0..50).all(|s| peers.spread(slot(1), own, &tcp_packet(s)) == slot(1)));
+        // Without equivalents every flow stays on the routed peer.
+        peers.upsert(gw(1, &["100.64.9.0/24"], &[], Some("198.18.0.1:51820")));
+        assert!((0..50).all(|s| peers.spread(routed, dst, &tcp_packet(s)) == routed));
     }
 
     #[test]
