@@ -1,5 +1,5 @@
-//! Network policy through site gateways: a gateway forwards, the
-//! destination judges.
+//! Through site gateways: a gateway forwards, the destination judges
+//! (policy), and workloads behind plain members are reachable.
 //!
 //! Sites a (a1 gateway, a2 `role=web`) and b (b1 and b2 gateways, b3; all
 //! three `role=db`, so the gateways share b3's policy identity). The
@@ -13,6 +13,10 @@
 //!   default-denied there.
 //! - The b gateways count the relayed packets as `forwarded` and drop
 //!   nothing.
+//!
+//! `gateway_workloads`: a workload prefix behind a plain member of site b
+//! is reached from site a through both sites' gateways (route trace to the
+//! workload address, the gateways' TUN counters, TCP and ping).
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
@@ -128,4 +132,58 @@ fn gateway_policy() {
         assert_eq!(dropped, 0, "gateway {g} must not judge what it forwards");
     }
     assert_eq!(drops(&lab, "a1"), 0, "a1 governs nothing and drops nothing");
+}
+
+/// Workload prefixes behind a plain member, reached through both sites'
+/// gateways: a2 -> a1 -> b1 -> b2 -> the workload, and back.
+#[test]
+fn gateway_workloads() {
+    if weft_tests::skip_unless_root("gateway_workloads") {
+        return;
+    }
+    let mut lab = Lab::builder()
+        .site_nodes(&[("a", 2), ("b", 2)])
+        .ipv4_pool("100.64.0.0/16")
+        .build();
+    lab.weftctl_ok(&[
+        "topology",
+        "set",
+        "--mode",
+        "gateways",
+        "--gateway",
+        "a1",
+        "--gateway",
+        "b1",
+    ]);
+    let want: BTreeSet<String> = ["a1".to_owned()].into();
+    lab.wait_until(
+        Duration::from_secs(15),
+        "a2 to peer with its site's gateway only",
+        || lab.wg_peer_names("a2") == want,
+    );
+    let wl = lab.add_workload("b2", "pg", &[("100.100.2.1/24", "100.100.2.10/24")]);
+    let _listener = listen(&lab, &wl, &[("-4", 5432)]);
+    lab.weftctl_ok(&["node", "advertise", "b2", "100.100.2.0/24"]);
+    let workload: IpAddr = "100.100.2.10".parse().expect("valid");
+    lab.wait_until(
+        Duration::from_secs(20),
+        "a2 -> the workload behind b2 (TCP 5432) through the gateways",
+        || connects(&lab, "a2", workload, 5432, Duration::from_secs(2)),
+    );
+    let trace = lab.weftctl_ok(&["route", "trace", "a2", "100.100.2.10"]);
+    eprintln!("route trace a2 100.100.2.10:\n{trace}");
+    assert!(
+        trace.starts_with("a2 (a) -> a1 (a, gateway) -> b1 (b, gateway) -> b2 (b)"),
+        "the workload is reached through both gateways:\n{trace}"
+    );
+    let count = |node: &str| lab.tun_packets(node).0;
+    let (a1_before, b1_before) = (count("a1"), count("b1"));
+    let r = lab.ping("a2", workload, 10);
+    assert_eq!(r.received, 10, "a2 -> workload: {r:?}");
+    let (a1_rx, b1_rx) = (count("a1") - a1_before, count("b1") - b1_before);
+    eprintln!("10 pings a2 -> workload: a1 TUN rx +{a1_rx}, b1 TUN rx +{b1_rx}");
+    assert!(
+        a1_rx >= 20 && b1_rx >= 20,
+        "both gateways forward the requests and the replies: a1 rx +{a1_rx}, b1 rx +{b1_rx}"
+    );
 }
