@@ -133,10 +133,11 @@ fn bench(c: &mut Criterion) {
     let one = fabric.config(&plain).expect("member");
     let config_bytes = LIVE.load(Ordering::Relaxed) - before;
     let routes: usize = one.peers.values().map(|p| p.routes.len()).sum();
+    let shared: usize = one.peers.values().map(|p| p.shared.len()).sum();
     println!(
         "topology memory: {fabric_bytes} bytes for {nodes} nodes in {SITES} sites = {} bytes/node \
-         (member specs included); one plain member's materialised config: {} peers, {routes} routes, \
-         {config_bytes} bytes",
+         (member specs included); one plain member's materialised config: {} peers, {routes} routes \
+         and {shared} shared routes, {config_bytes} bytes",
         fabric_bytes / nodes,
         one.peers.len(),
     );
