@@ -62,8 +62,10 @@ pub fn pick(hash: u64, n: usize) -> usize {
     ((u128::from(hash) * n as u128) >> 64) as usize
 }
 
-/// splitmix64's finaliser.
-fn mix(mut z: u64) -> u64 {
+/// splitmix64's finaliser: a cheap, well-spread 64-bit mix (also the
+/// controller's rendezvous hashing).
+#[must_use]
+pub fn mix(mut z: u64) -> u64 {
     z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);

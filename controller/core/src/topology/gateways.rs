@@ -10,6 +10,7 @@
 //! others stay where they were.
 
 use weft_dataplane_core::Key;
+use weft_dataplane_core::flow::mix;
 
 /// A stable 64-bit digest of a public key.
 pub fn key_hash(key: &Key) -> u64 {
@@ -37,14 +38,6 @@ pub fn pick(destination: u64, gateways: impl IntoIterator<Item = u64>) -> Option
         }
     }
     best.map(|(i, _)| i)
-}
-
-/// splitmix64's finaliser.
-fn mix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
 }
 
 #[cfg(test)]
