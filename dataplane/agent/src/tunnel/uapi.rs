@@ -260,8 +260,14 @@ pub(crate) async fn bind(dir: &Path, ifname: &str) -> anyhow::Result<(UnixListen
                 path.display()
             );
         }
-        std::fs::remove_file(&path)
-            .with_context(|| format!("removing stale UAPI socket {}", path.display()))?;
+        // Gone already (another cleanup got there first) is as good.
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e)
+                    .with_context(|| format!("removing stale UAPI socket {}", path.display()));
+            }
+            _ => {}
+        }
     }
     let listener = UnixListener::bind(&path)
         .with_context(|| format!("binding UAPI socket {}", path.display()))?;
