@@ -48,6 +48,22 @@ fn verdict(lab: &Lab, node: &str, verdict: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Gateway mode with these gateways (a1 the only one of site a); waits
+/// until the plain member a2 peers with a1 alone.
+fn gateway_mode(lab: &Lab, gateways: &[&str]) {
+    let mut args = vec!["topology", "set", "--mode", "gateways"];
+    for g in gateways {
+        args.extend(["--gateway", g]);
+    }
+    lab.weftctl_ok(&args);
+    let want: BTreeSet<String> = ["a1".to_owned()].into();
+    lab.wait_until(
+        Duration::from_secs(15),
+        "a2 to peer with its site's gateway only",
+        || lab.wg_peer_names("a2") == want,
+    );
+}
+
 fn drops(lab: &Lab, node: &str) -> u64 {
     verdict(lab, node, "denied") + verdict(lab, node, "default_denied")
 }
@@ -58,24 +74,7 @@ fn gateway_policy() {
         return;
     }
     let lab = Lab::builder().site_nodes(&[("a", 2), ("b", 3)]).build();
-    lab.weftctl_ok(&[
-        "topology",
-        "set",
-        "--mode",
-        "gateways",
-        "--gateway",
-        "a1",
-        "--gateway",
-        "b1",
-        "--gateway",
-        "b2",
-    ]);
-    let want: BTreeSet<String> = ["a1".to_owned()].into();
-    lab.wait_until(
-        Duration::from_secs(15),
-        "a2 to peer with its site's gateway only",
-        || lab.wg_peer_names("a2") == want,
-    );
+    gateway_mode(&lab, &["a1", "b1", "b2"]);
     for n in ["b1", "b2", "b3"] {
         lab.weftctl_ok(&["node", "label", n, "role=db"]);
     }
@@ -145,22 +144,7 @@ fn gateway_workloads() {
         .site_nodes(&[("a", 2), ("b", 2)])
         .ipv4_pool("100.64.0.0/16")
         .build();
-    lab.weftctl_ok(&[
-        "topology",
-        "set",
-        "--mode",
-        "gateways",
-        "--gateway",
-        "a1",
-        "--gateway",
-        "b1",
-    ]);
-    let want: BTreeSet<String> = ["a1".to_owned()].into();
-    lab.wait_until(
-        Duration::from_secs(15),
-        "a2 to peer with its site's gateway only",
-        || lab.wg_peer_names("a2") == want,
-    );
+    gateway_mode(&lab, &["a1", "b1"]);
     let wl = lab.add_workload("b2", "pg", &[("100.100.2.1/24", "100.100.2.10/24")]);
     let _listener = listen(&lab, &wl, &[("-4", 5432)]);
     lab.weftctl_ok(&["node", "advertise", "b2", "100.100.2.0/24"]);
