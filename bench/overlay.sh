@@ -14,6 +14,9 @@
 #                    boringtun-t1  boringtun-cli --threads 1
 #                    wireguard-go  wireguard-go
 #                    not measured unless asked for:
+#                    weft-linger   `weft-agent wg IF --busy-poll=20ms`:
+#                                  polls while packets come and for 20 ms
+#                                  after the last, sleeps when idle
 #                    weft-spin     `weft-agent wg IF --busy-poll`: never
 #                                  sleeps (a CPU per end, idle or not)
 #                    null-relay       `weft bench null-relay`: no crypto, one
@@ -40,7 +43,9 @@
 # Columns: TCP throughput (iperf3, receiver side, Gbit/s) with 1 and P
 # streams; RTT p50/p99 of pings over the overlay (and, in the first row,
 # over the bare veth); CPU seconds the two tunnel processes spent (utime +
-# stime from /proc, both ends together) per GB delivered, over the TCP runs.
+# stime from /proc, both ends together) per GB delivered, over the TCP runs;
+# CPU of both tunnel processes over 2 s without traffic, 0.5 s after the
+# pings, in % of one CPU.
 # The × after Weft's throughput is against the best of the other WireGuard
 # implementations in the same run (null relays excluded).
 #
@@ -128,7 +133,7 @@ nsx() { local ns=$1; shift; ip netns exec "$ns" "$@"; }
 # ---------------------------------------------------------------- binaries
 bin_for() {
   case "$1" in
-    weft|weft-spin)
+    weft|weft-linger|weft-spin)
       if [ -n "${WEFT_AGENT_BIN:-}" ]; then echo "$WEFT_AGENT_BIN"; return; fi
       local target=${CARGO_TARGET_DIR:-$ROOT/target}
       log "building weft-agent (release)"
@@ -200,6 +205,7 @@ iperf() {
   echo "$(jq -r '.end.sum_received.bits_per_second / 1e9' "$j") $(jq -r '.end.sum_received.bytes' "$j") $((c1 - c0))"
 }
 
+is_weft() { case "$1" in weft|weft-linger|weft-spin) return 0 ;; *) return 1 ;; esac; }
 is_null_relay() { case "$1" in null-relay|null-relay-spin) return 0 ;; *) return 1 ;; esac; }
 
 start_daemon() { # impl ns ifname -> sets DAEMON_PID (no subshell: PIDS must see it)
@@ -207,6 +213,7 @@ start_daemon() { # impl ns ifname -> sets DAEMON_PID (no subshell: PIDS must see
   [ "$ns" = "$NS_A" ] || { me=$U_B; peer=$U_A; }
   case "$impl" in
     weft) ip netns exec "$ns" env RUST_LOG=warn "${BIN[$impl]}" wg "$ifn" >"$lf" 2>&1 & ;;
+    weft-linger) ip netns exec "$ns" env RUST_LOG=warn "${BIN[$impl]}" wg --busy-poll=20ms "$ifn" >"$lf" 2>&1 & ;;
     weft-spin) ip netns exec "$ns" env RUST_LOG=warn "${BIN[$impl]}" wg --busy-poll "$ifn" >"$lf" 2>&1 & ;;
     boringtun) ip netns exec "$ns" "${BIN[$impl]}" --foreground --disable-drop-privileges --verbosity error "$ifn" >"$lf" 2>&1 & ;;
     boringtun-t1) ip netns exec "$ns" "${BIN[$impl]}" --foreground --disable-drop-privileges --threads 1 --verbosity error "$ifn" >"$lf" 2>&1 & ;;
@@ -294,10 +301,14 @@ for impl in "${IMPL_LIST[@]}"; do
     log "perf reports in $PERF_DIR"
   fi
   read -r p50 p99 < <(rtt "$NS_A" "$O_B")
+  # CPU of an idle tunnel: after the pings, past any polling linger time.
+  sleep 0.5
+  c0=$(cpu_ticks "$pa" "$pb"); sleep 2; c1=$(cpu_ticks "$pa" "$pb")
+  idle=$(awk -v t=$((c1 - c0)) -v hz="$HZ" 'BEGIN{ printf "%.0f", 100 * t / hz / 2 }')
   gb1=$(median "${g1[@]}"); gb4=$(median "${g4[@]}")
   cpu=$(awk -v t="$ticks" -v hz="$HZ" -v b="$bytes" 'BEGIN{ if (b > 0) printf "%.2f", (t / hz) / (b / 1e9); else print "-" }')
-  log "$impl: 1 stream $gb1 Gbit/s, $STREAMS streams $gb4 Gbit/s, RTT p50/p99 $p50/$p99 ms, $cpu CPU s/GB"
-  ROWS+=("$impl|$gb1|$gb4|$p50|$p99|$cpu")
+  log "$impl: 1 stream $gb1 Gbit/s, $STREAMS streams $gb4 Gbit/s, RTT p50/p99 $p50/$p99 ms, $cpu CPU s/GB, idle CPU $idle %"
+  ROWS+=("$impl|$gb1|$gb4|$p50|$p99|$cpu|$idle")
 
   stop_all
   ip -n "$NS_A" link del "$IF_A" 2>/dev/null || true
@@ -307,30 +318,31 @@ done
 
 # ---------------------------------------------------------------- table
 read -r ul50 ul99 <<<"$UL_RTT"
-best=$(for r in "${ROWS[@]}"; do IFS='|' read -r i g1 _ _ _ _ <<<"$r"; [ "$i" = weft ] || [ "$i" = weft-spin ] || is_null_relay "$i" || echo "$g1"; done | sort -g | tail -n1)
-best4=$(for r in "${ROWS[@]}"; do IFS='|' read -r i _ g4 _ _ _ <<<"$r"; [ "$i" = weft ] || [ "$i" = weft-spin ] || is_null_relay "$i" || echo "$g4"; done | sort -g | tail -n1)
+best=$(for r in "${ROWS[@]}"; do IFS='|' read -r i g1 _ _ _ _ _ <<<"$r"; is_weft "$i" || is_null_relay "$i" || echo "$g1"; done | sort -g | tail -n1)
+best4=$(for r in "${ROWS[@]}"; do IFS='|' read -r i _ g4 _ _ _ _ <<<"$r"; is_weft "$i" || is_null_relay "$i" || echo "$g4"; done | sort -g | tail -n1)
 echo
 echo "$(date -u +%Y-%m-%d), $(nproc) vCPU, kernel $(uname -r), overlay MTU $MTU, iperf3 ${DURATION} s × $RUNS run(s) per test (median), $PINGS pings"
 echo
-echo "| implementation | TCP 1 stream Gbit/s | TCP $STREAMS streams Gbit/s | RTT p50 ms | RTT p99 ms | CPU s/GB (both ends) |"
-echo "|---|---|---|---|---|---|"
-printf '| underlay (veth, no tunnel) | %.2f | %.2f | %s | %s | – |\n' "$UL_G1" "$UL_G4" "$ul50" "$ul99"
+echo "| implementation | TCP 1 stream Gbit/s | TCP $STREAMS streams Gbit/s | RTT p50 ms | RTT p99 ms | CPU s/GB (both ends) | idle CPU % (both ends) |"
+echo "|---|---|---|---|---|---|---|"
+printf '| underlay (veth, no tunnel) | %.2f | %.2f | %s | %s | – | – |\n' "$UL_G1" "$UL_G4" "$ul50" "$ul99"
 for r in "${ROWS[@]}"; do
-  IFS='|' read -r i g1 g4 p50 p99 cpu <<<"$r"
+  IFS='|' read -r i g1 g4 p50 p99 cpu idle <<<"$r"
   name=$i
   case "$i" in
     weft) name="weft-agent wg" ;;
+    weft-linger) name="weft-agent wg --busy-poll=20ms" ;;
     weft-spin) name="weft-agent wg --busy-poll" ;;
     boringtun) name="boringtun-cli (default threads)" ;;
     boringtun-t1) name="boringtun-cli --threads 1" ;;
     null-relay) name="null relay (no crypto, poll(2))" ;;
     null-relay-spin) name="null relay (no crypto, busy poll)" ;;
   esac
-  if { [ "$i" = weft ] || [ "$i" = weft-spin ]; } && [ -n "$best" ]; then
+  if is_weft "$i" && [ -n "$best" ]; then
     g1=$(awk -v a="$g1" -v b="$best" 'BEGIN{ printf "%.2f (%.1f×)", a, (b > 0 ? a / b : 0) }')
     g4=$(awk -v a="$g4" -v b="$best4" 'BEGIN{ printf "%.2f (%.1f×)", a, (b > 0 ? a / b : 0) }')
   else
     g1=$(printf '%.2f' "$g1"); g4=$(printf '%.2f' "$g4")
   fi
-  echo "| $name | $g1 | $g4 | $p50 | $p99 | $cpu |"
+  echo "| $name | $g1 | $g4 | $p50 | $p99 | $cpu | $idle |"
 done

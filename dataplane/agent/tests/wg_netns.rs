@@ -348,6 +348,36 @@ impl Lab {
         assert!(num(5) > 0 && num(6) > 0, "no transfer reported: {f:?}");
     }
 
+    /// CPU each daemon used over `window`, in % of one CPU (utime + stime
+    /// of all its threads, from /proc).
+    fn daemons_cpu_percent(&self, window: Duration) -> Vec<f64> {
+        let ticks = |pid: u32| -> u64 {
+            let stat = fs::read_to_string(format!("/proc/{pid}/stat"))
+                .unwrap_or_else(|e| panic!("daemon {pid} gone: {e}"));
+            // Fields after the command name: state is field 3, utime 14,
+            // stime 15 (1-based), so 11 and 12 here.
+            let rest = &stat[stat.rfind(')').expect("stat format") + 2..];
+            let f: Vec<u64> = rest
+                .split_whitespace()
+                .map(|v| v.parse().unwrap_or(0))
+                .collect();
+            f[11] + f[12]
+        };
+        let hz: f64 = run(&["getconf", "CLK_TCK"])
+            .trim()
+            .parse()
+            .expect("CLK_TCK");
+        let pids: Vec<u32> = self.daemons.iter().map(|(c, _)| c.id()).collect();
+        let before: Vec<u64> = pids.iter().map(|p| ticks(*p)).collect();
+        let start = Instant::now();
+        sleep(window);
+        let secs = start.elapsed().as_secs_f64();
+        pids.iter()
+            .zip(before)
+            .map(|(p, b)| 100.0 * (ticks(*p) - b) as f64 / hz / secs)
+            .collect()
+    }
+
     /// Sends SIGTERM to every daemon we started and checks it exits 0 and
     /// removes its UAPI socket.
     fn stop_all_cleanly(&mut self) {
@@ -507,6 +537,77 @@ fn busy_polling_tunnels_carry_traffic_and_stop_cleanly() {
         Duration::from_secs(5),
         || rx(&lab) > before,
     );
+    // It polls even when idle (a keepalive a second is all the traffic).
+    let cpu = lab.daemons_cpu_percent(Duration::from_secs(1));
+    assert!(
+        cpu.iter().all(|p| *p > 40.0),
+        "an always-polling tunnel should keep a CPU busy: {cpu:?} %"
+    );
+    lab.stop_all_cleanly();
+}
+
+/// `--busy-poll=LINGER`: the loop polls while packets keep coming (a ping
+/// train 10 ms apart, inside the 50 ms linger time) and sleeps once they
+/// stop, so an idle tunnel costs no CPU.
+#[test]
+fn lingering_poll_spins_while_packets_flow_and_sleeps_when_idle() {
+    if !is_root() {
+        eprintln!("skipped: needs root and /dev/net/tun");
+        return;
+    }
+    let mut lab = Lab::new("l");
+    lab.spawn(
+        'a',
+        &[AGENT, "wg", "--busy-poll=50ms", &lab.a.ifname.clone()],
+    );
+    lab.spawn(
+        'b',
+        &[AGENT, "wg", "--busy-poll=50ms", &lab.b.ifname.clone()],
+    );
+    lab.configure('a');
+    lab.configure('b');
+    lab.wait_ping('a', "100.64.0.2");
+    lab.wait_ping('b', "fd00::1");
+    lab.assert_handshake_and_transfer('a');
+    lab.assert_handshake_and_transfer('b');
+    let idle_check = |lab: &Lab, when: &str| {
+        sleep(Duration::from_millis(200));
+        let cpu = lab.daemons_cpu_percent(Duration::from_secs(1));
+        assert!(
+            cpu.iter().all(|p| *p < 10.0),
+            "{when}: an idle tunnel should sleep: {cpu:?} % CPU"
+        );
+    };
+    idle_check(&lab, "after the first pings");
+    let mut train = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &lab.a.ns,
+            "ping",
+            "-n",
+            "-q",
+            "-i",
+            "0.01",
+            "-c",
+            "200",
+            "-W",
+            "1",
+            "100.64.0.2",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starting ping");
+    sleep(Duration::from_millis(300));
+    let cpu = lab.daemons_cpu_percent(Duration::from_secs(1));
+    let status = train.wait().expect("waiting for ping");
+    assert!(status.success(), "the ping train lost every reply");
+    assert!(
+        cpu.iter().all(|p| *p > 40.0),
+        "both ends should poll between pings 10 ms apart: {cpu:?} % CPU"
+    );
+    idle_check(&lab, "after the ping train");
     lab.stop_all_cleanly();
 }
 

@@ -1,6 +1,8 @@
 //! The tunnel task: one `tokio::select!` over the TUN device, the UDP
-//! socket, a timer tick and the command channel. It owns all state, so the
-//! packet path takes no locks; buffers are allocated once.
+//! socket, a timer and the command channel, and, when asked to, a loop
+//! that polls the TUN device and the socket instead of sleeping (see
+//! [`Engine::run`]). It owns all state, so the packet path takes no locks;
+//! buffers are allocated once.
 //!
 //! Outbound, each wake-up reads TUN packets (TCP super-segments of up to
 //! 64 KB with offload), cuts them into MTU-sized segments, encrypts them
@@ -16,10 +18,10 @@ use std::time::Duration;
 use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 use weft_dataplane_core::Key;
 use weft_dataplane_core::plan::PeerAction;
 
-use super::Command;
 use super::offload::{
     Coalescer, F_NEEDS_CSUM, GSO_NONE, TsoPlan, VNET_HDR_LEN, VnetHdr, complete_checksum,
 };
@@ -28,6 +30,7 @@ use super::tun::Tun;
 use super::uapi::{self, Request, SetRequest};
 pub(crate) use super::udp::Udp;
 use super::udp::{RecvBatch, SendBatch};
+use super::{Command, Polling};
 
 /// Timer resolution of boringtun's `update_timers` is a second; 250 ms
 /// keeps handshake retries and keepalives punctual enough.
@@ -57,13 +60,15 @@ pub(crate) struct Engine {
     rx: RecvBatch,
     tx: SendBatch,
     gro: Coalescer,
-    /// Never sleep: poll the TUN device and the socket in a loop (see
-    /// [`Engine::run_busy`]).
-    busy_poll: bool,
+    /// When to poll instead of sleeping (see [`Engine::run`]).
+    polling: Polling,
+    /// Polling now: read with system calls, not through the runtime's
+    /// readiness.
+    spinning: bool,
 }
 
 impl Engine {
-    pub(crate) fn new(tun: Tun, udp: Udp, private_key: Option<Key>, busy_poll: bool) -> Self {
+    pub(crate) fn new(tun: Tun, udp: Udp, private_key: Option<Key>, polling: Polling) -> Self {
         Engine {
             tun,
             udp,
@@ -75,26 +80,49 @@ impl Engine {
             rx: RecvBatch::default(),
             tx: SendBatch::default(),
             gro: Coalescer::default(),
-            busy_poll,
+            polling,
+            spinning: false,
         }
     }
 
     /// Runs until shutdown, the command channel closes, or the TUN device
     /// fails.
-    pub(crate) async fn run(self, commands: mpsc::Receiver<Command>) {
-        if self.busy_poll {
-            self.run_busy(commands).await;
-        } else {
-            self.run_sleeping(commands).await;
+    ///
+    /// The loop sleeps until the TUN device, the socket, a command or the
+    /// timer wakes it, unless [`Polling`] says to poll: then, after a
+    /// wake-up that moved packets (from the start with
+    /// [`Polling::Always`]), it reads the TUN device and the socket with
+    /// system calls in turn, so the next packet is picked up without a
+    /// process wake-up. When both are empty it yields to the runtime's
+    /// other tasks and to the kernel's scheduler (`sched_yield`), so
+    /// whatever shares the CPU keeps running, and checks commands and
+    /// timers. With [`Polling::Linger`] it goes back to sleeping once no
+    /// packet came for the linger time.
+    pub(crate) async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
+        match self.polling {
+            Polling::Sleep => {}
+            Polling::Linger(linger) => {
+                tracing::info!(interface = %self.tun.name(), linger = ?linger, "busy polling while packets flow")
+            }
+            Polling::Always => {
+                tracing::info!(interface = %self.tun.name(), "busy polling: this tunnel keeps a CPU busy")
+            }
         }
-    }
-
-    /// The loop that sleeps until the TUN device, the socket, a command or
-    /// the timer wakes it.
-    async fn run_sleeping(mut self, mut commands: mpsc::Receiver<Command>) {
-        let mut tick = tokio::time::interval(TICK);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut next_tick = Instant::now() + TICK;
+        let timer = tokio::time::sleep_until(next_tick);
+        tokio::pin!(timer);
+        let mut poll_now = self.polling == Polling::Always;
         let done: Option<oneshot::Sender<()>> = loop {
+            if poll_now {
+                match self.poll(&mut commands, &mut next_tick).await {
+                    Ok(()) => {
+                        poll_now = false;
+                        timer.as_mut().reset(next_tick);
+                        continue;
+                    }
+                    Err(stop) => break stop,
+                }
+            }
             tokio::select! {
                 cmd = commands.recv() => match cmd {
                     None => break None,
@@ -102,16 +130,23 @@ impl Engine {
                     Some(cmd) => self.handle_command(cmd).await,
                 },
                 r = self.tun.readable() => {
-                    if let Err(e) = r.and(self.handle_tun().await.map(drop)) {
-                        tracing::error!(interface = %self.tun.name(), error = %e, "TUN device failed; stopping tunnel");
-                        break None;
+                    match r.and(self.handle_tun().await) {
+                        Ok(n) => poll_now = n > 0 && self.polling != Polling::Sleep,
+                        Err(e) => {
+                            tracing::error!(interface = %self.tun.name(), error = %e, "TUN device failed; stopping tunnel");
+                            break None;
+                        }
                     }
                 }
                 r = self.udp.readable() => match r {
-                    Ok(()) => { self.handle_udp().await; }
+                    Ok(()) => poll_now = self.handle_udp().await > 0 && self.polling != Polling::Sleep,
                     Err(e) => tracing::warn!(error = %e, "UDP socket poll failed"),
                 },
-                _ = tick.tick() => self.handle_timers().await,
+                () = &mut timer => {
+                    self.handle_timers().await;
+                    next_tick = following_tick(next_tick);
+                    timer.as_mut().reset(next_tick);
+                }
             }
         };
         tracing::info!(interface = %self.tun.name(), "tunnel stopped");
@@ -121,46 +156,53 @@ impl Engine {
         }
     }
 
-    /// The loop that never sleeps: it reads the TUN device and the socket
-    /// with system calls in turn, so a packet is picked up without a
-    /// process wake-up (the round trip loses about 0.1 ms of wake-ups on a
-    /// small VM). When both are empty it yields to the runtime's other
-    /// tasks and to the kernel's scheduler (`sched_yield`), so the agent
-    /// and whatever shares the CPU keep running; it still costs a CPU all
-    /// the time. Commands and timers are checked on every idle round.
-    async fn run_busy(mut self, mut commands: mpsc::Receiver<Command>) {
-        tracing::info!(interface = %self.tun.name(), "busy polling: this tunnel keeps a CPU busy");
-        let mut next_tick = tokio::time::Instant::now() + TICK;
-        let done: Option<oneshot::Sender<()>> = loop {
+    /// Polls without sleeping until the linger time passes without a packet
+    /// (`Ok`; never with [`Polling::Always`]) or the tunnel must stop
+    /// (`Err`, with the shutdown's reply if it was asked for).
+    async fn poll(
+        &mut self,
+        commands: &mut mpsc::Receiver<Command>,
+        next_tick: &mut Instant,
+    ) -> Result<(), Option<oneshot::Sender<()>>> {
+        let linger = match self.polling {
+            Polling::Linger(linger) => Some(linger),
+            Polling::Always => None,
+            Polling::Sleep => return Ok(()),
+        };
+        self.spinning = true;
+        let mut last_packet = Instant::now();
+        let stop = loop {
             let tun = match self.handle_tun().await {
                 Ok(n) => n,
                 Err(e) => {
                     tracing::error!(interface = %self.tun.name(), error = %e, "TUN device failed; stopping tunnel");
-                    break None;
+                    break Err(None);
                 }
             };
             let udp = self.handle_udp().await;
+            let now = Instant::now();
             if tun + udp > 0 {
+                last_packet = now;
                 continue;
             }
             match commands.try_recv() {
-                Ok(Command::Shutdown(done)) => break Some(done),
+                Ok(Command::Shutdown(done)) => break Err(Some(done)),
                 Ok(cmd) => self.handle_command(cmd).await,
-                Err(mpsc::error::TryRecvError::Disconnected) => break None,
+                Err(mpsc::error::TryRecvError::Disconnected) => break Err(None),
                 Err(mpsc::error::TryRecvError::Empty) => {}
             }
-            if tokio::time::Instant::now() >= next_tick {
+            if now >= *next_tick {
                 self.handle_timers().await;
-                next_tick += TICK;
+                *next_tick = following_tick(*next_tick);
+            }
+            if linger.is_some_and(|l| now.duration_since(last_packet) >= l) {
+                break Ok(());
             }
             tokio::task::yield_now().await;
             std::thread::yield_now();
         };
-        tracing::info!(interface = %self.tun.name(), "tunnel stopped");
-        drop(self);
-        if let Some(done) = done {
-            let _ = done.send(());
-        }
+        self.spinning = false;
+        stop
     }
 
     async fn handle_command(&mut self, cmd: Command) {
@@ -276,7 +318,7 @@ impl Engine {
     async fn handle_tun(&mut self) -> io::Result<usize> {
         let mut read = 0;
         for _ in 0..TUN_BATCH {
-            let r = if self.busy_poll {
+            let r = if self.spinning {
                 self.tun.read_now(&mut self.tun_buf)
             } else {
                 self.tun.try_read(&mut self.tun_buf)
@@ -370,7 +412,7 @@ impl Engine {
     async fn handle_udp(&mut self) -> usize {
         let mut calls = 0;
         for _ in 0..UDP_BATCH {
-            let r = if self.busy_poll {
+            let r = if self.spinning {
                 self.udp.recv_now(&mut self.rx)
             } else {
                 self.udp.try_recv(&mut self.rx)
@@ -564,6 +606,14 @@ async fn decrypt_datagram(
             peer.endpoint = Some(from);
         }
     }
+}
+
+/// The timer's next deadline after `tick`: one period later, or one period
+/// from now if the loop fell behind (ticks are not made up).
+fn following_tick(tick: Instant) -> Instant {
+    let next = tick + TICK;
+    let now = Instant::now();
+    if next > now { next } else { now + TICK }
 }
 
 /// Writes the coalesced packets to the TUN device, in order.

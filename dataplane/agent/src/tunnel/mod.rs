@@ -32,7 +32,7 @@ mod udp;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
 use ipnet::IpNet;
@@ -56,8 +56,65 @@ pub(crate) struct TunnelSettings {
     pub(crate) mtu: u16,
     /// Directory of the UAPI socket `<uapi_dir>/<ifname>.sock`.
     pub(crate) uapi_dir: PathBuf,
-    /// Poll without sleeping (lower latency, a CPU always busy).
-    pub(crate) busy_poll: bool,
+    /// When the tunnel loop polls instead of sleeping.
+    pub(crate) polling: Polling,
+}
+
+/// When the tunnel loop polls the TUN device and the UDP socket with system
+/// calls in a loop instead of sleeping until one is readable. A sleeping
+/// loop is woken by the kernel for each packet that arrives after a quiet
+/// spell, which costs tens of microseconds per wake-up on a small VM (a
+/// round trip over the tunnel has four); a polling loop sees the packet at
+/// once but keeps a CPU busy while it polls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) enum Polling {
+    /// Sleep whenever there is nothing to read (the default).
+    #[default]
+    Sleep,
+    /// Poll while packets keep coming, and for this long after the last
+    /// one; then sleep until the next. An idle tunnel costs no CPU.
+    Linger(Duration),
+    /// Never sleep: a CPU stays busy even when the tunnel is idle.
+    Always,
+}
+
+impl Polling {
+    /// Parses the value of `--busy-poll`: `always` (also `on`, `true`, `1`),
+    /// `off` (also `false`, `0`), or a linger time with a unit: `500us`,
+    /// `20ms`, `1s`.
+    pub(crate) fn parse(s: &str) -> Result<Polling, String> {
+        let v = s.trim().to_ascii_lowercase();
+        match v.as_str() {
+            "always" | "on" | "true" | "yes" | "1" => return Ok(Polling::Always),
+            "off" | "false" | "no" | "0" => return Ok(Polling::Sleep),
+            _ => {}
+        }
+        let bad = |why: &str| {
+            format!(
+                "invalid busy-poll setting {s:?}: {why} (use always, off, or a linger time such as 500us, 20ms or 1s)"
+            )
+        };
+        let digits = v.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 {
+            return Err(bad("expected always, off or a number"));
+        }
+        let (number, unit) = v.split_at(digits);
+        let n: u64 = number.parse().map_err(|_| bad("number too large"))?;
+        let linger = match unit {
+            "us" => Duration::from_micros(n),
+            "ms" => Duration::from_millis(n),
+            "s" => Duration::from_secs(n),
+            "" => return Err(bad("missing unit after the number (us, ms or s)")),
+            u => return Err(bad(&format!("unknown unit {u:?}, expected us, ms or s"))),
+        };
+        if linger.is_zero() {
+            return Ok(Polling::Sleep);
+        }
+        if linger > Duration::from_secs(60) {
+            return Err(bad("longer than 60s: use always"));
+        }
+        Ok(Polling::Linger(linger))
+    }
 }
 
 /// What the tunnel knows about one peer.
@@ -116,7 +173,7 @@ pub(crate) async fn start(settings: TunnelSettings) -> anyhow::Result<TunnelHand
         "tunnel up"
     );
     let (tx, rx) = mpsc::channel(64);
-    let engine = eventloop::Engine::new(tun, udp, settings.private_key, settings.busy_poll);
+    let engine = eventloop::Engine::new(tun, udp, settings.private_key, settings.polling);
     tokio::spawn(engine.run(rx));
     tokio::spawn(uapi::serve(listener, tx.clone()));
     guard.disarm();
@@ -191,6 +248,42 @@ impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
         if let Some(p) = self.0.take() {
             let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn busy_poll_settings_parse() {
+        assert_eq!(Polling::parse("always"), Ok(Polling::Always));
+        assert_eq!(Polling::parse("TRUE"), Ok(Polling::Always));
+        assert_eq!(Polling::parse("off"), Ok(Polling::Sleep));
+        assert_eq!(Polling::parse("0ms"), Ok(Polling::Sleep));
+        assert_eq!(
+            Polling::parse("500us"),
+            Ok(Polling::Linger(Duration::from_micros(500)))
+        );
+        assert_eq!(
+            Polling::parse(" 20ms "),
+            Ok(Polling::Linger(Duration::from_millis(20)))
+        );
+        assert_eq!(
+            Polling::parse("2s"),
+            Ok(Polling::Linger(Duration::from_secs(2)))
+        );
+        for (bad, why) in [
+            ("", "expected always"),
+            ("20", "missing unit"),
+            ("20m", "unknown unit"),
+            ("fast", "expected always"),
+            ("61s", "longer than 60s"),
+            ("99999999999999999999ms", "too large"),
+        ] {
+            let e = Polling::parse(bad).expect_err(bad);
+            assert!(e.contains(why), "{bad:?}: {e}");
         }
     }
 }
