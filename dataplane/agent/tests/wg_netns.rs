@@ -611,6 +611,72 @@ fn lingering_poll_spins_while_packets_flow_and_sleeps_when_idle() {
     lab.stop_all_cleanly();
 }
 
+/// `wg set IF fwmark M` marks the tunnel's own UDP packets (SO_MARK), for
+/// policy routing; `fwmark 0` removes the mark. An nftables rule in a's
+/// namespace counts marked WireGuard datagrams.
+#[test]
+fn fwmark_marks_the_tunnels_packets() {
+    if !is_root() {
+        eprintln!("skipped: needs root and /dev/net/tun");
+        return;
+    }
+    let mut lab = Lab::new("m");
+    lab.spawn('a', &[AGENT, "wg", &lab.a.ifname.clone()]);
+    lab.spawn('b', &[AGENT, "wg", &lab.b.ifname.clone()]);
+    lab.configure('a');
+    lab.configure('b');
+    lab.wait_ping('a', "100.64.0.2");
+    let ns = lab.a.ns.clone();
+    let ifn = lab.a.ifname.clone();
+    run(&[
+        "ip", "netns", "exec", &ns, "nft", "add", "table", "inet", "weftmark",
+    ]);
+    run(&[
+        "ip",
+        "netns",
+        "exec",
+        &ns,
+        "nft",
+        "add",
+        "chain",
+        "inet",
+        "weftmark",
+        "out",
+        "{ type filter hook output priority 0 ; }",
+    ]);
+    run(&[
+        "ip", "netns", "exec", &ns, "nft", "add", "rule", "inet", "weftmark", "out", "meta",
+        "mark", "0x51", "udp", "dport", "51820", "counter",
+    ]);
+    let marked = || -> u64 {
+        let out = run(&[
+            "ip", "netns", "exec", &ns, "nft", "list", "chain", "inet", "weftmark", "out",
+        ]);
+        let at = out.find("packets ").expect("a counter in the chain");
+        out[at + 8..]
+            .split_whitespace()
+            .next()
+            .and_then(|n| n.parse().ok())
+            .expect("packet count")
+    };
+    assert!(lab.ping('a', "100.64.0.2", "2"));
+    assert_eq!(marked(), 0, "packets marked before any fwmark was set");
+    run(&[
+        "ip", "netns", "exec", &ns, "wg", "set", &ifn, "fwmark", "0x51",
+    ]);
+    assert_eq!(
+        run(&["ip", "netns", "exec", &ns, "wg", "show", &ifn, "fwmark"]),
+        "0x51"
+    );
+    assert!(lab.ping('a', "100.64.0.2", "3"));
+    let after = marked();
+    assert!(after >= 3, "{after} marked datagrams for 3 pings");
+    run(&["ip", "netns", "exec", &ns, "wg", "set", &ifn, "fwmark", "0"]);
+    assert!(lab.ping('a', "100.64.0.2", "3"));
+    assert_eq!(marked(), after, "packets still marked after fwmark 0");
+    lab.stop_all_cleanly();
+}
+
 #[test]
 fn weft_and_wireguard_go_interoperate() {
     if !is_root() {

@@ -296,18 +296,29 @@ impl Engine {
         }
     }
 
-    /// Binds a new listen port first (the only step that can fail), then
-    /// applies the rest: a failed request changes nothing. Returns the
-    /// peers whose persistent keepalive it turned on.
+    /// Binds a new listen port and sets the fwmark first (the only steps
+    /// that can fail), then applies the rest: a failed request changes
+    /// nothing. Returns the peers whose persistent keepalive it turned on.
     fn apply_set(&mut self, set: &SetRequest) -> io::Result<Vec<u32>> {
-        if let Some(port) = set.listen_port
-            && port != self.udp.port()
-        {
-            self.udp = Udp::bind(port)?;
+        let mark = set.fwmark.unwrap_or(self.fwmark);
+        let new_udp = match set.listen_port {
+            Some(port) if port != self.udp.port() => Some(Udp::bind(port)?),
+            _ => None,
+        };
+        // The mark (SO_MARK, for policy routing of the tunnel's own
+        // packets) goes on the socket that will carry the traffic.
+        match &new_udp {
+            Some(udp) if mark != 0 => udp.set_mark(mark)?,
+            Some(_) => {}
+            None if mark != self.fwmark => self.udp.set_mark(mark)?,
+            None => {}
+        }
+        if let Some(udp) = new_udp {
+            self.udp = udp;
             tracing::info!(listen_port = self.udp.port(), "listen port changed");
         }
-        if let Some(mark) = set.fwmark {
-            // Stored and reported only: we do not set SO_MARK yet.
+        if mark != self.fwmark {
+            tracing::info!(fwmark = mark, "fwmark changed");
             self.fwmark = mark;
         }
         Ok(self.peers.apply_set(set))

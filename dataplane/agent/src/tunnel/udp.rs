@@ -97,6 +97,12 @@ impl Udp {
         self.port
     }
 
+    /// Marks the packets the socket sends (SO_MARK; 0 removes the mark).
+    /// Needs CAP_NET_ADMIN.
+    pub(crate) fn set_mark(&self, mark: u32) -> io::Result<()> {
+        socket2::SockRef::from(&self.sock).set_mark(mark)
+    }
+
     /// Largest datagram [`SendBatch`] may put in a GSO message (0: none).
     pub(crate) fn gso_max(&self) -> usize {
         self.gso_max
