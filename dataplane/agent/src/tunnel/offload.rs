@@ -74,10 +74,64 @@ impl VnetHdr {
 
 // ------------------------------------------------------------ checksums
 
-/// Adds `data` to a ones'-complement sum (RFC 1071), 32 bits at a time
-/// into a 64-bit accumulator; [`fold`] reduces it. `data` must start at an
-/// even offset of the summed message.
-pub(crate) fn sum(data: &[u8], mut acc: u64) -> u64 {
+/// Bytes per round of the checksum loops: eight 32-bit words, one per
+/// accumulator, which the compiler turns into vector adds.
+const SUM_CHUNK: usize = 32;
+
+/// Adds `data` to a ones'-complement sum (RFC 1071) kept in a 64-bit
+/// accumulator; [`fold`] reduces it. `data` must start at an even offset
+/// of the summed message.
+pub(crate) fn sum(data: &[u8], acc: u64) -> u64 {
+    let mut lanes = [0u64; 8];
+    let mut chunks = data.chunks_exact(SUM_CHUNK);
+    for c in &mut chunks {
+        add_words(c, &mut lanes);
+    }
+    finish_sum(&lanes, acc, chunks.remainder())
+}
+
+/// Copies `src` into `dst` (of the same length) and adds `src` to a
+/// ones'-complement sum, in one pass over the data.
+pub(crate) fn copy_sum(dst: &mut [u8], src: &[u8], acc: u64) -> u64 {
+    let mut lanes = [0u64; 8];
+    let mut d = dst.chunks_exact_mut(SUM_CHUNK);
+    let mut s = src.chunks_exact(SUM_CHUNK);
+    for (dc, sc) in (&mut d).zip(&mut s) {
+        dc.copy_from_slice(sc);
+        add_words(sc, &mut lanes);
+    }
+    let rest = s.remainder();
+    d.into_remainder().copy_from_slice(rest);
+    finish_sum(&lanes, acc, rest)
+}
+
+/// Adds the eight 32-bit words of a [`SUM_CHUNK`], read in the host's
+/// byte order (no byte swaps), one to each accumulator.
+#[inline]
+fn add_words(chunk: &[u8], lanes: &mut [u64; 8]) {
+    for (k, lane) in lanes.iter_mut().enumerate() {
+        let w = [
+            chunk[4 * k],
+            chunk[4 * k + 1],
+            chunk[4 * k + 2],
+            chunk[4 * k + 3],
+        ];
+        *lane += u64::from(u32::from_ne_bytes(w));
+    }
+}
+
+/// Joins the accumulators of [`add_words`] to `acc` (a big-endian sum)
+/// and adds the tail. A ones'-complement sum of byte-swapped words is the
+/// byte-swapped sum (RFC 1071, section 2 B), so the folded host-order sum
+/// is swapped to big-endian once, at the end.
+fn finish_sum(lanes: &[u64; 8], acc: u64, tail: &[u8]) -> u64 {
+    // Each accumulator stays below 2^32 times the number of chunks.
+    let host: u64 = lanes.iter().sum();
+    sum_be(tail, acc + u64::from(u16::from_be(fold(host))))
+}
+
+/// [`sum`] for short data, 32 bits at a time in network byte order.
+fn sum_be(data: &[u8], mut acc: u64) -> u64 {
     let mut chunks = data.chunks_exact(8);
     for c in &mut chunks {
         let v = u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
@@ -96,22 +150,6 @@ pub(crate) fn sum(data: &[u8], mut acc: u64) -> u64 {
         acc += u64::from(b) << 8;
     }
     acc
-}
-
-/// Copies `src` into `dst` (of the same length) and adds `src` to a
-/// ones'-complement sum, in one pass over the data.
-pub(crate) fn copy_sum(dst: &mut [u8], src: &[u8], mut acc: u64) -> u64 {
-    let mut d = dst.chunks_exact_mut(8);
-    let mut s = src.chunks_exact(8);
-    for (dc, sc) in (&mut d).zip(&mut s) {
-        let bytes = [sc[0], sc[1], sc[2], sc[3], sc[4], sc[5], sc[6], sc[7]];
-        dc.copy_from_slice(&bytes);
-        let v = u64::from_be_bytes(bytes);
-        acc += (v >> 32) + (v & 0xffff_ffff);
-    }
-    let rest = s.remainder();
-    d.into_remainder().copy_from_slice(rest);
-    sum(rest, acc)
 }
 
 /// Folds a sum to 16 bits (not complemented).

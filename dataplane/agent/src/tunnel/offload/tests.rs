@@ -342,6 +342,20 @@ proptest! {
         prop_assert_eq!(!fold(sum(&data, 0)), reference_checksum(&[&data]));
     }
 
+    /// Sums chain: a running sum (in network order) plus the host-order
+    /// fast loop of the next part is the sum of both parts.
+    #[test]
+    fn sums_chain_across_parts(
+        prefix in prop::collection::vec(any::<u16>(), 0..100),
+        data in prop::collection::vec(any::<u8>(), 0..3000),
+    ) {
+        let prefix: Vec<u8> = prefix.iter().flat_map(|w| w.to_be_bytes()).collect();
+        let mut out = vec![0u8; data.len()];
+        let copied = copy_sum(&mut out, &data, sum(&prefix, 0));
+        prop_assert_eq!(!fold(sum(&data, sum(&prefix, 0))), reference_checksum(&[&prefix, &data]));
+        prop_assert_eq!(!fold(copied), reference_checksum(&[&prefix, &data]));
+    }
+
     #[test]
     fn copy_sum_copies_and_sums(data in prop::collection::vec(any::<u8>(), 0..3000)) {
         let mut out = vec![0u8; data.len()];
