@@ -9,14 +9,14 @@
 #
 #   --impls LIST     comma-separated, in this order of measurement
 #                    [weft,boringtun,boringtun-t1,wireguard-go]
-#                    weft          `weft-agent wg IF` (built in release if needed)
+#                    weft          `weft-agent wg IF` (built in release if needed;
+#                                  polls 200 µs after each packet, its default)
 #                    boringtun     boringtun-cli, default threads
 #                    boringtun-t1  boringtun-cli --threads 1
 #                    wireguard-go  wireguard-go
 #                    not measured unless asked for:
-#                    weft-linger   `weft-agent wg IF --busy-poll=20ms`:
-#                                  polls while packets come and for 20 ms
-#                                  after the last, sleeps when idle
+#                    weft-sleep    `weft-agent wg IF --busy-poll=off`:
+#                                  sleeps as soon as nothing is readable
 #                    weft-spin     `weft-agent wg IF --busy-poll`: never
 #                                  sleeps (a CPU per end, idle or not)
 #                    null-relay       `weft bench null-relay`: no crypto, one
@@ -133,7 +133,7 @@ nsx() { local ns=$1; shift; ip netns exec "$ns" "$@"; }
 # ---------------------------------------------------------------- binaries
 bin_for() {
   case "$1" in
-    weft|weft-linger|weft-spin)
+    weft|weft-sleep|weft-spin)
       if [ -n "${WEFT_AGENT_BIN:-}" ]; then echo "$WEFT_AGENT_BIN"; return; fi
       local target=${CARGO_TARGET_DIR:-$ROOT/target}
       log "building weft-agent (release)"
@@ -205,16 +205,16 @@ iperf() {
   echo "$(jq -r '.end.sum_received.bits_per_second / 1e9' "$j") $(jq -r '.end.sum_received.bytes' "$j") $((c1 - c0))"
 }
 
-is_weft() { case "$1" in weft|weft-linger|weft-spin) return 0 ;; *) return 1 ;; esac; }
+is_weft() { case "$1" in weft|weft-sleep|weft-spin) return 0 ;; *) return 1 ;; esac; }
 is_null_relay() { case "$1" in null-relay|null-relay-spin) return 0 ;; *) return 1 ;; esac; }
 
 start_daemon() { # impl ns ifname -> sets DAEMON_PID (no subshell: PIDS must see it)
   local impl=$1 ns=$2 ifn=$3 lf="$WORK/$3.log" me=$U_A peer=$U_B
   [ "$ns" = "$NS_A" ] || { me=$U_B; peer=$U_A; }
   case "$impl" in
-    weft) ip netns exec "$ns" env RUST_LOG=warn "${BIN[$impl]}" wg "$ifn" >"$lf" 2>&1 & ;;
-    weft-linger) ip netns exec "$ns" env RUST_LOG=warn "${BIN[$impl]}" wg --busy-poll=20ms "$ifn" >"$lf" 2>&1 & ;;
-    weft-spin) ip netns exec "$ns" env RUST_LOG=warn "${BIN[$impl]}" wg --busy-poll "$ifn" >"$lf" 2>&1 & ;;
+    weft) ip netns exec "$ns" env -u WEFT_BUSY_POLL RUST_LOG=warn "${BIN[$impl]}" wg "$ifn" >"$lf" 2>&1 & ;;
+    weft-sleep) ip netns exec "$ns" env -u WEFT_BUSY_POLL RUST_LOG=warn "${BIN[$impl]}" wg --busy-poll=off "$ifn" >"$lf" 2>&1 & ;;
+    weft-spin) ip netns exec "$ns" env -u WEFT_BUSY_POLL RUST_LOG=warn "${BIN[$impl]}" wg --busy-poll "$ifn" >"$lf" 2>&1 & ;;
     boringtun) ip netns exec "$ns" "${BIN[$impl]}" --foreground --disable-drop-privileges --verbosity error "$ifn" >"$lf" 2>&1 & ;;
     boringtun-t1) ip netns exec "$ns" "${BIN[$impl]}" --foreground --disable-drop-privileges --threads 1 --verbosity error "$ifn" >"$lf" 2>&1 & ;;
     wireguard-go) ip netns exec "$ns" env WG_PROCESS_FOREGROUND=1 "${BIN[$impl]}" -f "$ifn" >"$lf" 2>&1 & ;;
@@ -331,7 +331,7 @@ for r in "${ROWS[@]}"; do
   name=$i
   case "$i" in
     weft) name="weft-agent wg" ;;
-    weft-linger) name="weft-agent wg --busy-poll=20ms" ;;
+    weft-sleep) name="weft-agent wg --busy-poll=off" ;;
     weft-spin) name="weft-agent wg --busy-poll" ;;
     boringtun) name="boringtun-cli (default threads)" ;;
     boringtun-t1) name="boringtun-cli --threads 1" ;;

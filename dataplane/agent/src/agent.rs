@@ -92,13 +92,15 @@ pub(crate) struct AgentArgs {
     #[arg(long, env = "WEFT_UAPI_DIR", default_value = tunnel::DEFAULT_UAPI_DIR)]
     uapi_dir: PathBuf,
 
-    /// Poll the tunnel's TUN device and UDP socket instead of sleeping until a
-    /// packet wakes the loop: `--busy-poll` (or `=always`) never sleeps and
-    /// keeps a CPU busy even when idle; `--busy-poll=20ms` polls while
-    /// packets keep coming and for 20 ms after the last one, then sleeps,
-    /// so an idle tunnel costs nothing (units us, ms, s). Polling saves the
-    /// kernel wake-ups of a sleeping loop, about 0.15 ms per round trip on
-    /// a small VM.
+    /// Poll the tunnel's TUN device and UDP socket instead of sleeping until the
+    /// kernel wakes the loop for the next packet: `--busy-poll=200us` (the
+    /// default) polls while packets keep coming and for 200 µs after the
+    /// last one, then sleeps, so an idle tunnel costs no CPU; a longer time
+    /// (units us, ms, s) saves more wake-ups on sparse traffic and spends
+    /// more CPU; `--busy-poll` (or `=always`) never sleeps and keeps a CPU
+    /// busy even when idle; `--busy-poll=off` sleeps at once. Polling
+    /// saves wake-ups that cost about 0.1 ms of round-trip time on a small
+    /// VM.
     #[arg(
         long,
         env = "WEFT_BUSY_POLL",
@@ -106,7 +108,7 @@ pub(crate) struct AgentArgs {
         num_args = 0..=1,
         require_equals = true,
         default_missing_value = "always",
-        default_value = "off",
+        default_value = tunnel::DEFAULT_BUSY_POLL,
         value_parser = tunnel::Polling::parse
     )]
     busy_poll: tunnel::Polling,

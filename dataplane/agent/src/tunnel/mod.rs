@@ -60,19 +60,24 @@ pub(crate) struct TunnelSettings {
     pub(crate) polling: Polling,
 }
 
+/// The default of `--busy-poll`: poll for 200 µs after the last packet,
+/// which on a small VM catches the answer to a packet just sent (the
+/// kernel's own idle poll, haltpoll, waits as long before halting a CPU).
+pub(crate) const DEFAULT_BUSY_POLL: &str = "200us";
+
 /// When the tunnel loop polls the TUN device and the UDP socket with system
 /// calls in a loop instead of sleeping until one is readable. A sleeping
 /// loop is woken by the kernel for each packet that arrives after a quiet
 /// spell, which costs tens of microseconds per wake-up on a small VM (a
 /// round trip over the tunnel has four); a polling loop sees the packet at
 /// once but keeps a CPU busy while it polls.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Polling {
-    /// Sleep whenever there is nothing to read (the default).
-    #[default]
+    /// Sleep whenever there is nothing to read.
     Sleep,
     /// Poll while packets keep coming, and for this long after the last
-    /// one; then sleep until the next. An idle tunnel costs no CPU.
+    /// one; then sleep until the next. An idle tunnel costs no CPU. The
+    /// default, with [`DEFAULT_BUSY_POLL`].
     Linger(Duration),
     /// Never sleep: a CPU stays busy even when the tunnel is idle.
     Always,
@@ -258,6 +263,10 @@ mod tests {
 
     #[test]
     fn busy_poll_settings_parse() {
+        assert_eq!(
+            Polling::parse(DEFAULT_BUSY_POLL),
+            Ok(Polling::Linger(Duration::from_micros(200)))
+        );
         assert_eq!(Polling::parse("always"), Ok(Polling::Always));
         assert_eq!(Polling::parse("TRUE"), Ok(Polling::Always));
         assert_eq!(Polling::parse("off"), Ok(Polling::Sleep));
