@@ -92,26 +92,8 @@ pub(crate) struct AgentArgs {
     #[arg(long, env = "WEFT_UAPI_DIR", default_value = tunnel::DEFAULT_UAPI_DIR)]
     uapi_dir: PathBuf,
 
-    /// Poll the tunnel's TUN device and UDP socket instead of sleeping until the
-    /// kernel wakes the loop for the next packet: `--busy-poll=200us` (the
-    /// default) polls while packets keep coming and for 200 µs after the
-    /// last one, then sleeps, so an idle tunnel costs no CPU; a longer time
-    /// (units us, ms, s) saves more wake-ups on sparse traffic and spends
-    /// more CPU; `--busy-poll` (or `=always`) never sleeps and keeps a CPU
-    /// busy even when idle; `--busy-poll=off` sleeps at once. Polling
-    /// saves wake-ups that cost about 0.1 ms of round-trip time on a small
-    /// VM.
-    #[arg(
-        long,
-        env = "WEFT_BUSY_POLL",
-        value_name = "WHEN",
-        num_args = 0..=1,
-        require_equals = true,
-        default_missing_value = "always",
-        default_value = tunnel::DEFAULT_BUSY_POLL,
-        value_parser = tunnel::Polling::parse
-    )]
-    busy_poll: tunnel::Polling,
+    #[command(flatten)]
+    poll: tunnel::PollArgs,
 
     /// Label KEY=VALUE that network policy selects this node by; repeat
     /// for several (WEFT_LABELS: comma-separated). Sent when enrolling;
@@ -241,7 +223,7 @@ async fn run(args: AgentArgs) -> Result<()> {
         private_key: Some(private_key),
         mtu: weft_dataplane_core::config::DEFAULT_MTU,
         uapi_dir: args.uapi_dir.clone(),
-        polling: args.busy_poll,
+        polling: args.poll.busy_poll,
     })
     .await?;
     // Packet and byte counters on the TUN device (eBPF); the agent works without them.

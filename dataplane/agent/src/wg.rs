@@ -13,7 +13,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing_subscriber::EnvFilter;
 use weft_dataplane_core::config::DEFAULT_MTU;
 
-use crate::tunnel::{self, Polling, TunnelSettings};
+use crate::tunnel::{self, PollArgs, TunnelSettings};
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct WgArgs {
@@ -25,26 +25,8 @@ pub(crate) struct WgArgs {
     /// MTU of the TUN interface, in bytes.
     #[arg(long, env = "WEFT_MTU", default_value_t = DEFAULT_MTU)]
     pub(crate) mtu: u16,
-    /// Poll the TUN device and the UDP socket instead of sleeping until the
-    /// kernel wakes the loop for the next packet: `--busy-poll=200us` (the
-    /// default) polls while packets keep coming and for 200 µs after the
-    /// last one, then sleeps, so an idle tunnel costs no CPU; a longer time
-    /// (units us, ms, s) saves more wake-ups on sparse traffic and spends
-    /// more CPU; `--busy-poll` (or `=always`) never sleeps and keeps a CPU
-    /// busy even when idle; `--busy-poll=off` sleeps at once. Polling
-    /// saves wake-ups that cost about 0.1 ms of round-trip time on a small
-    /// VM.
-    #[arg(
-        long,
-        env = "WEFT_BUSY_POLL",
-        value_name = "WHEN",
-        num_args = 0..=1,
-        require_equals = true,
-        default_missing_value = "always",
-        default_value = tunnel::DEFAULT_BUSY_POLL,
-        value_parser = Polling::parse
-    )]
-    pub(crate) busy_poll: Polling,
+    #[command(flatten)]
+    pub(crate) poll: PollArgs,
 }
 
 pub(crate) fn main(args: WgArgs) -> anyhow::Result<()> {
@@ -71,7 +53,7 @@ async fn run(args: WgArgs) -> anyhow::Result<()> {
         private_key: None,
         mtu: args.mtu,
         uapi_dir: args.uapi_dir,
-        polling: args.busy_poll,
+        polling: args.poll.busy_poll,
     })
     .await?;
     let stopped_by_itself = tokio::select! {

@@ -205,6 +205,23 @@ impl Lab {
         lab
     }
 
+    /// A lab with `weft-agent wg [flags] IF` on both sides, configured as
+    /// each other's peer, once a ping from a to b crosses.
+    fn with_tunnels(tag: &str, flags: &[&str]) -> Lab {
+        let mut lab = Lab::new(tag);
+        for side in ['a', 'b'] {
+            let ifname = lab.host(side).0.ifname.clone();
+            let mut cmd = vec![AGENT, "wg"];
+            cmd.extend_from_slice(flags);
+            cmd.push(&ifname);
+            lab.spawn(side, &cmd);
+        }
+        lab.configure('a');
+        lab.configure('b');
+        lab.wait_ping('a', "100.64.0.2");
+        lab
+    }
+
     /// Starts `cmd` inside `h`'s namespace, logging to a file.
     fn spawn(&mut self, side: char, cmd: &[&str]) {
         let h = if side == 'a' { &self.a } else { &self.b };
@@ -414,13 +431,7 @@ fn weft_to_weft_ping_show_and_remove() {
         eprintln!("skipped: needs root and /dev/net/tun");
         return;
     }
-    let mut lab = Lab::new("w");
-    lab.spawn('a', &[AGENT, "wg", &lab.a.ifname.clone()]);
-    lab.spawn('b', &[AGENT, "wg", &lab.b.ifname.clone()]);
-    lab.configure('a');
-    lab.configure('b');
-
-    lab.wait_ping('a', "100.64.0.2");
+    let mut lab = Lab::with_tunnels("w", &[]);
     lab.wait_ping('b', "100.64.0.1");
     lab.wait_ping('a', "fd00::2");
     lab.wait_ping('b', "fd00::1");
@@ -485,12 +496,7 @@ fn busy_polling_tunnels_carry_traffic_and_stop_cleanly() {
         eprintln!("skipped: needs root and /dev/net/tun");
         return;
     }
-    let mut lab = Lab::new("p");
-    lab.spawn('a', &[AGENT, "wg", "--busy-poll", &lab.a.ifname.clone()]);
-    lab.spawn('b', &[AGENT, "wg", "--busy-poll", &lab.b.ifname.clone()]);
-    lab.configure('a');
-    lab.configure('b');
-    lab.wait_ping('a', "100.64.0.2");
+    let mut lab = Lab::with_tunnels("p", &["--busy-poll"]);
     lab.wait_ping('b', "fd00::1");
     lab.assert_handshake_and_transfer('a');
     lab.assert_handshake_and_transfer('b');
@@ -555,18 +561,7 @@ fn lingering_poll_spins_while_packets_flow_and_sleeps_when_idle() {
         eprintln!("skipped: needs root and /dev/net/tun");
         return;
     }
-    let mut lab = Lab::new("l");
-    lab.spawn(
-        'a',
-        &[AGENT, "wg", "--busy-poll=50ms", &lab.a.ifname.clone()],
-    );
-    lab.spawn(
-        'b',
-        &[AGENT, "wg", "--busy-poll=50ms", &lab.b.ifname.clone()],
-    );
-    lab.configure('a');
-    lab.configure('b');
-    lab.wait_ping('a', "100.64.0.2");
+    let mut lab = Lab::with_tunnels("l", &["--busy-poll=50ms"]);
     lab.wait_ping('b', "fd00::1");
     lab.assert_handshake_and_transfer('a');
     lab.assert_handshake_and_transfer('b');
@@ -620,12 +615,7 @@ fn fwmark_marks_the_tunnels_packets() {
         eprintln!("skipped: needs root and /dev/net/tun");
         return;
     }
-    let mut lab = Lab::new("m");
-    lab.spawn('a', &[AGENT, "wg", &lab.a.ifname.clone()]);
-    lab.spawn('b', &[AGENT, "wg", &lab.b.ifname.clone()]);
-    lab.configure('a');
-    lab.configure('b');
-    lab.wait_ping('a', "100.64.0.2");
+    let mut lab = Lab::with_tunnels("m", &[]);
     let ns = lab.a.ns.clone();
     let ifn = lab.a.ifname.clone();
     run(&[
