@@ -834,6 +834,42 @@ impl Lab {
             .collect()
     }
 
+    /// `weftctl topology set --mode gateways --gateway G...` followed by
+    /// `extra` arguments (site tags, residency), printing what `topology
+    /// get` then says; waits until each plain member in `members` peers
+    /// with exactly the gateways listed with it.
+    pub fn set_gateway_mode(
+        &self,
+        gateways: &[&str],
+        extra: &[&str],
+        members: &[(&str, &[&str])],
+        timeout: Duration,
+    ) {
+        let mut args = vec!["topology", "set", "--mode", "gateways"];
+        for g in gateways {
+            args.extend(["--gateway", g]);
+        }
+        args.extend_from_slice(extra);
+        self.weftctl_ok(&args);
+        eprintln!(
+            "{}:\n{}",
+            args.join(" "),
+            self.weftctl_ok(&["topology", "get"])
+        );
+        for (member, want) in members {
+            let want: BTreeSet<String> = want.iter().map(|g| (*g).to_owned()).collect();
+            let mut last = BTreeSet::new();
+            let ok = crate::try_wait_until(timeout, "peers", || {
+                last = self.wg_peer_names(member);
+                last == want
+            });
+            assert!(
+                ok.is_ok(),
+                "{member}'s peers should become {want:?} within {timeout:?}, are {last:?}"
+            );
+        }
+    }
+
     /// Waits until the controller lists every lab node (with started agents)
     /// and each of their interfaces has every other one as a peer.
     pub fn wait_mesh(&self, timeout: Duration) -> Result<()> {

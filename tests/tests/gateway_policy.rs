@@ -18,7 +18,6 @@
 //! is reached from site a through both sites' gateways (route trace to the
 //! workload address, the gateways' TUN counters, TCP and ping).
 
-use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::time::Duration;
 
@@ -48,22 +47,6 @@ fn verdict(lab: &Lab, node: &str, verdict: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// Gateway mode with these gateways (a1 the only one of site a); waits
-/// until the plain member a2 peers with a1 alone.
-fn gateway_mode(lab: &Lab, gateways: &[&str]) {
-    let mut args = vec!["topology", "set", "--mode", "gateways"];
-    for g in gateways {
-        args.extend(["--gateway", g]);
-    }
-    lab.weftctl_ok(&args);
-    let want: BTreeSet<String> = ["a1".to_owned()].into();
-    lab.wait_until(
-        Duration::from_secs(15),
-        "a2 to peer with its site's gateway only",
-        || lab.wg_peer_names("a2") == want,
-    );
-}
-
 fn drops(lab: &Lab, node: &str) -> u64 {
     verdict(lab, node, "denied") + verdict(lab, node, "default_denied")
 }
@@ -74,7 +57,12 @@ fn gateway_policy() {
         return;
     }
     let lab = Lab::builder().site_nodes(&[("a", 2), ("b", 3)]).build();
-    gateway_mode(&lab, &["a1", "b1", "b2"]);
+    lab.set_gateway_mode(
+        &["a1", "b1", "b2"],
+        &[],
+        &[("a2", &["a1"])],
+        Duration::from_secs(15),
+    );
     for n in ["b1", "b2", "b3"] {
         lab.weftctl_ok(&["node", "label", n, "role=db"]);
     }
@@ -144,7 +132,12 @@ fn gateway_workloads() {
         .site_nodes(&[("a", 2), ("b", 2)])
         .ipv4_pool("100.64.0.0/16")
         .build();
-    gateway_mode(&lab, &["a1", "b1"]);
+    lab.set_gateway_mode(
+        &["a1", "b1"],
+        &[],
+        &[("a2", &["a1"])],
+        Duration::from_secs(15),
+    );
     let wl = lab.add_workload("b2", "pg", &[("100.100.2.1/24", "100.100.2.10/24")]);
     let _listener = listen(&lab, &wl, &[("-4", 5432)]);
     lab.weftctl_ok(&["node", "advertise", "b2", "100.100.2.0/24"]);

@@ -41,7 +41,6 @@
 //!   n1 <-> m1) is relayed via a, n2 <-> m2 ping both ways through a1 (its
 //!   TUN counters), TCP both ways, and a1 <-> every node of n and m.
 
-use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
@@ -144,10 +143,6 @@ fn v6(lab: &Lab, node: &str) -> IpAddr {
     lab.node_addresses(node).1.into()
 }
 
-fn names(list: &[&str]) -> BTreeSet<String> {
-    list.iter().map(|s| (*s).to_owned()).collect()
-}
-
 /// Time from `since` until one ping `from` -> `to` gets a reply (pings
 /// with a 300 ms reply timeout, back to back), or None after `limit`.
 fn time_to_ping(
@@ -168,31 +163,6 @@ fn time_to_ping(
         }
     }
     None
-}
-
-/// `weftctl topology set ARGS...`, printing what `topology get` says.
-fn topology_set(lab: &Lab, args: &[&str]) {
-    let mut full = vec!["topology", "set"];
-    full.extend_from_slice(args);
-    lab.weftctl_ok(&full);
-    eprintln!(
-        "topology set {}:\n{}",
-        args.join(" "),
-        lab.weftctl_ok(&["topology", "get"])
-    );
-}
-
-/// Waits until `node`'s interface has exactly `expected` as peers (names).
-fn wait_peers(lab: &Lab, node: &str, expected: &BTreeSet<String>, timeout: Duration) {
-    let mut last = BTreeSet::new();
-    let ok = weft_tests::try_wait_until(timeout, "peers", || {
-        last = lab.wg_peer_names(node);
-        last == *expected
-    });
-    assert!(
-        ok.is_ok(),
-        "{node}'s peers should become {expected:?} within {timeout:?}, are {last:?}"
-    );
 }
 
 /// TUN packet counters of several nodes: (rx, tx) by node.
@@ -229,25 +199,12 @@ fn gateway_lab() -> Lab {
         .build();
     eprintln!("lab built (full mesh) in {:?}", t0.elapsed());
     let t1 = Instant::now();
-    topology_set(
-        &lab,
-        &[
-            "--mode",
-            "gateways",
-            "--gateway",
-            "a1",
-            "--gateway",
-            "b1",
-            "--gateway",
-            "b2",
-            "--gateway",
-            "c1",
-        ],
+    lab.set_gateway_mode(
+        &["a1", "b1", "b2", "c1"],
+        &[],
+        &[("a2", &["a1"]), ("b3", &["b1", "b2"]), ("c2", &["c1"])],
+        Duration::from_secs(20),
     );
-    let limit = Duration::from_secs(20);
-    wait_peers(&lab, "a2", &names(&["a1"]), limit);
-    wait_peers(&lab, "b3", &names(&["b1", "b2"]), limit);
-    wait_peers(&lab, "c2", &names(&["c1"]), limit);
     eprintln!(
         "plain members peer only inside their site {:?} after topology set",
         t1.elapsed()
@@ -536,20 +493,12 @@ fn three_gateway_lab(c_nodes: usize, extra: &[&str]) -> Lab {
         .wan_delays_ms(&[5, 10, 15])
         .build();
     eprintln!("lab built in {:?}", t0.elapsed());
-    let mut args = vec![
-        "--mode",
-        "gateways",
-        "--gateway",
-        "a1",
-        "--gateway",
-        "b1",
-        "--gateway",
-        "c1",
-    ];
-    args.extend_from_slice(extra);
-    topology_set(&lab, &args);
-    wait_peers(&lab, "a2", &names(&["a1"]), Duration::from_secs(20));
-    wait_peers(&lab, "b2", &names(&["b1"]), Duration::from_secs(20));
+    lab.set_gateway_mode(
+        &["a1", "b1", "c1"],
+        extra,
+        &[("a2", &["a1"]), ("b2", &["b1"])],
+        Duration::from_secs(20),
+    );
     // Direct at the measured RTT (about 30 ms), so the paths follow the
     // probes before anything is cut.
     let (t, took) = wait_trace(
@@ -889,21 +838,12 @@ fn nat_site_gateways() {
     let (lab, _) = nat_lab();
     check_nat_underlay(&lab);
     let switched = Instant::now();
-    topology_set(
-        &lab,
-        &[
-            "--mode",
-            "gateways",
-            "--gateway",
-            "a1",
-            "--gateway",
-            "b1",
-            "--gateway",
-            "n1",
-        ],
+    lab.set_gateway_mode(
+        &["a1", "b1", "n1"],
+        &[],
+        &[("n2", &["n1"]), ("a2", &["a1"])],
+        Duration::from_secs(20),
     );
-    wait_peers(&lab, "n2", &names(&["n1"]), Duration::from_secs(20));
-    wait_peers(&lab, "a2", &names(&["a1"]), Duration::from_secs(20));
     let (t, took) = wait_trace(
         &lab,
         "a2",
@@ -1235,21 +1175,12 @@ fn symmetric_nat_relays_via_gateway() {
     );
 
     let switched = Instant::now();
-    topology_set(
-        &lab,
-        &[
-            "--mode",
-            "gateways",
-            "--gateway",
-            "a1",
-            "--gateway",
-            "n1",
-            "--gateway",
-            "m1",
-        ],
+    lab.set_gateway_mode(
+        &["a1", "n1", "m1"],
+        &[],
+        &[("n2", &["n1"]), ("m2", &["m1"])],
+        Duration::from_secs(20),
     );
-    wait_peers(&lab, "n2", &names(&["n1"]), Duration::from_secs(20));
-    wait_peers(&lab, "m2", &names(&["m1"]), Duration::from_secs(20));
     // The n–m link is measured down (probes between n1 and m1 go
     // unanswered): n <-> m goes via a.
     let (t, took) = wait_trace(
