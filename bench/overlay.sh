@@ -212,9 +212,11 @@ start_daemon() { # impl ns ifname -> sets DAEMON_PID (no subshell: PIDS must see
   local impl=$1 ns=$2 ifn=$3 lf="$WORK/$3.log" me=$U_A peer=$U_B
   [ "$ns" = "$NS_A" ] || { me=$U_B; peer=$U_A; }
   case "$impl" in
-    weft) ip netns exec "$ns" env -u WEFT_BUSY_POLL RUST_LOG=warn "${BIN[$impl]}" wg "$ifn" >"$lf" 2>&1 & ;;
-    weft-sleep) ip netns exec "$ns" env -u WEFT_BUSY_POLL RUST_LOG=warn "${BIN[$impl]}" wg --busy-poll=off "$ifn" >"$lf" 2>&1 & ;;
-    weft-spin) ip netns exec "$ns" env -u WEFT_BUSY_POLL RUST_LOG=warn "${BIN[$impl]}" wg --busy-poll "$ifn" >"$lf" 2>&1 & ;;
+    weft|weft-sleep|weft-spin)
+      # WEFT_BUSY_POLL unset: the weft row measures the default.
+      local poll=()
+      case "$impl" in weft-sleep) poll=(--busy-poll=off) ;; weft-spin) poll=(--busy-poll) ;; esac
+      ip netns exec "$ns" env -u WEFT_BUSY_POLL RUST_LOG=warn "${BIN[$impl]}" wg "${poll[@]}" "$ifn" >"$lf" 2>&1 & ;;
     boringtun) ip netns exec "$ns" "${BIN[$impl]}" --foreground --disable-drop-privileges --verbosity error "$ifn" >"$lf" 2>&1 & ;;
     boringtun-t1) ip netns exec "$ns" "${BIN[$impl]}" --foreground --disable-drop-privileges --threads 1 --verbosity error "$ifn" >"$lf" 2>&1 & ;;
     wireguard-go) ip netns exec "$ns" env WG_PROCESS_FOREGROUND=1 "${BIN[$impl]}" -f "$ifn" >"$lf" 2>&1 & ;;

@@ -3,43 +3,18 @@
 
 use std::time::Duration;
 
+use weft_dataplane_core::duration;
+
 /// Parses a duration made of `<number><unit>` parts, units `s`, `m`, `h`,
 /// `d`. A bare number is refused: the unit must be explicit.
 pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
-    let input = s.trim();
-    if input.is_empty() {
-        return Err("empty duration: use e.g. 30s, 15m, 1h or 2d".to_string());
-    }
     let bad =
         |why: &str| format!("invalid duration {s:?}: {why} (use e.g. 30s, 15m, 1h, 2d or 1h30m)");
-    let mut total: u64 = 0;
-    let mut rest = input;
-    while !rest.is_empty() {
-        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
-        if digits == 0 {
-            return Err(bad("expected a number"));
-        }
-        let (number, after) = rest.split_at(digits);
-        let value: u64 = number.parse().map_err(|_| bad("number too large"))?;
-        let mut chars = after.chars();
-        let unit_secs = match chars.next() {
-            Some('s') => 1,
-            Some('m') => 60,
-            Some('h') => 3600,
-            Some('d') => 86_400,
-            Some(c) => return Err(bad(&format!("unknown unit {c:?}, expected s, m, h or d"))),
-            None => return Err(bad("missing unit after the number, expected s, m, h or d")),
-        };
-        total = value
-            .checked_mul(unit_secs)
-            .and_then(|v| total.checked_add(v))
-            .ok_or_else(|| bad("too large"))?;
-        rest = chars.as_str();
-    }
-    if total == 0 {
+    let d = duration::parse(s, duration::SECONDS_TO_DAYS).map_err(|why| bad(&why))?;
+    if d.is_zero() {
         return Err(bad("must be longer than zero"));
     }
-    Ok(Duration::from_secs(total))
+    Ok(d)
 }
 
 /// Short form of a number of seconds, largest units first: `1h30m`, `2d`,

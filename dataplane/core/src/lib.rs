@@ -4,10 +4,12 @@
 //! ([`config::NodeConfig`]), and the plans that turn an observed state into
 //! the desired one ([`plan`], [`routes`] for workload prefixes), peer-probe
 //! statistics ([`probe`]), the peers to configure while some are found
-//! dead ([`fallback`]), and the flow hash that spreads flows over a site's
-//! gateways ([`flow`]). The agent crate carries the plans out.
+//! dead ([`fallback`]), the flow hash that spreads flows over a site's
+//! gateways ([`flow`]), and human durations for flags ([`duration`]). The
+//! agent crate carries the plans out.
 
 pub mod config;
+pub mod duration;
 pub mod fallback;
 pub mod flow;
 pub mod key;

@@ -111,6 +111,7 @@ impl Engine {
         let mut next_tick = Instant::now() + TICK;
         let timer = tokio::time::sleep_until(next_tick);
         tokio::pin!(timer);
+        let polls = self.polling != Polling::Sleep;
         let mut poll_now = self.polling == Polling::Always;
         let done: Option<oneshot::Sender<()>> = loop {
             if poll_now {
@@ -131,7 +132,7 @@ impl Engine {
                 },
                 r = self.tun.readable() => {
                     match r.and(self.handle_tun().await) {
-                        Ok(n) => poll_now = n > 0 && self.polling != Polling::Sleep,
+                        Ok(n) => poll_now = polls && n > 0,
                         Err(e) => {
                             tracing::error!(interface = %self.tun.name(), error = %e, "TUN device failed; stopping tunnel");
                             break None;
@@ -139,7 +140,7 @@ impl Engine {
                     }
                 }
                 r = self.udp.readable() => match r {
-                    Ok(()) => poll_now = self.handle_udp().await > 0 && self.polling != Polling::Sleep,
+                    Ok(()) => poll_now = self.handle_udp().await > 0 && polls,
                     Err(e) => tracing::warn!(error = %e, "UDP socket poll failed"),
                 },
                 () = &mut timer => {

@@ -37,8 +37,8 @@ use std::time::{Duration, SystemTime};
 use anyhow::Context as _;
 use ipnet::IpNet;
 use tokio::sync::{mpsc, oneshot};
-use weft_dataplane_core::Key;
 use weft_dataplane_core::plan::PeerAction;
+use weft_dataplane_core::{Key, duration};
 
 /// Default directory of UAPI sockets, where `wg` looks for them.
 pub(crate) const DEFAULT_UAPI_DIR: &str = "/var/run/wireguard";
@@ -110,8 +110,8 @@ pub(crate) enum Polling {
 
 impl Polling {
     /// Parses the value of `--busy-poll`: `always` (also `on`, `true`, `1`),
-    /// `off` (also `false`, `0`), or a linger time with a unit: `500us`,
-    /// `20ms`, `1s`.
+    /// `off` (also `false`, `0`), or a linger time with units `us`, `ms`,
+    /// `s`: `500us`, `20ms`, `1s`.
     pub(crate) fn parse(s: &str) -> Result<Polling, String> {
         let v = s.trim().to_ascii_lowercase();
         match v.as_str() {
@@ -124,19 +124,10 @@ impl Polling {
                 "invalid busy-poll setting {s:?}: {why} (use always, off, or a linger time such as 500us, 20ms or 1s)"
             )
         };
-        let digits = v.bytes().take_while(u8::is_ascii_digit).count();
-        if digits == 0 {
+        if !v.starts_with(|c: char| c.is_ascii_digit()) {
             return Err(bad("expected always, off or a number"));
         }
-        let (number, unit) = v.split_at(digits);
-        let n: u64 = number.parse().map_err(|_| bad("number too large"))?;
-        let linger = match unit {
-            "us" => Duration::from_micros(n),
-            "ms" => Duration::from_millis(n),
-            "s" => Duration::from_secs(n),
-            "" => return Err(bad("missing unit after the number (us, ms or s)")),
-            u => return Err(bad(&format!("unknown unit {u:?}, expected us, ms or s"))),
-        };
+        let linger = duration::parse(&v, duration::MICROS_TO_SECONDS).map_err(|why| bad(&why))?;
         if linger.is_zero() {
             return Ok(Polling::Sleep);
         }
