@@ -78,9 +78,20 @@ install_bench_tools() {
   fi
 }
 
+# Fuzzing (scripts/fuzz.sh, CI's smoke pass): cargo-fuzz from crates.io.
+install_fuzz_tools() {
+  if cargo fuzz --version 2>/dev/null | grep -q '^cargo-fuzz 0\.13'; then
+    log "cargo-fuzz: present"
+  else
+    log "installing cargo-fuzz 0.13"
+    cargo install cargo-fuzz --version '^0.13' --locked
+  fi
+}
+
 install_packages
 install_rust
 install_ebpf_toolchain
+install_fuzz_tools
 if [ "${1:-}" = bench ]; then
   install_bench_tools
 fi

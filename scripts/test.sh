@@ -48,5 +48,8 @@ step clippy cargo clippy --workspace --all-targets -- -D warnings
 step build cargo build --workspace --bins
 if [ "$FAILED" -ne 0 ]; then summary; exit 1; fi
 step test cargo test --workspace --no-fail-fast -- --test-threads=1
+# A short pass over every fuzz target (seed corpus, regressions, 15 s of
+# new inputs each); scripts/fuzz.sh without --smoke runs them 10 min each.
+step fuzz-smoke "$ROOT/scripts/fuzz.sh" --smoke
 summary
 exit "$FAILED"

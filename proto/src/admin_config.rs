@@ -48,28 +48,28 @@ impl AdminConfig {
             path: p.clone(),
             source,
         })?;
-        let cfg: AdminConfig =
-            serde_json::from_str(&text).map_err(|e| AdminConfigError::Invalid {
-                path: p.clone(),
-                reason: e.to_string(),
-            })?;
+        Self::parse(&p, &text)
+    }
+
+    /// Checks the text of an admin config; `origin` (a path) names it in
+    /// errors.
+    pub fn parse(origin: &str, text: &str) -> Result<Self, AdminConfigError> {
+        let invalid = |reason: String| AdminConfigError::Invalid {
+            path: origin.to_owned(),
+            reason,
+        };
+        let cfg: AdminConfig = serde_json::from_str(text).map_err(|e| invalid(e.to_string()))?;
         if !cfg.url.starts_with("https://") {
-            return Err(AdminConfigError::Invalid {
-                path: p,
-                reason: format!("url {:?} must start with https://", cfg.url),
-            });
+            return Err(invalid(format!(
+                "url {:?} must start with https://",
+                cfg.url
+            )));
         }
         if !cfg.ca_pem.contains("BEGIN CERTIFICATE") {
-            return Err(AdminConfigError::Invalid {
-                path: p,
-                reason: "ca_pem holds no PEM certificate".into(),
-            });
+            return Err(invalid("ca_pem holds no PEM certificate".into()));
         }
         if cfg.token.is_empty() {
-            return Err(AdminConfigError::Invalid {
-                path: p,
-                reason: "token is empty".into(),
-            });
+            return Err(invalid("token is empty".into()));
         }
         Ok(cfg)
     }
