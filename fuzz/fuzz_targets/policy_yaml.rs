@@ -17,6 +17,10 @@ fuzz_target!(|data: &[u8]| {
         let yaml = to_yaml(&policy);
         let again = parse_documents("canonical.yaml", &yaml)
             .unwrap_or_else(|e| panic!("canonical YAML does not parse: {e}\n{yaml}"));
-        assert_eq!(again, vec![policy], "round trip changed the policy:\n{yaml}");
+        assert_eq!(
+            again,
+            vec![policy],
+            "round trip changed the policy:\n{yaml}"
+        );
     }
 });
