@@ -5,7 +5,8 @@
 //! the desired one ([`plan`], [`routes`] for workload prefixes), peer-probe
 //! statistics ([`probe`]), the peers to configure while some are found
 //! dead ([`fallback`]), the flow hash that spreads flows over a site's
-//! gateways ([`flow`]), and human durations for flags ([`duration`]). The
+//! gateways ([`flow`]), human durations for flags ([`duration`]) and the WireGuard UAPI
+//! protocol ([`uapi`]). The
 //! agent crate carries the plans out.
 
 pub mod config;
@@ -17,6 +18,7 @@ pub mod plan;
 pub mod policy_maps;
 pub mod probe;
 pub mod routes;
+pub mod uapi;
 
 pub use config::{NodeConfig, PeerConfig};
 pub use key::{Key, KeyError};
