@@ -25,6 +25,8 @@ use weft_ebpf_common::policy::{
 
 use super::*;
 
+mod fragments;
+
 const TC_ACT_SHOT: u32 = 2;
 /// `TC_ACT_UNSPEC` (-1) as BPF_PROG_TEST_RUN reports it (`TCX_NEXT`).
 const TC_ACT_UNSPEC: u32 = u32::MAX;
@@ -1231,5 +1233,3 @@ fn egress_tracks_only_flows_of_hosted_sources() {
     let other = v4_tcp(BLOCKED_V4, WORKLOAD_V4, 22, 41001);
     expect(&mut dp, "not a tracked flow", &other, deny, Some(6));
 }
-
-mod fragments;

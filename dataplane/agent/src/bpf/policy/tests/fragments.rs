@@ -72,13 +72,7 @@ fn v4_frag(
 
 /// `datagram` (an L4 header and its data) cut into IPv4 fragments of
 /// [`FRAG`] bytes, as the sender's kernel does.
-fn v4_fragments(
-    src: Ipv4Addr,
-    dst: Ipv4Addr,
-    proto: u8,
-    id: u16,
-    datagram: &[u8],
-) -> Vec<Vec<u8>> {
+fn v4_fragments(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, id: u16, datagram: &[u8]) -> Vec<Vec<u8>> {
     let chunks: Vec<&[u8]> = datagram.chunks(FRAG).collect();
     chunks
         .iter()
@@ -138,25 +132,13 @@ fn v6_fragments_after(
         .collect()
 }
 
-fn v6_fragments(
-    src: Ipv6Addr,
-    dst: Ipv6Addr,
-    proto: u8,
-    id: u32,
-    datagram: &[u8],
-) -> Vec<Vec<u8>> {
+fn v6_fragments(src: Ipv6Addr, dst: Ipv6Addr, proto: u8, id: u32, datagram: &[u8]) -> Vec<Vec<u8>> {
     v6_fragments_after(src, dst, (FRAGMENT, &[]), proto, id, datagram)
 }
 
 /// An IPv6 packet whose payload-length field says `declared` bytes while
 /// the frame carries all of `payload` (trailing bytes after the packet).
-fn v6_declared(
-    src: Ipv6Addr,
-    dst: Ipv6Addr,
-    next: u8,
-    payload: &[u8],
-    declared: usize,
-) -> Vec<u8> {
+fn v6_declared(src: Ipv6Addr, dst: Ipv6Addr, next: u8, payload: &[u8], declared: usize) -> Vec<u8> {
     let mut frame = v6_raw(src, dst, next, payload);
     let declared = u16::try_from(declared).expect("fits");
     frame[14 + 4..14 + 6].copy_from_slice(&declared.to_be_bytes());
@@ -191,27 +173,54 @@ fn v4_fragments_of_an_allowed_datagram_pass_and_of_a_denied_one_never_do() {
     assert_eq!(allowed.len(), 3);
     expect_each(&mut dp, "udp 5000", &allowed, &[(ok, Some(2))]);
     let denied = v4_fragments(CLIENT_V4, WEB_V4, PROTO_UDP, 2, &udp(40000, 5100, 4000));
-    expect_each(&mut dp, "udp 5100", &denied, &[(deny, Some(3)), (bad, None)]);
+    expect_each(
+        &mut dp,
+        "udp 5100",
+        &denied,
+        &[(deny, Some(3)), (bad, None)],
+    );
     let default = v4_fragments(CLIENT_V4, WEB_V4, PROTO_UDP, 3, &udp(40000, 53, 4000));
     expect_each(&mut dp, "udp 53", &default, &[(dd, None), (bad, None)]);
     // ping -s 3000: allowed ICMP (rule 4); BLOCKED has no ICMP rule.
     let pings = v4_fragments(CLIENT_V4, WEB_V4, PROTO_ICMP, 4, &ping(false, 7, 3000));
     expect_each(&mut dp, "ping", &pings, &[(ok, Some(4))]);
     let blocked = v4_fragments(BLOCKED_V4, WEB_V4, PROTO_ICMP, 4, &ping(false, 7, 3000));
-    expect_each(&mut dp, "blocked ping", &blocked, &[(dd, None), (bad, None)]);
+    expect_each(
+        &mut dp,
+        "blocked ping",
+        &blocked,
+        &[(dd, None), (bad, None)],
+    );
     let syn = v4_fragments(CLIENT_V4, WEB_V4, PROTO_TCP, 5, &tcp(8080, 2000));
     expect_each(&mut dp, "tcp 8080", &syn, &[(ok, Some(1))]);
     let syn = v4_fragments(BLOCKED_V4, WEB_V4, PROTO_TCP, 5, &tcp(443, 2000));
-    expect_each(&mut dp, "blocked tcp 443", &syn, &[(deny, Some(6)), (bad, None)]);
+    expect_each(
+        &mut dp,
+        "blocked tcp 443",
+        &syn,
+        &[(deny, Some(6)), (bad, None)],
+    );
     // A datagram that passes whole remembers nothing; one that is
     // allowed in fragments is remembered once.
     // (Another source port: 40000 → 5000 is a tracked flow by now.)
-    let whole = v4_frag(CLIENT_V4, WEB_V4, PROTO_UDP, 6, 0, false, &udp(40001, 5000, 8));
+    let whole = v4_frag(
+        CLIENT_V4,
+        WEB_V4,
+        PROTO_UDP,
+        6,
+        0,
+        false,
+        &udp(40001, 5000, 8),
+    );
     expect(&mut dp, "unfragmented udp 5000", &whole, ok, Some(2));
     let later = v4_frag(CLIENT_V4, WEB_V4, PROTO_UDP, 6, 2, false, &[0; 16]);
     expect(&mut dp, "fragment of a whole datagram", &later, bad, None);
     let datagrams = dp.tracked_datagrams().expect("tracked datagrams");
-    assert_eq!(datagrams.len(), 3, "udp 5000, ping, tcp 8080: {datagrams:?}");
+    assert_eq!(
+        datagrams.len(),
+        3,
+        "udp 5000, ping, tcp 8080: {datagrams:?}"
+    );
 }
 
 #[test]
@@ -264,10 +273,22 @@ fn v4_first_fragments_without_their_whole_l4_header_are_dropped() {
     // packet (which the kernel trims) are not read as one.
     let mut trailing = v4_frag(CLIENT_V4, WEB_V4, PROTO_UDP, 21, 0, true, &[]);
     trailing.extend_from_slice(&udp(40000, 5000, 0));
-    expect(&mut dp, "udp header after the total length", &trailing, bad, None);
+    expect(
+        &mut dp,
+        "udp header after the total length",
+        &trailing,
+        bad,
+        None,
+    );
     let mut whole = v4_frag(CLIENT_V4, WEB_V4, PROTO_UDP, 22, 0, false, &[0x9c, 0x40]);
     whole.extend_from_slice(&udp(40000, 5000, 0)[2..]);
-    expect(&mut dp, "udp header cut by the total length", &whole, bad, None);
+    expect(
+        &mut dp,
+        "udp header cut by the total length",
+        &whole,
+        bad,
+        None,
+    );
     let datagrams = dp.tracked_datagrams().expect("tracked datagrams");
     assert!(datagrams.is_empty(), "nothing remembered: {datagrams:?}");
 }
@@ -300,7 +321,11 @@ fn fragmented_replies_to_flows_the_node_opened_pass_as_established() {
         send(&mut dp, f);
     }
     let flows = dp.tracked_flows().expect("tracked flows");
-    assert_eq!(flows.len(), 1, "the first fragment opened the flow: {flows:?}");
+    assert_eq!(
+        flows.len(),
+        1,
+        "the first fragment opened the flow: {flows:?}"
+    );
     let answer = v4_fragments(BLOCKED_V4, WEB_V4, PROTO_UDP, 41, &udp(53, 41000, 3000));
     expect_each(&mut dp, "fragmented reply", &answer, &[(est, None)]);
     let stray = v4_fragments(BLOCKED_V4, WEB_V4, PROTO_UDP, 42, &udp(53, 41001, 3000));
@@ -315,7 +340,12 @@ fn fragmented_replies_to_flows_the_node_opened_pass_as_established() {
     let mut other = tcp_header(22, 41002, ACK);
     other.extend(std::iter::repeat_n(0x77, 3000));
     let others = v4_fragments(BLOCKED_V4, WEB_V4, PROTO_TCP, 44, &other);
-    expect_each(&mut dp, "tcp, another port", &others, &[(deny, Some(6)), (bad, None)]);
+    expect_each(
+        &mut dp,
+        "tcp, another port",
+        &others,
+        &[(deny, Some(6)), (bad, None)],
+    );
     // IPv6: an echo request out, a fragmented echo reply in.
     send(&mut dp, &v6_raw(WEB_V6, STRANGER_V6, ICMPV6, &echo(128, 9)));
     let mut pong = echo(129, 9);
@@ -349,7 +379,12 @@ fn fragments_to_ungoverned_or_forwarded_destinations_pass_unremembered() {
         None,
     );
     let frags = v6_fragments(CLIENT_V6, PEER_V6, PROTO_UDP, 51, &udp(40000, 22, 3000));
-    expect_each(&mut dp, "v6 to peer", &frags, &[(PolicyVerdict::Forwarded, None)]);
+    expect_each(
+        &mut dp,
+        "v6 to peer",
+        &frags,
+        &[(PolicyVerdict::Forwarded, None)],
+    );
     let datagrams = dp.tracked_datagrams().expect("tracked datagrams");
     assert!(datagrams.is_empty(), "{datagrams:?}");
 }
@@ -367,7 +402,12 @@ fn v6_fragments_of_an_allowed_datagram_pass_and_of_a_denied_one_never_do() {
     assert_eq!(allowed.len(), 3);
     expect_each(&mut dp, "v6 udp 5000", &allowed, &[(ok, Some(2))]);
     let denied = v6_fragments(CLIENT_V6, WEB_V6, PROTO_UDP, 2, &udp(40000, 5100, 4000));
-    expect_each(&mut dp, "v6 udp 5100", &denied, &[(deny, Some(3)), (bad, None)]);
+    expect_each(
+        &mut dp,
+        "v6 udp 5100",
+        &denied,
+        &[(deny, Some(3)), (bad, None)],
+    );
     let default = v6_fragments(CLIENT_V6, WEB_V6, PROTO_UDP, 3, &udp(40000, 53, 4000));
     expect_each(&mut dp, "v6 udp 53", &default, &[(dd, None), (bad, None)]);
     let pings = v6_fragments(CLIENT_V6, WEB_V6, ICMPV6, 4, &ping(true, 7, 3000));
@@ -388,7 +428,11 @@ fn v6_fragments_of_an_allowed_datagram_pass_and_of_a_denied_one_never_do() {
     let atomic = v6_raw(CLIENT_V6, WEB_V6, FRAGMENT, &atomic);
     expect(&mut dp, "v6 atomic fragment", &atomic, ok, Some(2));
     let datagrams = dp.tracked_datagrams().expect("tracked datagrams");
-    assert_eq!(datagrams.len(), 4, "udp 5000, ping, tcp, udp 5001: {datagrams:?}");
+    assert_eq!(
+        datagrams.len(),
+        4,
+        "udp 5000, ping, tcp, udp 5001: {datagrams:?}"
+    );
 }
 
 #[test]
@@ -422,7 +466,12 @@ fn v6_extension_headers_around_the_fragment_header_are_walked() {
         61,
         &udp(40000, 5100, 4000),
     );
-    expect_each(&mut dp, "hbh+dst+rt, udp 5100", &denied, &[(deny, Some(3)), (bad, None)]);
+    expect_each(
+        &mut dp,
+        "hbh+dst+rt, udp 5100",
+        &denied,
+        &[(deny, Some(3)), (bad, None)],
+    );
     // AH and Destination Options after the Fragment header, in the
     // fragmentable part (in the first fragment only).
     let mut inner = ah(DEST_OPTS);
@@ -434,7 +483,12 @@ fn v6_extension_headers_around_the_fragment_header_are_walked() {
     inner.extend_from_slice(&options(PROTO_UDP));
     inner.extend_from_slice(&udp(40000, 5100, 4000));
     let frags = v6_fragments(CLIENT_V6, WEB_V6, AH, 63, &inner);
-    expect_each(&mut dp, "frag+ah+dst, udp 5100", &frags, &[(deny, Some(3)), (bad, None)]);
+    expect_each(
+        &mut dp,
+        "frag+ah+dst, udp 5100",
+        &frags,
+        &[(deny, Some(3)), (bad, None)],
+    );
 }
 
 #[test]
@@ -451,24 +505,54 @@ fn v6_chains_that_are_too_long_malformed_or_truncated_are_dropped() {
         p.extend_from_slice(&segment);
         v6_raw(CLIENT_V6, WEB_V6, DEST_OPTS, &p)
     };
-    expect(&mut dp, "longest chain walked", &chain(MAX_V6_EXT), ok, Some(1));
-    expect(&mut dp, "one header too many", &chain(MAX_V6_EXT + 1), bad, None);
+    expect(
+        &mut dp,
+        "longest chain walked",
+        &chain(MAX_V6_EXT),
+        ok,
+        Some(1),
+    );
+    expect(
+        &mut dp,
+        "one header too many",
+        &chain(MAX_V6_EXT + 1),
+        bad,
+        None,
+    );
     // Hop-by-Hop anywhere but first.
     let mut p = options(HOP_BY_HOP);
     p.extend_from_slice(&options(PROTO_TCP));
     p.extend_from_slice(&segment);
     let late_hbh = v6_raw(CLIENT_V6, WEB_V6, DEST_OPTS, &p);
-    expect(&mut dp, "hop-by-hop after another header", &late_hbh, bad, None);
+    expect(
+        &mut dp,
+        "hop-by-hop after another header",
+        &late_hbh,
+        bad,
+        None,
+    );
     // A Routing header with segments left sends the packet on: its final
     // destination is not the one judged.
     let mut p = routing(PROTO_TCP, 1);
     p.extend_from_slice(&segment);
     let source_routed = v6_raw(CLIENT_V6, WEB_V6, ROUTING, &p);
-    expect(&mut dp, "routing header, 1 segment left", &source_routed, bad, None);
+    expect(
+        &mut dp,
+        "routing header, 1 segment left",
+        &source_routed,
+        bad,
+        None,
+    );
     let mut p = routing(PROTO_TCP, 0);
     p.extend_from_slice(&l4_bytes(L4::Tcp(8001), true).1);
     let done = v6_raw(CLIENT_V6, WEB_V6, ROUTING, &p);
-    expect(&mut dp, "routing header, 0 segments left", &done, ok, Some(1));
+    expect(
+        &mut dp,
+        "routing header, 0 segments left",
+        &done,
+        ok,
+        Some(1),
+    );
     // Two Fragment headers.
     let mut p = frag_header(FRAGMENT, 70, 0, true);
     p.extend_from_slice(&frag_header(PROTO_TCP, 71, 0, true));
@@ -476,17 +560,33 @@ fn v6_chains_that_are_too_long_malformed_or_truncated_are_dropped() {
     let twice = v6_raw(CLIENT_V6, WEB_V6, FRAGMENT, &p);
     expect(&mut dp, "two fragment headers", &twice, bad, None);
     // ESP hides what follows.
-    let esp = v6_raw(CLIENT_V6, WEB_V6, ESP, &[0, 0, 0x10, 1, 0, 0, 0, 1, 0, 0, 0, 0]);
+    let esp = v6_raw(
+        CLIENT_V6,
+        WEB_V6,
+        ESP,
+        &[0, 0, 0x10, 1, 0, 0, 0, 1, 0, 0, 0, 0],
+    );
     expect(&mut dp, "esp", &esp, bad, None);
     // A header cut short: its length says 16 bytes, 8 are there.
-    let cut = v6_raw(CLIENT_V6, WEB_V6, DEST_OPTS, &[PROTO_TCP, 1, 1, 4, 0, 0, 0, 0]);
+    let cut = v6_raw(
+        CLIENT_V6,
+        WEB_V6,
+        DEST_OPTS,
+        &[PROTO_TCP, 1, 1, 4, 0, 0, 0, 0],
+    );
     expect(&mut dp, "truncated destination options", &cut, bad, None);
     // The payload length ends before the TCP header: bytes after the
     // packet (which the kernel trims) are not read as one.
     let mut p = options(PROTO_TCP);
     p.extend_from_slice(&segment);
     let trailing = v6_declared(CLIENT_V6, WEB_V6, DEST_OPTS, &p, 8);
-    expect(&mut dp, "tcp header after the payload length", &trailing, bad, None);
+    expect(
+        &mut dp,
+        "tcp header after the payload length",
+        &trailing,
+        bad,
+        None,
+    );
 }
 
 /// RFC 7112: the first fragment must hold the whole header chain. A first
@@ -518,7 +618,13 @@ fn v6_first_fragments_without_their_l4_header_are_dropped() {
     let declared = first.len();
     first.extend_from_slice(&udp(40000, 5000, 0));
     let first = v6_declared(CLIENT_V6, WEB_V6, FRAGMENT, &first, declared);
-    expect(&mut dp, "allowed udp header after the packet", &first, bad, None);
+    expect(
+        &mut dp,
+        "allowed udp header after the packet",
+        &first,
+        bad,
+        None,
+    );
     let mut second = frag_header(DEST_OPTS, 81, 1, false);
     second.extend_from_slice(&datagram[8..]);
     let second = v6_raw(CLIENT_V6, WEB_V6, FRAGMENT, &second);
@@ -526,4 +632,3 @@ fn v6_first_fragments_without_their_l4_header_are_dropped() {
     let datagrams = dp.tracked_datagrams().expect("tracked datagrams");
     assert!(datagrams.is_empty(), "{datagrams:?}");
 }
-
