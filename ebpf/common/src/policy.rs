@@ -34,6 +34,18 @@
 //! revoked ([`CT_REVOKED`]). The egress program opens TCP flows on a SYN
 //! only, so the node's replies cannot re-open a revoked flow.
 //!
+//! Fragments: the L4 header (ports, ICMP type) is in the first fragment
+//! of a datagram only. The ingress program judges a first fragment like a
+//! whole datagram and, when it passes (allowed or established), remembers
+//! the datagram in [`FRAGMENTS_MAP`], an LRU hash of [`FragKey`] (source,
+//! destination, protocol, IPv4 identification or IPv6 fragment
+//! identification) → [`FragValue`], for [`FRAG_TIMEOUT_NS`]. A later
+//! fragment passes only if its datagram is remembered there, and counts
+//! under the remembered verdict (and rule); any other later fragment, also
+//! one that arrives before its first fragment, is dropped and counted as
+//! [`PolicyVerdict::Unparsable`]: without its first fragment it cannot be
+//! judged.
+//!
 //! Byte order: every multi-byte field of a key is big-endian (`[u8; N]`
 //! arrays, so the type says it), because LPM tries compare keys bit by bit
 //! from the first byte. Values are native-endian `u32`s.
@@ -60,6 +72,9 @@ pub const CONFIG_MAP: &str = "WEFT_POLICY_CONFIG";
 /// Name of the connection-tracking table: LRU hash of [`CtKey`] →
 /// [`CtValue`].
 pub const CONNTRACK_MAP: &str = "WEFT_CT";
+/// Name of the remembered datagrams: LRU hash of [`FragKey`] →
+/// [`FragValue`] (see the module documentation, "Fragments").
+pub const FRAGMENTS_MAP: &str = "WEFT_FRAGMENTS";
 /// Name of the enforcing classifier (remote → local).
 pub const POLICY_INGRESS_PROGRAM: &str = "weft_policy_ingress";
 /// Name of the egress classifier (local → remote: records the flows the
@@ -115,6 +130,19 @@ pub const CT_TIMEOUT_ICMP_NS: u64 = 30 * 1_000_000_000;
 /// A tracked entry's timestamp is rewritten at most this often (fewer
 /// writes to a shared cache line).
 pub const CT_REFRESH_NS: u64 = 1_000_000_000;
+/// Capacity of [`FRAGMENTS_MAP`]: datagrams whose later fragments are
+/// awaited; the least recently used goes first when it is full (its later
+/// fragments are then dropped: fail closed).
+pub const FRAGMENTS_MAX_ENTRIES: u32 = 1 << 14;
+/// How long after its first fragment a datagram's later fragments pass.
+/// Fragments of one datagram leave the sender together and cross the
+/// overlay within milliseconds; an identification is reused sooner or
+/// later, so the memory is kept short (the kernel's own reassembly
+/// timeout is 30 s for IPv4, 60 s for IPv6).
+pub const FRAG_TIMEOUT_NS: u64 = 5 * 1_000_000_000;
+/// IPv6 extension headers the ingress program walks at most before the
+/// L4 header; a longer chain to a governed, hosted destination is dropped.
+pub const MAX_V6_EXT: usize = 8;
 /// Capacity of [`RULE_COUNTERS_MAP`]: rule indices must be below this.
 pub const RULE_COUNTER_SLOTS: u32 = 1 << 16;
 /// Most aligned power-of-two blocks a 16-bit port range decomposes into.
@@ -361,7 +389,48 @@ impl CtValue {
     }
 }
 
-// SAFETY (all three): `#[repr(C)]`, `Copy`, fixed-width integer fields and
+/// Key of [`FRAGMENTS_MAP`]: one fragmented datagram entering the node.
+/// Addresses are 16 bytes (IPv4-mapped for IPv4).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FragKey {
+    /// Source address.
+    pub src: [u8; 16],
+    /// Destination address.
+    pub dst: [u8; 16],
+    /// The identification (big-endian): IPv4's 16 bits in the last two
+    /// bytes, IPv6's Fragment header's 32 bits.
+    pub id: [u8; 4],
+    /// IPv4's protocol; for IPv6 the Fragment header's next header (the
+    /// same in every fragment of a datagram).
+    pub proto: u8,
+    /// Always 0 (explicit padding).
+    pub pad: [u8; 3],
+}
+
+/// Value of [`FRAGMENTS_MAP`]: how the datagram's first fragment passed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FragValue {
+    /// `bpf_ktime_get_ns` when the first fragment passed.
+    pub first_seen_ns: u64,
+    /// [`PolicyVerdict::index`] of [`PolicyVerdict::Allowed`] or
+    /// [`PolicyVerdict::Established`]; any other value passes nothing.
+    pub verdict: u32,
+    /// The rule that allowed it (0 when established).
+    pub rule: u32,
+}
+
+impl FragValue {
+    /// Whether a later fragment seen at `now_ns` still belongs to this
+    /// datagram.
+    #[must_use]
+    pub const fn live(&self, now_ns: u64) -> bool {
+        now_ns.saturating_sub(self.first_seen_ns) < FRAG_TIMEOUT_NS
+    }
+}
+
+// SAFETY (all): `#[repr(C)]`, `Copy`, fixed-width integer fields and
 // byte arrays with no implicit padding (sizes asserted below), so every bit
 // pattern is a valid value.
 #[cfg(feature = "user")]
@@ -382,11 +451,19 @@ unsafe impl aya::Pod for CtKey {}
 #[cfg(feature = "user")]
 #[allow(unsafe_code)]
 unsafe impl aya::Pod for CtValue {}
+#[cfg(feature = "user")]
+#[allow(unsafe_code)]
+unsafe impl aya::Pod for FragKey {}
+#[cfg(feature = "user")]
+#[allow(unsafe_code)]
+unsafe impl aya::Pod for FragValue {}
 
 const _: () = assert!(core::mem::size_of::<IpcacheKey>() == 20);
 const _: () = assert!(core::mem::size_of::<GovernedKey>() == 8);
 const _: () = assert!(core::mem::size_of::<CtKey>() == 40);
 const _: () = assert!(core::mem::size_of::<CtValue>() == 16);
+const _: () = assert!(core::mem::size_of::<FragKey>() == 40);
+const _: () = assert!(core::mem::size_of::<FragValue>() == 16);
 const _: () = assert!(core::mem::size_of::<PolicyKey>() == 12);
 const _: () = assert!(core::mem::align_of::<PolicyKey>() == 1);
 const _: () = assert!(core::mem::size_of::<PolicyValue>() == 8);
@@ -422,6 +499,32 @@ mod tests {
         assert_eq!(offset_of!(CtKey, proto), 36);
         assert_eq!(size_of::<CtValue>(), 16);
         assert_eq!(offset_of!(CtValue, origin), 8);
+    }
+
+    #[test]
+    fn fragment_layout_has_no_implicit_padding() {
+        assert_eq!(size_of::<FragKey>(), 40);
+        assert_eq!(offset_of!(FragKey, dst), 16);
+        assert_eq!(offset_of!(FragKey, id), 32);
+        assert_eq!(offset_of!(FragKey, proto), 36);
+        assert_eq!(offset_of!(FragKey, pad), 37);
+        assert_eq!(size_of::<FragValue>(), 16);
+        assert_eq!(offset_of!(FragValue, verdict), 8);
+        assert_eq!(offset_of!(FragValue, rule), 12);
+    }
+
+    #[test]
+    fn a_remembered_datagram_lives_for_the_fragment_timeout() {
+        let v = FragValue {
+            first_seen_ns: 1_000,
+            verdict: PolicyVerdict::Allowed.index(),
+            rule: 2,
+        };
+        assert!(v.live(1_000));
+        assert!(v.live(1_000 + FRAG_TIMEOUT_NS - 1));
+        assert!(!v.live(1_000 + FRAG_TIMEOUT_NS));
+        // A clock read before the entry was written is not idle time.
+        assert!(v.live(0));
     }
 
     #[test]

@@ -12,25 +12,43 @@
 //! drop (default deny). Every map lookup uses the active epoch read once
 //! per packet.
 //!
+//! Fragments: a first fragment is judged like a whole datagram (its L4
+//! header is in it); when it passes, allowed or established, the datagram
+//! (source, destination, protocol, identification) is remembered in
+//! `WEFT_FRAGMENTS` for `FRAG_TIMEOUT_NS`, and its later fragments, which
+//! carry no L4 header, pass under the same verdict (and rule counter).
+//! Any other later fragment to a governed, hosted destination (of a
+//! denied datagram, one whose first fragment has not arrived yet or was
+//! forgotten) is dropped as `Unparsable`.
+//!
 //! Fail closed: a packet whose IP header cannot be read (truncated, wrong
 //! version nibble, IHL < 5) is dropped, because its destination cannot be
 //! shown to be ungoverned; a packet to a governed, hosted destination whose
-//! L4 header cannot be read (truncated TCP/UDP/ICMP, IPv4 or IPv6
-//! non-first fragment, more than [`MAX_V6_EXT`] IPv6 extension headers, an
-//! ESP header) is dropped. Both count as `Unparsable`. Packets that are not
-//! IP (`skb->protocol`) pass as `NotGoverned`: the policy governs IP only,
-//! and a TUN device carries nothing else.
+//! L4 header cannot be read is dropped. That is: a TCP, UDP or ICMP header
+//! shorter than its minimum (20, 8, 8 bytes) or ending after the IP
+//! packet's declared length (IPv4 total length, IPv6 payload length:
+//! bytes after it are not the packet's, the kernel trims them), so a
+//! first fragment must hold the whole L4 header; an IPv6 header chain
+//! longer than [`MAX_V6_EXT`], malformed (Hop-by-Hop anywhere but first,
+//! two Fragment headers) or truncated; an ESP header; a Routing header
+//! with segments left (the packet's final destination is not the one
+//! judged). All count as `Unparsable`. Packets that are not IP
+//! (`skb->protocol`) pass as `NotGoverned`: the policy governs IP only,
+//! and a TUN device carries nothing else. Other protocols, and IPv6
+//! headers the program does not walk, are looked up as a protocol no rule
+//! names: default deny.
 //!
 //! IPv6 extension headers Hop-by-Hop, Routing, Destination Options,
-//! Fragment (first fragment only) and AH are walked, up to [`MAX_V6_EXT`].
+//! Fragment and AH are walked, up to [`MAX_V6_EXT`].
 //!
 //! `weft_policy_egress` (local → remote) does not enforce: it records the
 //! flows the node opens in the tracking table (a TCP SYN, a UDP datagram,
 //! an ICMP echo request from a hosted source address; a flow already there
 //! is refreshed), so replies to connections the node opens pass its
 //! ingress policy, counts (`EgressPassed`) and passes. A packet it cannot
-//! parse, or one it forwards for another node (source not hosted), passes
-//! untracked. A revoked flow is not re-opened by the node's own packets.
+//! parse, a later fragment, or one it forwards for another node (source
+//! not hosted), passes untracked (a fragmented datagram's flow is tracked
+//! by its first fragment). A revoked flow is not re-opened by the node's own packets.
 //!
 //! Verdicts are `TC_ACT_UNSPEC` (pass: the next program, if any, or the stack
 //! decides) and `TC_ACT_SHOT` (drop).
@@ -45,11 +63,12 @@ use aya_ebpf::{
 use weft_ebpf_common::{
     Counters,
     policy::{
-        CONFIG_EPOCH, CONFIG_L3_OFFSET, CONFIG_SKIP_INGRESS_IFINDEX, CONFIG_SLOTS, CONNTRACK_MAX_ENTRIES, CT_INBOUND,
-        CT_OUTBOUND, CT_REFRESH_NS, CT_REVOKED, CtKey, CtValue, GOVERNED_MAX_ENTRIES, GovernedKey,
-        HOSTED_MAX_ENTRIES, IPCACHE_MAX_ENTRIES, IpcacheKey, POLICY_MAX_ENTRIES, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP,
-        PROTO_UDP, PolicyKey, PolicyValue, PolicyVerdict, RULE_COUNTER_SLOTS, VERDICT_ALLOW,
-        VERDICT_SLOTS, WORLD,
+        CONFIG_EPOCH, CONFIG_L3_OFFSET, CONFIG_SKIP_INGRESS_IFINDEX, CONFIG_SLOTS,
+        CONNTRACK_MAX_ENTRIES, CT_INBOUND, CT_OUTBOUND, CT_REFRESH_NS, CT_REVOKED, CtKey, CtValue,
+        FRAGMENTS_MAX_ENTRIES, FragKey, FragValue, GOVERNED_MAX_ENTRIES, GovernedKey,
+        HOSTED_MAX_ENTRIES, IPCACHE_MAX_ENTRIES, IpcacheKey, MAX_V6_EXT, POLICY_MAX_ENTRIES,
+        PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, PolicyKey, PolicyValue, PolicyVerdict,
+        RULE_COUNTER_SLOTS, VERDICT_ALLOW, VERDICT_SLOTS, WORLD,
     },
 };
 
@@ -77,6 +96,11 @@ static WEFT_HOSTED: LpmTrie<IpcacheKey, u32> = LpmTrie::with_max_entries(HOSTED_
 static WEFT_CT: LruHashMap<CtKey, CtValue> =
     LruHashMap::with_max_entries(CONNTRACK_MAX_ENTRIES, 0);
 
+/// Fragmented datagrams whose first fragment passed, keyed as they enter.
+#[map(name = "WEFT_FRAGMENTS")]
+static WEFT_FRAGMENTS: LruHashMap<FragKey, FragValue> =
+    LruHashMap::with_max_entries(FRAGMENTS_MAX_ENTRIES, 0);
+
 /// Per-verdict counters.
 #[map(name = "WEFT_POLICY_VERDICTS")]
 static WEFT_POLICY_VERDICTS: PerCpuArray<Counters> =
@@ -91,8 +115,18 @@ static WEFT_POLICY_RULES: PerCpuArray<Counters> =
 #[map(name = "WEFT_POLICY_CONFIG")]
 static WEFT_POLICY_CONFIG: Array<u32> = Array::with_max_entries(CONFIG_SLOTS, 0);
 
-/// IPv6 extension headers walked at most.
-const MAX_V6_EXT: usize = 4;
+/// IPv6 next-header values of the extension headers.
+const NEXTHDR_HOP: u8 = 0;
+const NEXTHDR_ROUTING: u8 = 43;
+const NEXTHDR_FRAGMENT: u8 = 44;
+const NEXTHDR_ESP: u8 = 50;
+const NEXTHDR_AUTH: u8 = 51;
+const NEXTHDR_DEST: u8 = 60;
+
+/// Smallest L4 headers: a first fragment must hold the whole of one.
+const TCP_MIN: usize = 20;
+const UDP_LEN: usize = 8;
+const ICMP_MIN: usize = 8;
 
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
@@ -196,6 +230,79 @@ struct L4 {
     trackable: bool,
 }
 
+/// A fragmented datagram as its fragments name it.
+#[derive(Clone, Copy)]
+struct FragId {
+    /// The identification (big-endian; IPv4's in the last two bytes).
+    id: [u8; 4],
+    /// IPv4's protocol, or the IPv6 Fragment header's next header.
+    proto: u8,
+}
+
+/// Where a packet stands in its datagram.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Fragment {
+    /// A whole datagram.
+    Not,
+    /// The first fragment: the L4 header, more fragments follow.
+    First,
+    /// A later fragment: no L4 header.
+    Later,
+}
+
+/// What the L4 parse found. Every field is always written (no enum
+/// payloads): the verifier rejects copies of uninitialised stack bytes.
+#[derive(Clone, Copy)]
+struct Parsed {
+    /// The L4 header ([`L4::NONE`] in a later fragment).
+    l4: L4,
+    fragment: Fragment,
+    /// The datagram, for a first or later fragment.
+    id: FragId,
+}
+
+impl Parsed {
+    #[inline(always)]
+    fn head(l4: L4, first: Option<FragId>) -> Self {
+        match first {
+            Some(id) => Self {
+                l4,
+                fragment: Fragment::First,
+                id,
+            },
+            None => Self {
+                l4,
+                fragment: Fragment::Not,
+                id: FragId {
+                    id: [0; 4],
+                    proto: 0,
+                },
+            },
+        }
+    }
+
+    #[inline(always)]
+    fn later(id: FragId) -> Self {
+        Self {
+            l4: L4::NONE,
+            fragment: Fragment::Later,
+            id,
+        }
+    }
+}
+
+impl L4 {
+    /// No L4 header (a later fragment).
+    const NONE: L4 = L4 {
+        proto: 0,
+        src_port: 0,
+        dst_port: 0,
+        echo_request: false,
+        tcp_syn: false,
+        trackable: false,
+    };
+}
+
 /// `CONFIG_MAP[slot]`.
 #[inline(always)]
 fn config(slot: u32) -> Result<u32, Error> {
@@ -234,9 +341,39 @@ fn try_ingress(ctx: &TcContext) -> Result<PolicyVerdict, Error> {
     if !hosted(epoch, &addrs.dst) {
         return Ok(PolicyVerdict::Forwarded);
     }
-    let l4 = if v6 { v6_l4(ctx, l3)? } else { v4_l4(ctx, l3)? };
+    let parsed = if v6 { v6_l4(ctx, l3)? } else { v4_l4(ctx, l3)? };
     // SAFETY: a BPF helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
+    if parsed.fragment == Fragment::Later {
+        return Ok(later_fragment(ctx, &addrs, parsed.id, now));
+    }
+    let (verdict, rule) = judge(ctx, epoch, dst_identity, &addrs, &parsed.l4, now);
+    if parsed.fragment == Fragment::First
+        && matches!(verdict, PolicyVerdict::Allowed | PolicyVerdict::Established)
+    {
+        let entry = FragValue {
+            first_seen_ns: now,
+            verdict: verdict.index(),
+            rule,
+        };
+        // A full table evicts its least recently used datagram, whose
+        // later fragments are then dropped.
+        let _ = WEFT_FRAGMENTS.insert(&frag_key(&addrs, parsed.id), &entry, 0);
+    }
+    Ok(verdict)
+}
+
+/// The verdict (and the rule that gave it, 0 for none) of a whole
+/// datagram or a first fragment to a governed, hosted destination.
+#[inline(always)]
+fn judge(
+    ctx: &TcContext,
+    epoch: u32,
+    dst_identity: u32,
+    addrs: &L3,
+    l4: &L4,
+    now: u64,
+) -> (PolicyVerdict, u32) {
     let ct_key = CtKey {
         src: addrs.src,
         dst: addrs.dst,
@@ -246,7 +383,7 @@ fn try_ingress(ctx: &TcContext) -> Result<PolicyVerdict, Error> {
         pad: [0; 3],
     };
     if l4.trackable && refresh(&ct_key, l4.proto, now) {
-        return Ok(PolicyVerdict::Established);
+        return (PolicyVerdict::Established, 0);
     }
     let src_identity = identity(epoch, &addrs.src);
     let key = Key::new(
@@ -260,7 +397,7 @@ fn try_ingress(ctx: &TcContext) -> Result<PolicyVerdict, Error> {
         ),
     );
     match WEFT_POLICY.get(&key) {
-        None => Ok(PolicyVerdict::DefaultDenied),
+        None => (PolicyVerdict::DefaultDenied, 0),
         Some(value) => {
             let value: PolicyValue = *value;
             count(&WEFT_POLICY_RULES, value.rule, ctx.len());
@@ -275,12 +412,46 @@ fn try_ingress(ctx: &TcContext) -> Result<PolicyVerdict, Error> {
                     // an error only means this flow meets the policy again.
                     let _ = WEFT_CT.insert(&ct_key, &entry, 0);
                 }
-                Ok(PolicyVerdict::Allowed)
+                (PolicyVerdict::Allowed, value.rule)
             } else {
                 // VERDICT_DENY, or a value this program does not know.
-                Ok(PolicyVerdict::Denied)
+                (PolicyVerdict::Denied, value.rule)
             }
         }
+    }
+}
+
+/// The verdict of a later fragment to a governed, hosted destination:
+/// its datagram's, if the first fragment passed not long ago.
+#[inline(always)]
+fn later_fragment(ctx: &TcContext, addrs: &L3, frag: FragId, now: u64) -> PolicyVerdict {
+    let Some(entry) = WEFT_FRAGMENTS.get_ptr(&frag_key(addrs, frag)) else {
+        return PolicyVerdict::Unparsable;
+    };
+    // SAFETY: the kernel returned a pointer to the map value, valid while
+    // the program runs; a racing writer can only store another whole entry
+    // of a datagram that passed.
+    let entry: FragValue = unsafe { *entry };
+    if !entry.live(now) {
+        PolicyVerdict::Unparsable
+    } else if entry.verdict == PolicyVerdict::Allowed.index() {
+        count(&WEFT_POLICY_RULES, entry.rule, ctx.len());
+        PolicyVerdict::Allowed
+    } else if entry.verdict == PolicyVerdict::Established.index() {
+        PolicyVerdict::Established
+    } else {
+        PolicyVerdict::Unparsable
+    }
+}
+
+#[inline(always)]
+fn frag_key(addrs: &L3, frag: FragId) -> FragKey {
+    FragKey {
+        src: addrs.src,
+        dst: addrs.dst,
+        id: frag.id,
+        proto: frag.proto,
+        pad: [0; 3],
     }
 }
 
@@ -292,10 +463,12 @@ fn track_egress(ctx: &TcContext) -> Result<(), Error> {
     let Some((v6, addrs)) = parse_l3(ctx, l3)? else {
         return Ok(());
     };
-    let l4 = if v6 { v6_l4(ctx, l3)? } else { v4_l4(ctx, l3)? };
-    if !l4.trackable {
+    let parsed = if v6 { v6_l4(ctx, l3)? } else { v4_l4(ctx, l3)? };
+    // A later fragment has no L4 header: its flow is its first fragment's.
+    if parsed.fragment == Fragment::Later || !parsed.l4.trackable {
         return Ok(());
     }
+    let l4 = parsed.l4;
     let is_icmp = l4.proto == PROTO_ICMP;
     // The reply's orientation: remote → local, ports swapped; an echo
     // reply carries the request's identifier, and answers a request (and
@@ -430,67 +603,137 @@ fn v6_addrs(ctx: &TcContext, l3: usize) -> Result<L3, Error> {
     })
 }
 
-/// Protocol and destination port of an IPv4 packet.
+/// `T` at `off`, if it ends by `end` (the IP packet's declared end).
 #[inline(always)]
-fn v4_l4(ctx: &TcContext, l3: usize) -> Result<L4, Error> {
-    let vihl: u8 = load(ctx, l3)?;
-    let ihl = usize::from(vihl & 0x0f) * 4;
-    let frag: [u8; 2] = load(ctx, l3 + 6)?;
-    if u16::from_be_bytes(frag) & 0x1fff != 0 {
-        // A non-first fragment carries no L4 header.
+fn load_in<T>(ctx: &TcContext, off: usize, end: usize) -> Result<T, Error> {
+    if off + core::mem::size_of::<T>() > end {
         return Err(Error::Unparsable);
     }
-    let proto: u8 = load(ctx, l3 + 9)?;
-    l4(ctx, l3 + ihl, proto)
+    load(ctx, off)
 }
 
-/// Protocol and destination port of an IPv6 packet, after the extension
-/// headers.
+/// Where the IP packet starting at `l3` ends, by its declared `length`
+/// (from `l3`). A length of 0 (GSO packets beyond 64 KiB) means the
+/// packet runs to the end of the buffer.
 #[inline(always)]
-fn v6_l4(ctx: &TcContext, l3: usize) -> Result<L4, Error> {
+fn packet_end(ctx: &TcContext, l3: usize, length: usize) -> usize {
+    if length == 0 {
+        ctx.len() as usize
+    } else {
+        l3 + length
+    }
+}
+
+/// The L4 header of an IPv4 packet, or its fragment identity.
+#[inline(always)]
+fn v4_l4(ctx: &TcContext, l3: usize) -> Result<Parsed, Error> {
+    // Version/IHL, TOS, total length, identification, flags/offset.
+    let hdr: [u8; 8] = load(ctx, l3)?;
+    let ihl = usize::from(hdr[0] & 0x0f) * 4;
+    let total = usize::from(u16::from_be_bytes([hdr[2], hdr[3]]));
+    let frag = u16::from_be_bytes([hdr[6], hdr[7]]);
+    let proto: u8 = load(ctx, l3 + 9)?;
+    let id = FragId {
+        id: [0, 0, hdr[4], hdr[5]],
+        proto,
+    };
+    if frag & 0x1fff != 0 {
+        // A later fragment carries no L4 header.
+        return Ok(Parsed::later(id));
+    }
+    let l4 = l4(ctx, l3 + ihl, packet_end(ctx, l3, total), proto)?;
+    // MF: more fragments follow this first one.
+    Ok(Parsed::head(l4, (frag & 0x2000 != 0).then_some(id)))
+}
+
+/// The L4 header of an IPv6 packet after its extension headers, or its
+/// fragment identity.
+#[inline(always)]
+fn v6_l4(ctx: &TcContext, l3: usize) -> Result<Parsed, Error> {
+    let fixed: [u8; 2] = load(ctx, l3 + 4)?;
+    let payload = usize::from(u16::from_be_bytes(fixed));
+    let end = if payload == 0 {
+        packet_end(ctx, l3, 0)
+    } else {
+        l3 + 40 + payload
+    };
     let mut next: u8 = load(ctx, l3 + 6)?;
     let mut off = l3 + 40;
-    for _ in 0..MAX_V6_EXT {
+    let mut fragment_seen = false;
+    let mut first: Option<FragId> = None;
+    for i in 0..MAX_V6_EXT {
         let len = match next {
-            // Hop-by-Hop, Routing, Destination Options: (len + 1) * 8.
-            0 | 43 | 60 => {
-                let hdr: [u8; 2] = load(ctx, off)?;
+            // Hop-by-Hop only right after the fixed header (RFC 8200).
+            NEXTHDR_HOP if i != 0 => return Err(Error::Unparsable),
+            // Hop-by-Hop, Destination Options: (len + 1) * 8.
+            NEXTHDR_HOP | NEXTHDR_DEST => {
+                let hdr: [u8; 2] = load_in(ctx, off, end)?;
+                next = hdr[0];
+                (usize::from(hdr[1]) + 1) * 8
+            }
+            // Routing: (len + 1) * 8. With segments left the kernel would
+            // send the packet on to an address this program did not judge.
+            NEXTHDR_ROUTING => {
+                let hdr: [u8; 4] = load_in(ctx, off, end)?;
+                if hdr[3] != 0 {
+                    return Err(Error::Unparsable);
+                }
                 next = hdr[0];
                 (usize::from(hdr[1]) + 1) * 8
             }
             // Fragment: 8 bytes; only the first fragment has the L4 header.
-            44 => {
-                let hdr: [u8; 4] = load(ctx, off)?;
-                if u16::from_be_bytes([hdr[2], hdr[3]]) >> 3 != 0 {
+            NEXTHDR_FRAGMENT => {
+                if fragment_seen {
                     return Err(Error::Unparsable);
+                }
+                fragment_seen = true;
+                let hdr: [u8; 8] = load_in(ctx, off, end)?;
+                let field = u16::from_be_bytes([hdr[2], hdr[3]]);
+                let id = FragId {
+                    id: [hdr[4], hdr[5], hdr[6], hdr[7]],
+                    proto: hdr[0],
+                };
+                if field >> 3 != 0 {
+                    return Ok(Parsed::later(id));
+                }
+                // M: more fragments follow (else an atomic fragment, a
+                // whole datagram).
+                if field & 1 != 0 {
+                    first = Some(id);
                 }
                 next = hdr[0];
                 8
             }
             // Authentication Header: (len + 2) * 4.
-            51 => {
-                let hdr: [u8; 2] = load(ctx, off)?;
+            NEXTHDR_AUTH => {
+                let hdr: [u8; 2] = load_in(ctx, off, end)?;
                 next = hdr[0];
                 (usize::from(hdr[1]) + 2) * 4
             }
             // ESP hides the L4 header.
-            50 => return Err(Error::Unparsable),
-            _ => return l4(ctx, off, next),
+            NEXTHDR_ESP => return Err(Error::Unparsable),
+            _ => return Ok(Parsed::head(l4(ctx, off, end, next)?, first)),
         };
         off += len;
     }
     match next {
-        0 | 43 | 44 | 50 | 51 | 60 => Err(Error::Unparsable),
-        _ => l4(ctx, off, next),
+        NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_FRAGMENT | NEXTHDR_ESP | NEXTHDR_AUTH
+        | NEXTHDR_DEST => Err(Error::Unparsable),
+        _ => Ok(Parsed::head(l4(ctx, off, end, next)?, first)),
     }
 }
 
-/// Key protocol, ports and echo identifier of the L4 header at `off`.
-/// ICMPv6 is keyed as ICMP; ICMP and other protocols have port 0.
+/// Key protocol, ports and echo identifier of the L4 header at `off`,
+/// which must lie whole before `end`. ICMPv6 is keyed as ICMP; ICMP and
+/// other protocols have port 0.
 #[inline(always)]
-fn l4(ctx: &TcContext, off: usize, proto: u8) -> Result<L4, Error> {
+fn l4(ctx: &TcContext, off: usize, end: usize, proto: u8) -> Result<L4, Error> {
     match proto {
         PROTO_TCP | PROTO_UDP => {
+            let min = if proto == PROTO_TCP { TCP_MIN } else { UDP_LEN };
+            if off + min > end {
+                return Err(Error::Unparsable);
+            }
             let ports: [u8; 4] = load(ctx, off)?;
             let tcp_syn = if proto == PROTO_TCP {
                 // Flags: SYN 0x02, ACK 0x10.
@@ -509,8 +752,9 @@ fn l4(ctx: &TcContext, off: usize, proto: u8) -> Result<L4, Error> {
             })
         }
         PROTO_ICMP | PROTO_ICMPV6 => {
-            // Type and code must be there.
-            let hdr: [u8; 2] = load(ctx, off)?;
+            // Type, code, checksum and the 4 bytes of the rest of the
+            // header (the echo identifier and sequence).
+            let hdr: [u8; ICMP_MIN] = load_in(ctx, off, end)?;
             let (request, reply) = if proto == PROTO_ICMP {
                 (8, 0)
             } else {
@@ -518,8 +762,7 @@ fn l4(ctx: &TcContext, off: usize, proto: u8) -> Result<L4, Error> {
             };
             let echo = hdr[0] == request || hdr[0] == reply;
             let id = if echo {
-                let id: [u8; 2] = load(ctx, off + 4)?;
-                u16::from_be_bytes(id)
+                u16::from_be_bytes([hdr[4], hdr[5]])
             } else {
                 0
             };

@@ -35,9 +35,10 @@ use weft_dataplane_core::policy_maps::{
 use weft_ebpf_common::Counters;
 use weft_ebpf_common::policy::{
     CONFIG_EPOCH, CONFIG_L3_OFFSET, CONFIG_MAP, CONFIG_SKIP_INGRESS_IFINDEX, CONNTRACK_MAP,
-    CT_INBOUND, CT_REVOKED, CtKey, CtValue, GOVERNED, GOVERNED_MAP, GovernedKey, HOSTED,
-    HOSTED_MAP, IPCACHE_MAP, IpcacheKey, POLICY_EGRESS_PROGRAM, POLICY_INGRESS_PROGRAM, POLICY_MAP,
-    PROTO_ICMP, PolicyKey, PolicyValue, PolicyVerdict, RULE_COUNTERS_MAP, VERDICT_COUNTERS_MAP,
+    CT_INBOUND, CT_REVOKED, CtKey, CtValue, FRAGMENTS_MAP, FragKey, FragValue, GOVERNED,
+    GOVERNED_MAP, GovernedKey, HOSTED, HOSTED_MAP, IPCACHE_MAP, IpcacheKey, POLICY_EGRESS_PROGRAM,
+    POLICY_INGRESS_PROGRAM, POLICY_MAP, PROTO_ICMP, PolicyKey, PolicyValue, PolicyVerdict,
+    RULE_COUNTERS_MAP, VERDICT_COUNTERS_MAP,
 };
 
 use super::{OBJECT, classifier, tcx_supported};
@@ -324,6 +325,38 @@ impl PolicyDatapath {
         let ct: HashMap<&MapData, CtKey, CtValue> = HashMap::try_from(map)
             .with_context(|| format!("{CONNTRACK_MAP} is not a hash of CtKey → CtValue"))?;
         Ok(ct.iter().filter_map(Result::ok).collect())
+    }
+
+    /// The remembered fragmented datagrams (key and entry), for tests.
+    #[cfg(test)]
+    pub(crate) fn tracked_datagrams(&self) -> anyhow::Result<Vec<(FragKey, FragValue)>> {
+        let map = self
+            .ebpf
+            .map(FRAGMENTS_MAP)
+            .with_context(|| format!("map {FRAGMENTS_MAP} missing from the eBPF object"))?;
+        let frags: HashMap<&MapData, FragKey, FragValue> = HashMap::try_from(map)
+            .with_context(|| format!("{FRAGMENTS_MAP} is not a hash of FragKey → FragValue"))?;
+        Ok(frags.iter().filter_map(Result::ok).collect())
+    }
+
+    /// Moves every remembered datagram's first fragment `by_ns` into the
+    /// past (tests of the timeout).
+    #[cfg(test)]
+    pub(crate) fn age_datagrams(&mut self, by_ns: u64) -> anyhow::Result<()> {
+        let remembered = self.tracked_datagrams()?;
+        let mut frags: HashMap<&mut MapData, FragKey, FragValue> =
+            HashMap::try_from(map_mut(&mut self.ebpf, FRAGMENTS_MAP)?)
+                .with_context(|| format!("{FRAGMENTS_MAP} is not a hash of FragKey → FragValue"))?;
+        for (key, value) in remembered {
+            let aged = FragValue {
+                first_seen_ns: value.first_seen_ns.saturating_sub(by_ns),
+                ..value
+            };
+            frags
+                .insert(key, aged, 0)
+                .with_context(|| format!("{FRAGMENTS_MAP}: ageing {key:?}"))?;
+        }
+        Ok(())
     }
 
     /// The per-verdict counters and the per-rule counters of the rules the

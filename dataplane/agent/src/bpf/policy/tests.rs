@@ -25,6 +25,8 @@ use weft_ebpf_common::policy::{
 
 use super::*;
 
+mod fragments;
+
 const TC_ACT_SHOT: u32 = 2;
 /// `TC_ACT_UNSPEC` (-1) as BPF_PROG_TEST_RUN reports it (`TCX_NEXT`).
 const TC_ACT_UNSPEC: u32 = u32::MAX;
@@ -536,16 +538,16 @@ fn unparsable_packets_to_governed_destinations_are_dropped_and_counted() {
         &[6, 0, 0x00, 0x08, 0, 0, 0, 1, 1, 2, 3, 4],
     );
     expect(&mut dp, "v6 non-first fragment", &frag6, bad, None);
-    // Five IPv6 extension headers: more than the program walks.
+    // One IPv6 extension header more than the program walks.
     let mut chain = Vec::new();
-    for _ in 0..4 {
+    for _ in 0..weft_ebpf_common::policy::MAX_V6_EXT {
         chain.extend_from_slice(&[60, 0, 1, 4, 0, 0, 0, 0]);
     }
     chain.extend_from_slice(&[6, 0, 1, 4, 0, 0, 0, 0]);
     let (_, tcp) = l4_bytes(L4::Tcp(8000), true);
     chain.extend_from_slice(&tcp);
     let long = v6_raw(CLIENT_V6, WEB_V6, 0, &chain);
-    expect(&mut dp, "v6 five extension headers", &long, bad, None);
+    expect(&mut dp, "v6 too many extension headers", &long, bad, None);
 
     // Truncated to an ungoverned destination: passes.
     let open_cut = v4_raw(CLIENT_V4, OPEN_V4, PROTO_TCP, &[0x9c, 0x40]);
