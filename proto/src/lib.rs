@@ -7,6 +7,7 @@
 pub mod admin_config;
 pub mod client;
 pub mod convert;
+pub mod report;
 pub mod token;
 
 /// Generated code for package `weft.v1`.

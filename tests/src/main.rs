@@ -6,6 +6,7 @@
 
 mod bench_policy;
 mod null_relay;
+mod report_as;
 
 use std::fs;
 use std::net::SocketAddr;
@@ -33,6 +34,10 @@ enum Top {
     /// Benchmarks on a lab of network namespaces (needs root).
     #[command(subcommand)]
     Bench(BenchCmd),
+    /// (Testing) sends reports to the controller as the node whose agent
+    /// state dir is given, saying what the flags say (forged measurements).
+    #[command(hide = true)]
+    ReportAs(report_as::ReportAsArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -210,6 +215,7 @@ fn main() -> ExitCode {
     let res = match cli.command {
         Top::Lab(cmd) => lab(cmd),
         Top::Bench(cmd) => bench(cmd),
+        Top::ReportAs(args) => report_as::run(&args),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

@@ -25,15 +25,16 @@
 //!   nodes announce unroutable LAN endpoints) with two normal sites: every
 //!   node of n reaches and is reached by every node of the others (ping and
 //!   TCP).
-//! - `nat_sites_punch_through`: full mesh, site a (1 node, public), n and m
-//!   (2 nodes each) behind NATs that keep source ports. The controller
-//!   learns each NATed node's public mapping from a's reports ("endpoint
+//! - `nat_sites_punch_through`: full mesh, site a (2 nodes, public), n and
+//!   m (2 nodes each) behind NATs that keep source ports. The controller
+//!   learns each NATed node's public mapping from a's reports (a1 and a2
+//!   agree: a mapping needs two witnesses in other sites; "endpoint
 //!   learnt" in its log, for all four) and hands it to the other NAT site;
 //!   the simultaneous handshakes open both NATs: every node of n pings
 //!   every node of m and back, TCP n -> m, directly (n1's endpoint for m1
 //!   is m's NAT address, n1's wg transfer with m1 grows with the pings,
-//!   a1's TUN sees none of them; n2 keeps n1's LAN endpoint). Prints how
-//!   long after the mesh formed n1 -> m1 first answered.
+//!   a1's and a2's TUNs see none of them; n2 keeps n1's LAN endpoint).
+//!   Prints how long after the mesh formed n1 -> m1 first answered.
 //! - `symmetric_nat_relays_via_gateway`: site a (1 node), n (2) behind a
 //!   port-preserving NAT, m (2) behind a symmetric one: in full mesh n1
 //!   never reaches m1 (12 s). Gateway mode with gateways a1, n1, m1: the
@@ -1003,10 +1004,12 @@ fn nat_sites_punch_through() {
         return;
     }
     let t0 = Instant::now();
-    let (lab, meshed) = two_nat_lab(1, 2, 2, false);
+    // Two public nodes: the controller hands out a NAT mapping only when
+    // two members of other sites see it (one could lie).
+    let (lab, meshed) = two_nat_lab(2, 2, 2, false);
     let _diag = NatStateOnPanic {
         lab: &lab,
-        nodes: vec!["a1", "n1", "n2", "m1", "m2"],
+        nodes: vec!["a1", "a2", "n1", "n2", "m1", "m2"],
     };
     let (n_nodes, m_nodes) = (lab.site_nodes("n"), lab.site_nodes("m"));
     let (n_pub, m_pub) = (uplink_ip(&lab, "n"), uplink_ip(&lab, "m"));
@@ -1043,8 +1046,8 @@ fn nat_sites_punch_through() {
     eprintln!("{}", nat_state(&lab, &["n1", "m1"]));
 
     // Direct: the peers' endpoints are the other NAT's public address, and
-    // a1 (the only public node, which relays nothing in full mesh anyway)
-    // carries none of it.
+    // a1 and a2 (the public nodes, which relay nothing in full mesh anyway)
+    // carry none of it.
     for (x, y, public) in [("n1", "m1", &m_pub), ("m1", "n1", &n_pub)] {
         let e = endpoint_of(&lab, x, y);
         assert!(
@@ -1070,6 +1073,7 @@ fn nat_sites_punch_through() {
     };
     let transfer0 = n1_m1(&lab);
     let a1_before = lab.tun_packets("a1");
+    let a2_before = lab.tun_packets("a2");
     for x in &n_nodes {
         for y in &m_nodes {
             for (from, to) in [(x, y), (y, x)] {
@@ -1079,6 +1083,7 @@ fn nat_sites_punch_through() {
         }
     }
     let a1_after = lab.tun_packets("a1");
+    let a2_after = lab.tun_packets("a2");
     let transfer1 = n1_m1(&lab);
     let (rx, tx) = (
         transfer1.0.saturating_sub(transfer0.0),
@@ -1101,6 +1106,12 @@ fn nat_sites_punch_through() {
         "a1 must carry nothing of the n <-> m pings: TUN rx +{}, tx +{}",
         a1_after.0 - a1_before.0,
         a1_after.1 - a1_before.1
+    );
+    assert!(
+        a2_after.0 - a2_before.0 < 5 && a2_after.1 - a2_before.1 < 5,
+        "a2 must carry nothing of the n <-> m pings: TUN rx +{}, tx +{}",
+        a2_after.0 - a2_before.0,
+        a2_after.1 - a2_before.1
     );
 
     // TCP n -> m.
@@ -1158,9 +1169,9 @@ fn symmetric_nat_relays_via_gateway() {
         nodes: vec!["a1", "n1", "n2", "m1", "m2"],
     };
     // In full mesh n and m cannot meet: m's NAT maps each destination to
-    // its own port, so the mapping the controller hands out (the one a1
-    // sees) is not the one n's packets would need, and m's packets reach
-    // n's NAT from ports it never sent to. Longer than two NAT sites that
+    // its own port, so no mapping the controller could hand out (a1, the
+    // only witness, is not enough anyway) is the one n's packets would
+    // need, and m's packets reach n's NAT from ports it never sent to. Longer than two NAT sites that
     // keep their ports need (nat_sites_punch_through).
     let direct = time_to_ping(&lab, "n1", v4(&lab, "m1"), meshed, Duration::from_secs(12));
     eprintln!(

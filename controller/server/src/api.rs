@@ -234,7 +234,17 @@ impl AgentService for AgentApi {
         req: Request<pb::ReportRequest>,
     ) -> Result<Response<pb::ReportResponse>, Status> {
         let node_id = self.caller(&req)?;
-        self.controller.report(&node_id, req.into_inner());
+        let report = req.into_inner();
+        weft_proto::report::check_report(&report)
+            .and_then(|()| self.controller.report(&node_id, report))
+            .map_err(|e| {
+                warn!(node = %node_id, error = %e, "report refused");
+                if e.is_limit() {
+                    Status::resource_exhausted(e.to_string())
+                } else {
+                    Status::invalid_argument(e.to_string())
+                }
+            })?;
         Ok(Response::new(pb::ReportResponse {}))
     }
 }

@@ -10,13 +10,15 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 use weft_controller_core::topology::{
-    Fabric, Link, Measurements, MemberTrace, SiteTrace, TopologyInput, TopologyMode,
+    Fabric, Link, Measurements, MemberTrace, ProbeVote, SiteTrace, TopologyInput, TopologyMode,
+    found_unreachable,
 };
 use weft_controller_core::{Error as CoreError, Member, State, netmap};
-use weft_dataplane_core::NodeConfig;
+use weft_dataplane_core::{Key, NodeConfig};
 use weft_proto::pb;
+use weft_proto::report::{MAX_REPORT_PEERS, ReportError};
 
 use crate::store::{Store, StoreError};
 
@@ -36,9 +38,32 @@ pub(crate) struct NodeStatus {
     pub(crate) applied_revision: u64,
     pub(crate) last_report_unix: u64,
     pub(crate) apply_error: String,
+    /// The reported peers that are in the node's config (the others are
+    /// ignored).
     pub(crate) peers: Vec<pb::PeerStatus>,
     pub(crate) policy: Option<pb::PolicyStatus>,
+    /// Report entries about keys not in the node's config, ignored so far,
+    /// and when that was last logged as a warning (Unix seconds).
+    pub(crate) ignored_total: u64,
+    pub(crate) ignored_warned_unix: u64,
 }
+
+/// Ignored report entries are logged as a warning at most this often per
+/// node (a forger's every report would otherwise be a log line).
+const IGNORED_WARN_SECS: u64 = 60;
+
+/// Most peers a report may list for a node whose config has `configured`:
+/// twice that plus [`REPORT_PEER_SLACK`] (a report can race a config
+/// change that shrank the peer set), at most [`MAX_REPORT_PEERS`].
+pub(crate) fn report_peer_limit(configured: usize) -> usize {
+    configured
+        .saturating_mul(2)
+        .saturating_add(REPORT_PEER_SLACK)
+        .min(MAX_REPORT_PEERS)
+}
+
+/// See [`report_peer_limit`].
+const REPORT_PEER_SLACK: usize = 256;
 
 pub(crate) struct Controller {
     inner: Mutex<Inner>,
@@ -164,16 +189,59 @@ impl Controller {
         }
     }
 
-    /// Records an agent's report.
-    pub(crate) fn report(&self, node_id: &str, report: pb::ReportRequest) {
+    /// Records an agent's report (already checked by
+    /// `weft_proto::report::check_report`): refused whole when it lists
+    /// more peers than [`report_peer_limit`] allows for the node's config;
+    /// otherwise only the entries about peers in the node's current config
+    /// are kept (the others are counted and ignored).
+    pub(crate) fn report(
+        &self,
+        node_id: &str,
+        mut report: pb::ReportRequest,
+    ) -> Result<(), ReportError> {
         let mut inner = self.lock();
+        let configured: BTreeSet<Key> = inner
+            .configs
+            .get(node_id)
+            .map(|tx| tx.borrow().peers.keys().copied().collect())
+            .unwrap_or_default();
+        let limit = report_peer_limit(configured.len());
+        if report.peers.len() > limit {
+            return Err(ReportError::TooManyPeers {
+                count: report.peers.len(),
+                limit,
+                why: format!(
+                    " (twice the {} peers of this node's config, plus {REPORT_PEER_SLACK})",
+                    configured.len()
+                ),
+            });
+        }
+        let listed = report.peers.len();
+        report.peers.retain(|p| {
+            Key::from_slice(&p.public_key).is_ok_and(|k| configured.contains(&k))
+        });
+        let ignored = listed - report.peers.len();
+        let now = now_unix();
         let s = inner.status.entry(node_id.to_string()).or_default();
+        s.ignored_total = s
+            .ignored_total
+            .saturating_add(u64::try_from(ignored).unwrap_or(u64::MAX));
+        if ignored > 0 {
+            if now.saturating_sub(s.ignored_warned_unix) >= IGNORED_WARN_SECS {
+                s.ignored_warned_unix = now;
+                warn!(node = %node_id, ignored, ignored_total = s.ignored_total,
+                      "report lists peers that are not in the node's config; ignoring them (logged at most once a minute)");
+            } else {
+                debug!(node = %node_id, ignored, "report entries about unconfigured peers ignored");
+            }
+        }
         s.applied_revision = report.applied_revision;
         s.apply_error = report.apply_error;
         s.peers = report.peers;
         s.policy = report.policy;
-        s.last_report_unix = now_unix();
-        inner.remeasure(now_unix());
+        s.last_report_unix = now;
+        inner.remeasure(now);
+        Ok(())
     }
 
     /// Lets reports age: recomputes the paths when the fresh reports say
@@ -405,8 +473,17 @@ fn same_content(a: &NodeConfig, b: &NodeConfig) -> bool {
 /// them (the address their packets come from), where that differs from the
 /// registered endpoint: a node behind NAT announces an address only its
 /// LAN can reach, and its own handshakes show peers where its NAT maps it.
-/// `None` when every report shows the registered one, or when reports
-/// disagree. Nodes nobody in another site reports are left out.
+///
+/// A mapping is learnt (`Some(e)`) when at least
+/// [`ENDPOINT_WITNESSES`] reporters in other sites see the node at `e`
+/// and none at another address other than the registered one: a single
+/// node cannot hand its peers a false endpoint for another. It is
+/// forgotten (`None`) when reporters disagree, or when every
+/// reporter shows the registered endpoint, or when a lone reporter's
+/// observation is contradicted by another reporter showing the registered
+/// one. Otherwise (one reporter alone, or nobody reporting) nothing
+/// changes and the node is left out. Reports list each peer once and
+/// only peers of the reporter's config (`Controller::report`).
 fn learn_endpoints(
     state: &State,
     statuses: &BTreeMap<String, NodeStatus>,
@@ -416,7 +493,8 @@ fn learn_endpoints(
         .nodes()
         .map(|n| (n.public_key.0.as_slice(), n))
         .collect();
-    let mut votes: BTreeMap<&str, BTreeSet<SocketAddr>> = BTreeMap::new();
+    // Per node: what each reporter in another site sees.
+    let mut votes: BTreeMap<&str, BTreeMap<&str, SocketAddr>> = BTreeMap::new();
     let fresh = statuses
         .iter()
         .filter(|(_, st)| now.saturating_sub(st.last_report_unix) <= STALE_REPORT_SECS)
@@ -432,33 +510,59 @@ fn learn_endpoints(
             if node.site == reporter.site {
                 continue;
             }
-            votes.entry(node.id.as_str()).or_default().insert(seen);
+            votes
+                .entry(node.id.as_str())
+                .or_default()
+                .entry(reporter.id.as_str())
+                .or_insert(seen);
         }
     }
     votes
         .into_iter()
-        .map(|(id, v)| {
+        .filter_map(|(id, by_reporter)| {
             // Peers that have not heard from the node yet still show the
-            // registered endpoint: any other observation outvotes them. If
+            // registered endpoint: two others agreeing outvote them. If
             // peers see the node at different addresses, its NAT maps each
             // destination apart (symmetric NAT): no single endpoint works
             // for everyone, so none is handed out and each peer keeps the
             // one it learnt from the node's own packets.
             let registered = state.node_by_id(id).and_then(|n| n.endpoint);
-            let mut seen = v.into_iter().filter(|e| Some(*e) != registered);
-            let learnt = match (seen.next(), seen.next()) {
-                (Some(e), None) => Some(e),
-                _ => None,
+            let at_registered = by_reporter
+                .values()
+                .filter(|e| Some(**e) == registered)
+                .count();
+            let mut seen: BTreeMap<SocketAddr, usize> = BTreeMap::new();
+            for e in by_reporter.values().filter(|e| Some(**e) != registered) {
+                *seen.entry(*e).or_default() += 1;
+            }
+            let verdict = match seen.len() {
+                0 => Some(None),
+                1 => {
+                    let (e, witnesses) = seen.into_iter().next()?;
+                    if witnesses >= ENDPOINT_WITNESSES {
+                        Some(Some(e))
+                    } else if at_registered > 0 {
+                        Some(None)
+                    } else {
+                        None
+                    }
+                }
+                _ => Some(None),
             };
-            (id.to_owned(), learnt)
+            verdict.map(|v| (id.to_owned(), v))
         })
         .collect()
 }
 
+/// Reporters in other sites that must see a node at one address for it to
+/// be handed out as the node's endpoint.
+const ENDPOINT_WITNESSES: usize = 2;
+
 /// What the agents' fresh reports (the last [`STALE_REPORT_SECS`]) say:
-/// site links from their probes, and the nodes found down. A node is down
-/// when its agent is not connected and every fresh probe of it (at least
-/// one) goes unanswered.
+/// site links from their probes, one vote per reporter
+/// ([`Measurements::from_votes`]), and the nodes found down: those whose
+/// agent is not connected and that more reporters find unreachable than
+/// reachable.
 fn measure(state: &State, statuses: &BTreeMap<String, NodeStatus>, now: u64) -> Measurements {
     let by_key: BTreeMap<&[u8], (&str, &str)> = state
         .nodes()
@@ -468,9 +572,7 @@ fn measure(state: &State, statuses: &BTreeMap<String, NodeStatus>, now: u64) -> 
         .iter()
         .filter(|(_, st)| now.saturating_sub(st.last_report_unix) <= STALE_REPORT_SECS)
         .filter_map(|(id, st)| state.node_by_id(id).map(|n| (n, st)));
-    let mut links = Vec::new();
-    // Per probed node: (probes, answered).
-    let mut seen: BTreeMap<&str, (u32, u32)> = BTreeMap::new();
+    let mut votes = Vec::new();
     for (n, st) in fresh {
         for p in &st.peers {
             let (Some(probe), Some((peer_id, peer_site))) =
@@ -481,27 +583,29 @@ fn measure(state: &State, statuses: &BTreeMap<String, NodeStatus>, now: u64) -> 
             if probe.samples == 0 {
                 continue;
             }
-            let up = probe.reachable && probe.rtt_us > 0;
-            let e = seen.entry(peer_id).or_default();
-            e.0 += 1;
-            e.1 += u32::from(up);
-            let link = if up {
+            let link = if probe.reachable && probe.rtt_us > 0 {
                 Link {
                     latency_us: u32::try_from(probe.rtt_us).unwrap_or(u32::MAX),
-                    loss_ppm: probe.loss_permille.saturating_mul(1000),
+                    loss_ppm: probe.loss_permille.min(1000).saturating_mul(1000),
                     up: true,
                 }
             } else {
                 Link::down()
             };
-            links.push((n.site.clone(), (*peer_site).to_owned(), link));
+            votes.push(ProbeVote {
+                reporter: n.id.clone(),
+                reporter_site: n.site.clone(),
+                peer: (*peer_id).to_owned(),
+                peer_site: (*peer_site).to_owned(),
+                link,
+            });
         }
     }
-    let mut m = Measurements::from_probes(links);
-    for (id, (probes, answered)) in seen {
-        let connected = statuses.get(id).is_some_and(|s| s.streams > 0);
-        if probes > 0 && answered == 0 && !connected {
-            m.set_down(Member::Node(id.to_owned()), true);
+    let mut m = Measurements::from_votes(&votes);
+    for id in found_unreachable(&votes) {
+        let connected = statuses.get(&id).is_some_and(|s| s.streams > 0);
+        if !connected {
+            m.set_down(Member::Node(id), true);
         }
     }
     m
@@ -628,28 +732,120 @@ mod tests {
                     peers: vec![seen_at(1, endpoint)],
                     ..Default::default()
                 },
-            );
+            )
+            .expect("report accepted");
         };
         report("n-a2", "198.18.0.1:51820");
         report("n-b1", "198.18.9.1:40000");
+        assert_eq!(
+            endpoint_of_a1(&b1).as_deref(),
+            Some("198.18.0.1:51820"),
+            "one reporter alone teaches nothing"
+        );
+        report("n-c1", "198.18.9.1:40000");
         assert_eq!(endpoint_of_a1(&b1).as_deref(), Some("198.18.9.1:40000"));
         assert_eq!(
             endpoint_of_a1(&a2).as_deref(),
             Some("198.18.0.1:51820"),
             "a's own site keeps the LAN endpoint"
         );
-        // A peer that has not heard from a1 yet does not outvote b1.
-        report("n-c1", "198.18.0.1:51820");
-        assert_eq!(endpoint_of_a1(&b1).as_deref(), Some("198.18.9.1:40000"));
         // Another site sees another port (symmetric NAT): nothing is handed
         // out, each peer keeps what a1's own packets taught it.
         report("n-c1", "198.18.9.1:40001");
         assert_eq!(endpoint_of_a1(&b1).as_deref(), Some("198.18.0.1:51820"));
-        // Everyone sees it at its registered endpoint again: nothing learnt.
+        // Learnt again, then one reporter sees the registered endpoint: a
+        // lone witness left does not keep the mapping.
+        report("n-c1", "198.18.9.1:40000");
+        assert_eq!(endpoint_of_a1(&b1).as_deref(), Some("198.18.9.1:40000"));
         report("n-c1", "198.18.0.1:51820");
+        assert_eq!(endpoint_of_a1(&b1).as_deref(), Some("198.18.0.1:51820"));
+        // Everyone sees it at its registered endpoint again: nothing learnt.
         report("n-b1", "198.18.0.1:51820");
         assert_eq!(endpoint_of_a1(&b1).as_deref(), Some("198.18.0.1:51820"));
         assert!(c.lock().learnt.is_empty());
+    }
+
+    #[test]
+    fn one_node_cannot_set_another_nodes_endpoint() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let c = Controller::new(state(), Box::new(FileStore::new(dir.path())));
+        let a2 = c.subscribe("n-a2").expect("a2");
+        let forged = || pb::ReportRequest {
+            peers: vec![seen_at(1, "198.18.66.6:6666"), seen_at(3, "198.18.66.6:6667")],
+            ..Default::default()
+        };
+        // c1 claims a1 and b1 behind addresses of its choosing, over and over.
+        for _ in 0..10 {
+            c.report("n-c1", forged()).expect("report accepted");
+        }
+        assert!(c.lock().learnt.is_empty(), "one witness is not enough");
+        // a2 (same site as a1) cannot vouch for a1: it reaches a1 on its LAN.
+        c.report(
+            "n-a2",
+            pb::ReportRequest {
+                peers: vec![seen_at(1, "198.18.66.6:6666"), seen_at(3, "198.18.66.6:6667")],
+                ..Default::default()
+            },
+        )
+        .expect("report accepted");
+        let learnt = c.lock().learnt.clone();
+        assert_eq!(
+            learnt.keys().collect::<Vec<_>>(),
+            ["n-b1"],
+            "a2 and c1 are two witnesses from other sites for b1, none for a1"
+        );
+        assert_eq!(
+            a2.borrow().peers[&Key([3; 32])].endpoint,
+            Some("198.18.66.6:6667".parse().expect("addr"))
+        );
+    }
+
+    #[test]
+    fn reports_count_only_configured_peers_and_are_size_capped() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let c = Controller::new(state(), Box::new(FileStore::new(dir.path())));
+        // c1's config has a1, a2 and b1; it also reports on keys 9 and 10.
+        c.report(
+            "n-c1",
+            pb::ReportRequest {
+                peers: vec![probe(1, 5, true), probe(9, 1, true), probe(10, 1, true)],
+                ..Default::default()
+            },
+        )
+        .expect("report accepted");
+        let (kept, ignored) = {
+            let inner = c.lock();
+            let st = &inner.status["n-c1"];
+            (st.peers.len(), st.ignored_total)
+        };
+        assert_eq!((kept, ignored), (1, 2));
+        // Over twice the config's 3 peers plus the slack: refused whole,
+        // nothing recorded.
+        let limit = report_peer_limit(3);
+        assert_eq!(limit, 262);
+        let many: Vec<pb::PeerStatus> = (0..=limit)
+            .map(|i| pb::PeerStatus {
+                public_key: {
+                    let mut k = vec![200; 32];
+                    k[..8].copy_from_slice(&(i as u64).to_be_bytes());
+                    k
+                },
+                ..Default::default()
+            })
+            .collect();
+        let e = c
+            .report(
+                "n-c1",
+                pb::ReportRequest {
+                    peers: many,
+                    applied_revision: 99,
+                    ..Default::default()
+                },
+            )
+            .expect_err("too many peers");
+        assert!(e.is_limit());
+        assert!(e.to_string().contains("over the limit of 262"), "{e}");
+        assert_eq!(c.lock().status["n-c1"].applied_revision, 0);
     }
 
     #[test]
@@ -692,14 +888,16 @@ mod tests {
                 peers: vec![probe(3, 0, false), probe(4, 40, true)],
                 ..Default::default()
             },
-        );
+        )
+        .expect("report accepted");
         c.report(
             "n-c1",
             pb::ReportRequest {
                 peers: vec![probe(3, 50, true), probe(1, 40, true)],
                 ..Default::default()
             },
-        );
+        )
+        .expect("report accepted");
         assert!(now_unix() - now < STALE_REPORT_SECS);
         assert_eq!(routed_via(&a1).as_deref(), Some("c1"), "relayed via c");
         let trace = c
@@ -714,5 +912,71 @@ mod tests {
             .find(|t| t.from == "a" && t.to == "b")
             .expect("a -> b");
         assert!(ab.to_string().contains("relayed via c"), "{ab}");
+    }
+
+    #[test]
+    fn a_forging_gateway_cannot_pull_traffic_through_its_site() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let c = Controller::new(state(), Box::new(FileStore::new(dir.path())));
+        let a1 = c.subscribe("n-a1").expect("a1 subscribes");
+        c.mutate("topology", |s| {
+            s.set_topology(TopologyConfig {
+                mode: TopologyMode::Gateways,
+                gateways: ["a1", "b1", "c1"].map(str::to_owned).into(),
+                ..Default::default()
+            })
+        })
+        .expect("topology set");
+        let report = |id: &str, peers: Vec<pb::PeerStatus>| {
+            c.report(
+                id,
+                pb::ReportRequest {
+                    peers,
+                    ..Default::default()
+                },
+            )
+            .expect("report accepted");
+        };
+        // Honest: a-b 30 ms, a-c 40 ms, b-c 50 ms.
+        report("n-a1", vec![probe(3, 30, true), probe(4, 40, true)]);
+        report("n-b1", vec![probe(1, 30, true), probe(4, 50, true)]);
+        // c1 claims a1 and b1 a microsecond away, a thousand times each,
+        // and a2 (not its peer in gateway mode) unreachable.
+        let fast = |k: u8| pb::PeerStatus {
+            public_key: vec![k; 32],
+            probe: Some(pb::PeerProbe {
+                rtt_us: 1,
+                loss_permille: 0,
+                reachable: true,
+                samples: 20,
+            }),
+            ..Default::default()
+        };
+        let mut forged: Vec<pb::PeerStatus> = (0..1000).flat_map(|_| [fast(1), fast(3)]).collect();
+        forged.truncate(report_peer_limit(2) - 1);
+        forged.push(probe(2, 0, false));
+        report("n-c1", forged);
+        let routes = c.site_routes();
+        let ab = routes
+            .iter()
+            .find(|t| t.from == "a" && t.to == "b")
+            .expect("a -> b");
+        assert!(ab.to_string().contains("direct"), "{ab}");
+        let inner = c.lock();
+        assert_eq!(
+            inner.measurements.link("a", "c").map(|l| l.latency_us),
+            Some(40_000),
+            "two reporters: the higher latency counts"
+        );
+        assert!(!inner.measurements.is_down(&Member::Node("n-a2".into())));
+        drop(inner);
+        let b1_v4 = c.lock().state.node("b1").expect("b1").ipv4;
+        let via = a1
+            .borrow()
+            .peers
+            .values()
+            .find(|p| p.allowed_ips.iter().any(|n| n.contains(&IpAddr::V4(b1_v4))))
+            .map(|p| p.name.clone());
+        assert_eq!(via.as_deref(), Some("b1"), "a1 sends b's traffic to b1 directly");
     }
 }

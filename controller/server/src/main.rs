@@ -164,7 +164,10 @@ async fn run(args: Args) -> Result<()> {
         .context("configuring TLS")?
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(5)))
-        .add_service(AgentServiceServer::new(agent))
+        .add_service(
+            AgentServiceServer::new(agent)
+                .max_decoding_message_size(weft_proto::report::MAX_AGENT_MESSAGE_BYTES),
+        )
         .add_service(AdminServiceServer::with_interceptor(
             admin_api,
             AdminAuth { token_hash },

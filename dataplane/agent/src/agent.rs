@@ -855,7 +855,13 @@ async fn report(
     client
         .report(pb::ReportRequest {
             applied_revision: applier.revision(),
-            apply_error: applier.last_error.clone(),
+            // Cut to what the controller accepts (a longer one would have
+            // the whole report refused).
+            apply_error: weft_proto::report::truncate(
+                &applier.last_error,
+                weft_proto::report::MAX_APPLY_ERROR_LEN,
+            )
+            .to_owned(),
             peers,
             policy: applier.policy_status(),
         })

@@ -1,14 +1,21 @@
 //! Peer probes: every [`INTERVAL`] the agent sends each peer with a known
-//! endpoint a 16-byte UDP probe to the peer's endpoint address at the
+//! endpoint a 24-byte UDP probe to the peer's endpoint address at the
 //! probe port (`--probe-port`, the same on every node), and echoes the
-//! probes it receives. Per peer, [`ProbeWindow`] turns the answers into a
+//! probes it receives (at most [`EchoBudget`] per interval). Each peer
+//! gets a random 64-bit token, drawn here, that its probes carry and its
+//! replies echo: replies are matched to peers by token ([`Prober`]), not
+//! by source address, so peers sharing a NAT address are measured apart
+//! and replies nobody asked for are ignored (and counted). Per peer,
+//! [`weft_dataplane_core::probe::ProbeWindow`] turns the answers into a
 //! median round-trip time, a loss rate and reachability, which the agent
 //! reports to the controller (and `weftctl node get` shows). The probes
 //! travel the underlay beside the tunnel: they measure the path between
 //! the two endpoints, whatever the overlay's policy.
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -17,7 +24,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::UdpSocket;
 use tracing::{debug, info, warn};
 use weft_dataplane_core::Key;
-use weft_dataplane_core::probe::{Probe, ProbeKind, ProbeStats, ProbeWindow};
+use weft_dataplane_core::probe::{BadProbe, EchoBudget, Probe, ProbeKind, ProbeStats, Prober};
 
 use crate::tunnel::TunnelHandle;
 
@@ -64,7 +71,14 @@ pub(crate) fn start(port: u16, tunnel: TunnelHandle) -> anyhow::Result<SharedSta
     let socket = bind(port).with_context(|| format!("binding the probe port {port}/udp"))?;
     info!(port, "probing peers");
     let stats = SharedStats::default();
-    tokio::spawn(run(socket, port, tunnel, stats.clone()));
+    let peers = move || {
+        let tunnel = tunnel.clone();
+        async move {
+            let peers = tunnel.peers().await.ok()?;
+            Some(peers.into_iter().map(|p| (p.public_key, p.endpoint)).collect())
+        }
+    };
+    tokio::spawn(run(socket, port, peers, stats.clone(), Arc::default()));
     Ok(stats)
 }
 
@@ -73,43 +87,63 @@ fn canonical(addr: IpAddr) -> IpAddr {
     addr.to_canonical()
 }
 
-async fn run(socket: UdpSocket, port: u16, tunnel: TunnelHandle, stats: SharedStats) {
+/// What the probe loop ignored, for logs and tests.
+#[derive(Debug, Default)]
+pub(crate) struct Ignored {
+    /// Replies whose token matched no probed peer.
+    unknown_token: AtomicU64,
+    /// Datagrams that are not probes of this format (older versions too).
+    malformed: AtomicU64,
+    /// Requests left unanswered beyond the echo budget.
+    over_budget: AtomicU64,
+}
+
+/// The peers to probe: (key, endpoint) per peer, `None` once the tunnel is
+/// gone.
+type PeerList = Vec<(Key, Option<SocketAddr>)>;
+
+async fn run<F, Fut>(
+    socket: UdpSocket,
+    port: u16,
+    mut peers: F,
+    stats: SharedStats,
+    ignored: Arc<Ignored>,
+) where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<PeerList>>,
+{
     let epoch = Instant::now();
     let now_ns = || u64::try_from(epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
     let v6 = socket.local_addr().map(|a| a.is_ipv6()).unwrap_or(false);
-    let mut windows: BTreeMap<Key, ProbeWindow> = BTreeMap::new();
-    // Endpoint address → peer, for matching replies.
-    let mut by_addr: BTreeMap<IpAddr, Key> = BTreeMap::new();
-    let mut seq: u64 = 0;
+    let mut prober: Prober<Key> = Prober::new(
+        u64::try_from(TIMEOUT.as_nanos()).unwrap_or(u64::MAX),
+        DOWN_AFTER,
+    );
+    let mut budget = EchoBudget::default();
     let mut tick = tokio::time::interval(INTERVAL);
     let mut buf = [0u8; 64];
+    let mut old_format_seen = false;
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                let Ok(peers) = tunnel.peers().await else { return };
-                by_addr.clear();
-                for p in &peers {
-                    let Some(endpoint) = p.endpoint else { continue };
-                    let ip = canonical(endpoint.ip());
-                    by_addr.insert(ip, p.public_key);
-                    let window = windows
-                        .entry(p.public_key)
-                        .or_insert_with(|| ProbeWindow::new(
-                            u64::try_from(TIMEOUT.as_nanos()).unwrap_or(u64::MAX),
-                            DOWN_AFTER,
-                        ));
-                    seq = seq.wrapping_add(1);
-                    let to = target(ip, port, v6);
-                    let probe = Probe { kind: ProbeKind::Request, seq }.encode();
-                    match socket.send_to(&probe, to).await {
-                        Ok(_) => window.sent(seq, now_ns()),
-                        Err(e) => debug!(peer = %p.public_key, %to, error = %e, "sending a probe failed"),
+                let Some(peers) = peers().await else { return };
+                let probed: BTreeMap<Key, IpAddr> = peers
+                    .iter()
+                    .filter_map(|(k, e)| e.map(|e| (*k, canonical(e.ip()))))
+                    .collect();
+                prober.set_peers(probed.keys(), rand::random::<u64>);
+                budget.refill(peers.len());
+                for (key, ip) in &probed {
+                    let Some(probe) = prober.request(key) else { continue };
+                    let to = target(*ip, port, v6);
+                    match socket.send_to(&probe.encode(), to).await {
+                        Ok(_) => prober.sent(key, probe, now_ns()),
+                        Err(e) => debug!(peer = %key, %to, error = %e, "sending a probe failed"),
                     }
                 }
-                windows.retain(|k, _| by_addr.values().any(|v| v == k));
-                let now = now_ns();
-                let fresh: BTreeMap<Key, ProbeStats> =
-                    windows.iter().map(|(k, w)| (*k, w.stats(now))).collect();
+                ignored.unknown_token.store(prober.unknown_replies(), Ordering::Relaxed);
+                ignored.over_budget.store(budget.refused(), Ordering::Relaxed);
+                let fresh = prober.stats(now_ns());
                 if let Ok(mut shared) = stats.lock() {
                     for (key, s) in &fresh {
                         if let Some(old) = shared.get(key)
@@ -129,22 +163,31 @@ async fn run(socket: UdpSocket, port: u16, tunnel: TunnelHandle, stats: SharedSt
                 };
                 let probe = match Probe::decode(&buf[..n]) {
                     Ok(p) => p,
-                    Err(e) => { debug!(%from, error = %e, "ignoring a datagram on the probe port"); continue; }
+                    Err(e) => {
+                        ignored.malformed.fetch_add(1, Ordering::Relaxed);
+                        if matches!(e, BadProbe::Version(_)) && !old_format_seen {
+                            old_format_seen = true;
+                            warn!(%from, error = %e, "ignoring probes of another format (logged once)");
+                        } else {
+                            debug!(%from, error = %e, "ignoring a datagram on the probe port");
+                        }
+                        continue;
+                    }
                 };
                 match probe.kind {
                     ProbeKind::Request => {
-                        let reply = Probe { kind: ProbeKind::Reply, seq: probe.seq }.encode();
-                        if let Err(e) = socket.send_to(&reply, from).await {
+                        if !budget.take() {
+                            ignored.over_budget.store(budget.refused(), Ordering::Relaxed);
+                            continue;
+                        }
+                        if let Err(e) = socket.send_to(&probe.reply().encode(), from).await {
                             debug!(%from, error = %e, "answering a probe failed");
                         }
                     }
                     ProbeKind::Reply => {
-                        let now = now_ns();
-                        if let Some(w) = by_addr
-                            .get(&canonical(from.ip()))
-                            .and_then(|k| windows.get_mut(k))
-                        {
-                            w.replied(probe.seq, now);
+                        if let Err(e) = prober.handle_reply(probe, now_ns()) {
+                            ignored.unknown_token.store(prober.unknown_replies(), Ordering::Relaxed);
+                            debug!(%from, error = %e, "ignoring a probe reply");
                         }
                     }
                 }
@@ -159,5 +202,99 @@ fn target(ip: IpAddr, port: u16, v6_socket: bool) -> SocketAddr {
     match ip {
         IpAddr::V4(v4) if v6_socket => SocketAddr::new(IpAddr::V6(v4.to_ipv6_mapped()), port),
         IpAddr::V4(_) | IpAddr::V6(_) => SocketAddr::new(ip, port),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// Waits up to `secs` for `f` to hold.
+    async fn eventually(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while !f() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn peers_sharing_an_address_are_measured_apart_and_forged_replies_ignored() {
+        // Two peers behind one address (127.0.0.1, different WireGuard
+        // ports): their probes go to the same probe port, here this
+        // agent's own, which answers both. Matched by source address only
+        // one of them could be credited; by token both are.
+        let socket = bind(0).expect("probe socket");
+        let port = socket.local_addr().expect("bound").port();
+        let stats = SharedStats::default();
+        let ignored = Arc::new(Ignored::default());
+        let (p1, p2) = (Key([1; 32]), Key([2; 32]));
+        let peers = move || async move {
+            Some(vec![
+                (p1, Some(SocketAddr::from(([127, 0, 0, 1], 40001)))),
+                (p2, Some(SocketAddr::from(([127, 0, 0, 1], 40002)))),
+                (Key([3; 32]), None),
+            ])
+        };
+        let task = tokio::spawn(run(socket, port, peers, stats.clone(), ignored.clone()));
+        let reachable = |k: &Key| {
+            stats
+                .lock()
+                .expect("stats")
+                .get(k)
+                .is_some_and(|s| s.reachable && s.rtt_us.is_some() && s.samples >= 2)
+        };
+        eventually(10, "both peers measured reachable", || {
+            reachable(&p1) && reachable(&p2)
+        })
+        .await;
+        assert_eq!(
+            stats.lock().expect("stats").len(),
+            2,
+            "the peer without an endpoint is not probed"
+        );
+
+        // Replies with tokens nobody drew, and an old-format probe: ignored
+        // and counted, never answered.
+        let forger = std::net::UdpSocket::bind("127.0.0.1:0").expect("forger");
+        forger
+            .set_read_timeout(Some(Duration::from_millis(700)))
+            .expect("timeout");
+        for token in 0..5u64 {
+            let forged = Probe {
+                kind: ProbeKind::Reply,
+                seq: 1,
+                token,
+            };
+            forger
+                .send_to(&forged.encode(), ("127.0.0.1", port))
+                .expect("sent");
+        }
+        let mut v1 = [0u8; 16];
+        v1[..4].copy_from_slice(b"WFP1");
+        v1[4] = 1;
+        forger.send_to(&v1, ("127.0.0.1", port)).expect("sent");
+        eventually(5, "the forged datagrams counted", || {
+            ignored.unknown_token.load(Ordering::Relaxed) >= 5
+                && ignored.malformed.load(Ordering::Relaxed) >= 1
+        })
+        .await;
+        let mut reply = [0u8; 64];
+        assert!(
+            forger.recv_from(&mut reply).is_err(),
+            "nothing answers a reply or an old-format probe"
+        );
+        // A current request is echoed with its token.
+        let req = Probe {
+            kind: ProbeKind::Request,
+            seq: 42,
+            token: 0xabc,
+        };
+        forger.send_to(&req.encode(), ("127.0.0.1", port)).expect("sent");
+        let (n, _) = forger.recv_from(&mut reply).expect("echoed");
+        assert_eq!(Probe::decode(&reply[..n]), Ok(req.reply()));
+        task.abort();
     }
 }

@@ -96,47 +96,6 @@ impl Measurements {
     pub fn down_members(&self) -> Vec<String> {
         self.down.iter().map(ToString::to_string).collect()
     }
-
-    /// Site links from probes between members, given as (site of one end,
-    /// site of the other, what the probe saw): a pair of sites is up when
-    /// any probe between them is up; its latency and loss are the medians
-    /// over the up probes. Probes inside one site are ignored.
-    pub fn from_probes(probes: impl IntoIterator<Item = (String, String, Link)>) -> Self {
-        let mut by_pair: BTreeMap<(String, String), Vec<Link>> = BTreeMap::new();
-        for (a, b, link) in probes {
-            if a != b {
-                by_pair.entry(pair(&a, &b)).or_default().push(link);
-            }
-        }
-        let links = by_pair
-            .into_iter()
-            .map(|(k, probes)| {
-                let mut up: Vec<Link> = probes.into_iter().filter(|l| l.up).collect();
-                if up.is_empty() {
-                    return (k, Link::down());
-                }
-                let mid = up.len() / 2;
-                let latency_us = up
-                    .select_nth_unstable_by_key(mid, |l| l.latency_us)
-                    .1
-                    .latency_us;
-                let loss_ppm = up
-                    .select_nth_unstable_by_key(mid, |l| l.loss_ppm)
-                    .1
-                    .loss_ppm;
-                let link = Link {
-                    latency_us,
-                    loss_ppm,
-                    up: true,
-                };
-                (k, link)
-            })
-            .collect();
-        Measurements {
-            links,
-            down: BTreeSet::new(),
-        }
-    }
 }
 
 fn pair(a: &str, b: &str) -> (String, String) {
@@ -359,25 +318,4 @@ fn link_cost(link: &Link, params: &PathParams) -> Option<u64> {
     let latency = u64::from(link.latency_us);
     let loss = u64::from(link.loss_ppm) * u64::from(params.loss_factor);
     Some(latency + latency * loss / 1_000_000 + u64::from(params.hop_penalty_us))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn probes_become_site_links_by_median_of_the_up_ones() {
-        let probe = |a: &str, b: &str, link| (a.to_owned(), b.to_owned(), link);
-        let m = Measurements::from_probes([
-            probe("a", "b", Link::up(10_000)),
-            probe("b", "a", Link::up(30_000)),
-            probe("a", "b", Link::up(20_000)),
-            probe("a", "b", Link::down()),
-            probe("a", "c", Link::down()),
-            probe("a", "a", Link::up(1)),
-        ]);
-        assert_eq!(m.link("b", "a"), Some(Link::up(20_000)));
-        assert_eq!(m.link("a", "c"), Some(Link::down()));
-        assert_eq!(m.link("a", "a"), None);
-    }
 }

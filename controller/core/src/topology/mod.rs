@@ -8,6 +8,8 @@
 //! - [`gateways`]: which of a site's gateways carries which destination.
 //! - [`fabric`]: per-member peers, routes and accepted sources derived from
 //!   the site paths, kept incrementally ([`Fabric`]).
+//! - [`votes`]: link measurements from probe reports, one vote per
+//!   reporter, robust to a lying reporter ([`Measurements::from_votes`]).
 //!
 //! Two modes ([`TopologyMode`]): `FullMesh` (every member peers with every
 //! other, as [`crate::netmap`] computes) and `Gateways` (members mesh inside
@@ -20,6 +22,7 @@ pub mod fabric;
 pub mod gateways;
 pub mod graph;
 pub mod paths;
+pub mod votes;
 
 #[cfg(test)]
 mod tests;
@@ -38,6 +41,7 @@ pub use explain::{NoRoute, RelayReason, SiteRoute, SiteTrace};
 pub use fabric::{Affected, Fabric, MemberConfig, MemberHop, MemberTrace, PeerRoutes};
 pub use graph::{Link, Measurements, PathParams, ResidencyRule, SiteGraph, SiteSpec};
 pub use paths::{PathTable, compute_paths};
+pub use votes::{ProbeVote, found_unreachable};
 
 /// A node or external peer as topology sees it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
