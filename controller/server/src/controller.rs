@@ -38,6 +38,8 @@ pub(crate) struct NodeStatus {
     pub(crate) apply_error: String,
     pub(crate) peers: Vec<pb::PeerStatus>,
     pub(crate) policy: Option<pb::PolicyStatus>,
+    /// Packets the node's tunnel dropped after decryption, per reason.
+    pub(crate) tunnel_drops: Vec<pb::VerdictCounter>,
 }
 
 pub(crate) struct Controller {
@@ -172,6 +174,7 @@ impl Controller {
         s.apply_error = report.apply_error;
         s.peers = report.peers;
         s.policy = report.policy;
+        s.tunnel_drops = report.tunnel_drops;
         s.last_report_unix = now_unix();
         inner.remeasure(now_unix());
     }
@@ -399,6 +402,7 @@ fn same_content(a: &NodeConfig, b: &NodeConfig) -> bool {
         && a.policy == b.policy
         && a.routes == b.routes
         && a.forwarding == b.forwarding
+        && a.hosted == b.hosted
 }
 
 /// Endpoints of nodes as the fresh reports of members of other sites see
