@@ -654,7 +654,9 @@ a1     n-1   a      100.64.0.1/10,fd7e::1/64   198.19.1.11:51820   yes         1
             .collect();
         assert_eq!(lines.len(), 3, "title, header, one reason:\n{out}");
         assert!(
-            lines[2].contains("not_for_us") && lines[2].contains(" 4 ") && lines[2].contains("2.0 KiB"),
+            lines[2].contains("not_for_us")
+                && lines[2].contains(" 4 ")
+                && lines[2].contains("2.0 KiB"),
             "{out}"
         );
     }

@@ -40,8 +40,9 @@ fn stdout(lab: &Lab, ns: &str, script: &str) -> String {
 
 fn node_json(lab: &Lab, node: &str) -> serde_json::Value {
     let out = lab.weftctl_ok(&["-o", "json", "node", "get", node]);
-    serde_json::from_str(&out)
-        .unwrap_or_else(|e| panic!("`weftctl -o json node get {node}` printed bad JSON ({e}): {out}"))
+    serde_json::from_str(&out).unwrap_or_else(|e| {
+        panic!("`weftctl -o json node get {node}` printed bad JSON ({e}): {out}")
+    })
 }
 
 /// Packets a node's tunnel dropped as `not_for_us`, as last reported.
@@ -212,15 +213,26 @@ fn weft_routes_cannot_capture_the_tunnel() {
 
     // An older agent's rule (no exemption) is in place when b1's prefix
     // makes a1 install Weft's rule: it is replaced.
-    stdout(&lab, "a1", &format!("ip rule add priority 5182 lookup {TABLE}"));
+    stdout(
+        &lab,
+        "a1",
+        &format!("ip rule add priority 5182 lookup {TABLE}"),
+    );
     lab.weftctl_ok(&["node", "advertise", "b1", "100.100.2.0/24"]);
-    let rules = || stdout(&lab, "a1", &format!("ip rule show | grep 'lookup {TABLE}' || true"));
+    let rules = || {
+        stdout(
+            &lab,
+            "a1",
+            &format!("ip rule show | grep 'lookup {TABLE}' || true"),
+        )
+    };
     lab.wait_until(
         Duration::from_secs(20),
         "a1's rule for table 51820 to exempt the tunnel's fwmark, and the old one to be gone",
         || {
             let r = rules();
-            r.lines().count() == 1 && r.contains(&format!("not from all fwmark {MARK_HEX} lookup {TABLE}"))
+            r.lines().count() == 1
+                && r.contains(&format!("not from all fwmark {MARK_HEX} lookup {TABLE}"))
         },
     );
     eprintln!("a1 rules: {}", rules());
@@ -236,13 +248,8 @@ fn weft_routes_cannot_capture_the_tunnel() {
         "a1",
         &format!("ip route add 198.19.0.0/16 dev {iface} table {TABLE}"),
     );
-    let route_get = |extra: &str| {
-        stdout(
-            &lab,
-            "a1",
-            &format!("ip route get {b1_endpoint} {extra}"),
-        )
-    };
+    let route_get =
+        |extra: &str| stdout(&lab, "a1", &format!("ip route get {b1_endpoint} {extra}"));
     let unmarked = route_get("");
     assert!(
         unmarked.contains(&format!("dev {iface}")),

@@ -466,7 +466,9 @@ async fn controller_addresses(url: &str) -> Vec<std::net::IpAddr> {
         .next()
         .unwrap_or_default();
     let host_port = if authority.rsplit_once(':').is_some_and(|(h, p)| {
-        !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) && (!h.contains(':') || h.ends_with(']'))
+        !p.is_empty()
+            && p.bytes().all(|b| b.is_ascii_digit())
+            && (!h.contains(':') || h.ends_with(']'))
     }) {
         authority.to_owned()
     } else {
@@ -567,9 +569,7 @@ impl Applier {
         self.apply_policy(&cfg)?;
         // Destinations before peers: a new peer never reaches more than
         // this config lets it.
-        self.tunnel
-            .set_destinations(Destinations::of(&cfg))
-            .await?;
+        self.tunnel.set_destinations(Destinations::of(&cfg)).await?;
         self.netlink
             .apply_interface(&self.ifname, &cfg.addresses, cfg.mtu)
             .await?;

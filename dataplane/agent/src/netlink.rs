@@ -228,7 +228,8 @@ impl Netlink {
         ] {
             let mut stream = self.handle.route().get(query).execute();
             while let Some(msg) = stream.try_next().await.context("listing routes")? {
-                let out_of_weft = weft.is_some_and(|w| msg.attributes.contains(&RouteAttribute::Oif(w)));
+                let out_of_weft =
+                    weft.is_some_and(|w| msg.attributes.contains(&RouteAttribute::Oif(w)));
                 if route_table(&msg) != RT_TABLE_MAIN
                     || msg.header.destination_prefix_length == 0
                     || out_of_weft
@@ -280,7 +281,9 @@ impl Netlink {
                         .action(RuleAction::ToTable);
                     let msg = add.message_mut();
                     msg.attributes
-                        .push(RuleAttribute::Protocol(RouteProtocol::Other(ROUTE_PROTOCOL)));
+                        .push(RuleAttribute::Protocol(RouteProtocol::Other(
+                            ROUTE_PROTOCOL,
+                        )));
                     if fwmark != 0 {
                         msg.attributes.push(RuleAttribute::FwMark(fwmark));
                         msg.attributes.push(RuleAttribute::FwMask(u32::MAX));
@@ -311,7 +314,10 @@ impl Netlink {
                 RouteAction::RemoveStaleRule(family) => {
                     for msg in stale.iter().filter(|m| rule_family(m) == Some(family)) {
                         match self.handle.rule().del(msg.clone()).execute().await {
-                            Ok(()) => info!(?family, table, "stale routing rule (no fwmark exemption) removed"),
+                            Ok(()) => info!(
+                                ?family,
+                                table, "stale routing rule (no fwmark exemption) removed"
+                            ),
                             Err(e) if is_errno(&e, libc::ENOENT) => {}
                             Err(e) => {
                                 return Err(e).with_context(|| {
@@ -332,7 +338,9 @@ impl Netlink {
                     msg.attributes.push(RuleAttribute::Table(table));
                     msg.attributes.push(RuleAttribute::Priority(RULE_PRIORITY));
                     msg.attributes
-                        .push(RuleAttribute::Protocol(RouteProtocol::Other(ROUTE_PROTOCOL)));
+                        .push(RuleAttribute::Protocol(RouteProtocol::Other(
+                            ROUTE_PROTOCOL,
+                        )));
                     if fwmark != 0 {
                         msg.attributes.push(RuleAttribute::FwMark(fwmark));
                         msg.attributes.push(RuleAttribute::FwMask(u32::MAX));

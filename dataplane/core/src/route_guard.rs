@@ -136,7 +136,11 @@ impl fmt::Display for Refusal {
 
 /// Why `prefix` must not be routed into the tunnel, or `None` if it may.
 /// `endpoints` are the peers' names with their endpoint addresses.
-pub fn check(prefix: &IpNet, protected: &Protected, endpoints: &[(String, IpAddr)]) -> Option<Reason> {
+pub fn check(
+    prefix: &IpNet,
+    protected: &Protected,
+    endpoints: &[(String, IpAddr)],
+) -> Option<Reason> {
     let min = match prefix {
         IpNet::V4(_) => protected.min_prefix_v4,
         IpNet::V6(_) => protected.min_prefix_v6,
@@ -188,9 +192,15 @@ pub fn guard(mut cfg: NodeConfig, protected: &Protected) -> (NodeConfig, Vec<Ref
     keep(&mut cfg.routes, &|| Place::Routes);
     for p in cfg.peers.values_mut() {
         let name = peer_name(&p.name, &p.public_key);
-        keep(&mut p.allowed_ips, &|| Place::AllowedIps { peer: name.clone() });
-        keep(&mut p.shared_routes, &|| Place::SharedRoutes { peer: name.clone() });
-        keep(&mut p.accept_sources, &|| Place::AcceptSources { peer: name.clone() });
+        keep(&mut p.allowed_ips, &|| Place::AllowedIps {
+            peer: name.clone(),
+        });
+        keep(&mut p.shared_routes, &|| Place::SharedRoutes {
+            peer: name.clone(),
+        });
+        keep(&mut p.accept_sources, &|| Place::AcceptSources {
+            peer: name.clone(),
+        });
     }
     (cfg, refused)
 }
@@ -291,8 +301,16 @@ mod tests {
     fn members_own_addresses_and_workload_prefixes_pass() {
         let cfg = config(
             vec![
-                peer(2, Some("198.19.1.12:51820"), &["100.64.0.2/32", "fd7e:4a1::2/128"]),
-                peer(3, Some("198.19.2.11:51820"), &["100.64.0.3/32", "fd7e:4a1::3/128", "100.100.3.0/24"]),
+                peer(
+                    2,
+                    Some("198.19.1.12:51820"),
+                    &["100.64.0.2/32", "fd7e:4a1::2/128"],
+                ),
+                peer(
+                    3,
+                    Some("198.19.2.11:51820"),
+                    &["100.64.0.3/32", "fd7e:4a1::3/128", "100.100.3.0/24"],
+                ),
                 peer(4, None, &["100.64.0.4/32", "fd7e:4a1::4/128"]),
             ],
             &["100.100.3.0/24", "fd00:beef:3::/64"],
@@ -312,8 +330,17 @@ mod tests {
         attacker.shared_routes = vec![net("198.19.2.0/25")];
         attacker.accept_sources = vec![net("198.19.1.11/32"), net("100.100.9.0/24")];
         let cfg = config(
-            vec![peer(2, Some("[::ffff:198.19.2.11]:51820"), &["100.64.0.2/32"]), attacker],
-            &["0.0.0.0/0", "198.19.2.11/32", "100.100.9.0/24", "198.0.0.0/8", "fd00::/16"],
+            vec![
+                peer(2, Some("[::ffff:198.19.2.11]:51820"), &["100.64.0.2/32"]),
+                attacker,
+            ],
+            &[
+                "0.0.0.0/0",
+                "198.19.2.11/32",
+                "100.100.9.0/24",
+                "198.0.0.0/8",
+                "fd00::/16",
+            ],
         );
         let (out, refused) = guard(cfg, &lab());
         let got: Vec<String> = refused.iter().map(ToString::to_string).collect();
@@ -360,9 +387,20 @@ mod tests {
             min_prefix_v6: 48,
             ..Protected::default()
         };
-        let cfg = config(vec![], &["100.100.0.0/15", "100.100.0.0/16", "fd00:beef::/47", "fd00:beef::/48"]);
+        let cfg = config(
+            vec![],
+            &[
+                "100.100.0.0/15",
+                "100.100.0.0/16",
+                "fd00:beef::/47",
+                "fd00:beef::/48",
+            ],
+        );
         let (out, _) = guard(cfg, &p);
-        assert_eq!(out.routes, vec![net("100.100.0.0/16"), net("fd00:beef::/48")]);
+        assert_eq!(
+            out.routes,
+            vec![net("100.100.0.0/16"), net("fd00:beef::/48")]
+        );
     }
 
     /// Addresses a test may protect or route, from a few small blocks so

@@ -73,7 +73,8 @@ impl Destinations {
         let Some(c) = &self.check else {
             return Delivery::Deliver;
         };
-        if c.hosted.contains(dst) || (c.forwarding && (c.relayed.contains(dst) || routed_to_peer())) {
+        if c.hosted.contains(dst) || (c.forwarding && (c.relayed.contains(dst) || routed_to_peer()))
+        {
             Delivery::Deliver
         } else {
             Delivery::NotForUs
@@ -119,14 +120,14 @@ mod tests {
 
     #[test]
     fn a_gateway_also_delivers_what_it_relays() {
-        let d = Destinations::new(
-            &nets(&["100.64.0.1/32"]),
-            true,
-            &nets(&["100.100.2.0/24"]),
-        );
+        let d = Destinations::new(&nets(&["100.64.0.1/32"]), true, &nets(&["100.100.2.0/24"]));
         assert_eq!(d.delivery(ip("100.64.0.1"), || false), Delivery::Deliver);
         assert_eq!(d.delivery(ip("100.100.2.9"), || false), Delivery::Deliver);
-        assert_eq!(d.delivery(ip("100.64.0.7"), || true), Delivery::Deliver, "routed to a peer");
+        assert_eq!(
+            d.delivery(ip("100.64.0.7"), || true),
+            Delivery::Deliver,
+            "routed to a peer"
+        );
         assert_eq!(d.delivery(ip("100.64.0.7"), || false), Delivery::NotForUs);
         assert_eq!(d.delivery(ip("198.19.1.1"), || false), Delivery::NotForUs);
     }
@@ -140,7 +141,9 @@ mod tests {
 
     fn net_strategy() -> impl Strategy<Value = IpNet> {
         (any::<u8>(), any::<u8>(), 8u8..=32).prop_map(|(c, d, len)| {
-            IpNet::new(IpAddr::from([100, 64, c % 4, d]), len).expect("valid").trunc()
+            IpNet::new(IpAddr::from([100, 64, c % 4, d]), len)
+                .expect("valid")
+                .trunc()
         })
     }
 
