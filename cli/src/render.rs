@@ -120,7 +120,26 @@ pub(crate) fn node(
         peers_table(&mut out, n, names, now);
     }
     policy_section(&mut out, n.policy.as_ref());
+    tunnel_drops_section(&mut out, &n.tunnel_drops);
     out
+}
+
+/// What the node's tunnel dropped after decryption, per reason.
+fn tunnel_drops_section(out: &mut String, drops: &[pb::VerdictCounter]) {
+    if drops.is_empty() {
+        out.push_str("Tunnel drops: none reported\n");
+        return;
+    }
+    out.push_str("Tunnel drops (since the agent started):\n");
+    let mut t = Table::new(&["REASON", "PACKETS", "BYTES"]);
+    for v in drops {
+        t.row(vec![
+            v.verdict.clone(),
+            v.packets.to_string(),
+            bytes(v.bytes),
+        ]);
+    }
+    indent(out, &t.render());
 }
 
 fn peers_table(out: &mut String, n: &pb::Node, names: &BTreeMap<Vec<u8>, String>, now: u64) {
@@ -467,6 +486,7 @@ mod tests {
                 },
             ],
             labels: Default::default(),
+            tunnel_drops: vec![],
             policy: None,
             workloads: vec![],
         }
@@ -612,6 +632,32 @@ a1     n-1   a      100.64.0.1/10,fd7e::1/64   198.19.1.11:51820   yes         1
             peer_lines[2].starts_with("  ? ") && peer_lines[2].contains("never"),
             "{}",
             peer_lines[2]
+        );
+    }
+
+    #[test]
+    fn node_get_shows_the_tunnel_drops() {
+        let out = node(&node_a1(), &BTreeMap::new(), None, NOW);
+        assert!(out.contains("Tunnel drops: none reported\n"), "{out}");
+        let n = pb::Node {
+            tunnel_drops: vec![pb::VerdictCounter {
+                verdict: "not_for_us".into(),
+                packets: 4,
+                bytes: 2048,
+            }],
+            ..node_a1()
+        };
+        let out = node(&n, &BTreeMap::new(), None, NOW);
+        let lines: Vec<&str> = out
+            .lines()
+            .skip_while(|l| !l.starts_with("Tunnel drops"))
+            .collect();
+        assert_eq!(lines.len(), 3, "title, header, one reason:\n{out}");
+        assert!(
+            lines[2].contains("not_for_us")
+                && lines[2].contains(" 4 ")
+                && lines[2].contains("2.0 KiB"),
+            "{out}"
         );
     }
 

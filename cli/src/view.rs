@@ -31,6 +31,10 @@ pub(crate) struct NodeView {
     /// no report yet).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) policy: Option<PolicyStatusView>,
+    /// Packets the node's tunnel dropped after decryption, per reason
+    /// (`not_for_us`, `bad_source`); absent: none reported.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub(crate) tunnel_drops: BTreeMap<String, CounterView>,
 }
 
 /// A node's policy counters, from the agent's report.
@@ -268,24 +272,28 @@ impl From<&pb::Node> for NodeView {
                 .map(|w| (w.prefix.clone(), w.labels.clone().into_iter().collect()))
                 .collect(),
             policy: n.policy.as_ref().map(PolicyStatusView::from),
+            tunnel_drops: counters(&n.tunnel_drops),
         }
     }
+}
+
+/// Counters by verdict or reason.
+fn counters(v: &[pb::VerdictCounter]) -> BTreeMap<String, CounterView> {
+    v.iter()
+        .map(|v| {
+            let c = CounterView {
+                packets: v.packets,
+                bytes: v.bytes,
+            };
+            (v.verdict.clone(), c)
+        })
+        .collect()
 }
 
 impl From<&pb::PolicyStatus> for PolicyStatusView {
     fn from(p: &pb::PolicyStatus) -> Self {
         PolicyStatusView {
-            verdicts: p
-                .verdicts
-                .iter()
-                .map(|v| {
-                    let c = CounterView {
-                        packets: v.packets,
-                        bytes: v.bytes,
-                    };
-                    (v.verdict.clone(), c)
-                })
-                .collect(),
+            verdicts: counters(&p.verdicts),
             rules: p
                 .rules
                 .iter()
@@ -417,6 +425,7 @@ mod tests {
                 probe: None,
             }],
             labels: [("app".to_owned(), "web".to_owned())].into(),
+            tunnel_drops: vec![],
             policy: None,
             workloads: vec![],
         };
@@ -433,6 +442,29 @@ mod tests {
             "labels": {"app": "web"}
         });
         assert_eq!(json, want);
+        let dropped = pb::Node {
+            tunnel_drops: vec![
+                pb::VerdictCounter {
+                    verdict: "not_for_us".into(),
+                    packets: 3,
+                    bytes: 252,
+                },
+                pb::VerdictCounter {
+                    verdict: "bad_source".into(),
+                    packets: 0,
+                    bytes: 0,
+                },
+            ],
+            ..node
+        };
+        let json = serde_json::to_value(NodeView::from(&dropped)).expect("node view serialises");
+        assert_eq!(
+            json["tunnel_drops"],
+            serde_json::json!({
+                "not_for_us": {"packets": 3, "bytes": 252},
+                "bad_source": {"packets": 0, "bytes": 0}
+            })
+        );
     }
 
     #[test]

@@ -53,6 +53,7 @@ fn node(name: &str, key: u8) -> pb::Node {
             probe: None,
         }],
         labels: Default::default(),
+        tunnel_drops: vec![],
         workloads: vec![],
         policy: Some(pb::PolicyStatus {
             verdicts: vec![

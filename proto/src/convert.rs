@@ -151,6 +151,7 @@ impl TryFrom<pb::NodeConfig> for NodeConfig {
             policy,
             routes: parse_nets(M, "routes", &c.routes)?,
             forwarding: c.forwarding,
+            hosted: parse_nets(M, "hosted", &c.hosted)?,
             addresses: parse_nets(M, "addresses", &c.addresses)?,
             mtu,
             peers,
@@ -172,6 +173,7 @@ impl From<&NodeConfig> for pb::NodeConfig {
             policy: (c.policy != PolicyInput::default()).then(|| pb::NodePolicy::from(&c.policy)),
             routes: c.routes.iter().map(ToString::to_string).collect(),
             forwarding: c.forwarding,
+            hosted: c.hosted.iter().map(ToString::to_string).collect(),
         }
     }
 }
@@ -361,6 +363,11 @@ mod tests {
                 "fd00:beef:2::/64".parse().expect("valid"),
             ],
             forwarding: true,
+            hosted: vec![
+                "100.64.0.1/32".parse().expect("valid"),
+                "fd00::1/128".parse().expect("valid"),
+                "100.100.8.0/24".parse().expect("valid"),
+            ],
         }
     }
 
@@ -407,6 +414,11 @@ mod tests {
         w.policy.as_mut().expect("policy").local[2] = "100.100.8.0/33".into();
         let e = NodeConfig::try_from(w).expect_err("must fail");
         assert_eq!(e.field, "policy.local[2]");
+        assert!(e.to_string().contains("is not a CIDR"), "{e}");
+        let mut w = pb::NodeConfig::from(&sample());
+        w.hosted[1] = "fd00::1".into();
+        let e = NodeConfig::try_from(w).expect_err("must fail");
+        assert_eq!(e.field, "hosted[1]");
         assert!(e.to_string().contains("is not a CIDR"), "{e}");
     }
 

@@ -13,7 +13,7 @@
 //! packets for another member never judges them.
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use weft_dataplane_core::policy_maps::{self, PolicyInput, PolicyTuple};
@@ -221,6 +221,17 @@ fn config_for(
     let forwarding = state
         .nodes()
         .any(|n| n.public_key == *key && !n.advertised.is_empty());
+    // What the member's tunnel delivers to: its own addresses and its
+    // approved workload prefixes.
+    let hosted: Vec<IpNet> = [IpNet::from(IpAddr::V4(ipv4)), IpNet::from(IpAddr::V6(ipv6))]
+        .into_iter()
+        .chain(
+            state
+                .nodes()
+                .filter(|n| n.public_key == *key)
+                .flat_map(|n| n.advertised.keys().map(IpNet::trunc)),
+        )
+        .collect();
     NodeConfig {
         revision: state.revision(),
         node_id: id.to_owned(),
@@ -233,6 +244,7 @@ fn config_for(
         policy: PolicyInput::default(),
         routes,
         forwarding,
+        hosted,
     }
 }
 
@@ -240,7 +252,6 @@ fn config_for(
 mod tests {
     use super::*;
     use crate::policy::{Endpoint, parse_documents};
-    use std::net::IpAddr;
 
     fn endpoint(name: &str, role: &str) -> Endpoint {
         let n = if name == "db" { 1 } else { 2 };
@@ -399,6 +410,14 @@ spec:
             "own addresses and workload prefix"
         );
         assert_eq!(configs["n-web"].policy.local, host(web));
+        // The tunnel delivers to the same prefixes.
+        assert_eq!(configs["n-gw"].hosted, host(gw));
+        assert_eq!(
+            configs["n-db"].hosted,
+            [host(db), vec![workload]].concat(),
+            "own /32 and /128, then the approved workload prefix"
+        );
+        assert_eq!(configs["n-web"].hosted, host(web));
         assert_eq!(
             gw_policy.governed, db_policy.governed,
             "gw and db share their identity"

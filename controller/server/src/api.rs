@@ -369,6 +369,7 @@ fn node_pb(n: &weft_controller_core::Node, st: Option<&NodeStatus>) -> pb::Node 
         peers: st.peers,
         labels: n.labels.clone().into_iter().collect(),
         policy: st.policy,
+        tunnel_drops: st.tunnel_drops,
         workloads: n
             .advertised
             .iter()

@@ -46,6 +46,8 @@ pub(crate) struct NodeStatus {
     /// and when that was last logged as a warning (Unix seconds).
     pub(crate) ignored_total: u64,
     pub(crate) ignored_warned_unix: u64,
+    /// Packets the node's tunnel dropped after decryption, per reason.
+    pub(crate) tunnel_drops: Vec<pb::VerdictCounter>,
 }
 
 /// Ignored report entries are logged as a warning at most this often per
@@ -239,6 +241,7 @@ impl Controller {
         s.apply_error = report.apply_error;
         s.peers = report.peers;
         s.policy = report.policy;
+        s.tunnel_drops = report.tunnel_drops;
         s.last_report_unix = now;
         inner.remeasure(now);
         Ok(())
@@ -467,6 +470,7 @@ fn same_content(a: &NodeConfig, b: &NodeConfig) -> bool {
         && a.policy == b.policy
         && a.routes == b.routes
         && a.forwarding == b.forwarding
+        && a.hosted == b.hosted
 }
 
 /// Endpoints of nodes as the fresh reports of members of other sites see

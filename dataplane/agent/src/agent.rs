@@ -13,6 +13,7 @@ use tracing::{error, info, warn};
 use weft_dataplane_core::fallback::{effective_peers, fallback_targets};
 use weft_dataplane_core::plan::{apply_peer_actions, plan_peers};
 use weft_dataplane_core::policy_maps;
+use weft_dataplane_core::route_guard::{self, Protected, Refusal};
 use weft_dataplane_core::{Key, NodeConfig, PeerConfig};
 use weft_proto::client::connect;
 use weft_proto::pb::{self, agent_service_client::AgentServiceClient};
@@ -21,7 +22,7 @@ use crate::bpf::policy::{LinkLayer, PolicyDatapath};
 use crate::enrol::{Enrolment, enrol};
 use crate::netlink::Netlink;
 use crate::state::{Identity, StateDir};
-use crate::tunnel::{self, TunnelHandle, TunnelSettings};
+use crate::tunnel::{self, Destinations, TunnelDrops, TunnelHandle, TunnelSettings};
 
 /// How often the agent reports peer status to the controller.
 const REPORT_INTERVAL: Duration = Duration::from_secs(10);
@@ -133,6 +134,51 @@ pub(crate) struct AgentArgs {
         value_parser = clap::value_parser!(u32).range(1..=0xffff_fffe)
     )]
     route_table: u32,
+
+    /// Mark (SO_MARK) on the agent's own packets: WireGuard, peer probes
+    /// and the controller connection. Weft's routing rule matches only
+    /// packets without it, so no route in Weft's table can capture the
+    /// traffic that carries the overlay. Decimal or 0x-hex; 0 turns the
+    /// exemption off.
+    #[arg(
+        long,
+        env = "WEFT_FWMARK",
+        default_value_t = weft_dataplane_core::routes::DEFAULT_FWMARK,
+        value_parser = parse_mark
+    )]
+    fwmark: u32,
+
+    /// Shortest IPv4 prefix the agent routes into the tunnel (kernel
+    /// routes and peers' allowed IPs); a shorter one from the controller
+    /// is refused, as is any prefix covering the controller, a peer's
+    /// endpoint, or this host's own addresses and routes.
+    #[arg(
+        long,
+        env = "WEFT_MIN_ROUTE_PREFIX_V4",
+        default_value_t = route_guard::DEFAULT_MIN_PREFIX_V4,
+        value_parser = clap::value_parser!(u8).range(0..=32)
+    )]
+    min_route_prefix_v4: u8,
+
+    /// Shortest IPv6 prefix the agent routes into the tunnel (see
+    /// --min-route-prefix-v4).
+    #[arg(
+        long,
+        env = "WEFT_MIN_ROUTE_PREFIX_V6",
+        default_value_t = route_guard::DEFAULT_MIN_PREFIX_V6,
+        value_parser = clap::value_parser!(u8).range(0..=128)
+    )]
+    min_route_prefix_v6: u8,
+}
+
+/// Parses a mark in decimal or 0x-hex.
+fn parse_mark(s: &str) -> Result<u32, String> {
+    let t = s.trim();
+    let parsed = match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => t.parse(),
+    };
+    parsed.map_err(|e| format!("{s:?} is not a mark (a 32-bit number, decimal or 0x-hex): {e}"))
 }
 
 /// Parses `KEY=VALUE` (the controller checks the key and value).
@@ -224,6 +270,7 @@ async fn run(args: AgentArgs) -> Result<()> {
         mtu: weft_dataplane_core::config::DEFAULT_MTU,
         uapi_dir: args.uapi_dir.clone(),
         polling: args.poll.busy_poll,
+        fwmark: args.fwmark,
     })
     .await?;
     // Packet and byte counters on the TUN device (eBPF); the agent works without them.
@@ -265,7 +312,7 @@ async fn run(args: AgentArgs) -> Result<()> {
     let probes = if args.probe_port == 0 {
         None
     } else {
-        crate::probe::start(args.probe_port, tunnel.clone())
+        crate::probe::start(args.probe_port, tunnel.clone(), args.fwmark)
             .inspect_err(|e| warn!(error = %format!("{e:#}"), "peer probes unavailable"))
             .ok()
     };
@@ -287,6 +334,13 @@ async fn run(args: AgentArgs) -> Result<()> {
         probes,
         route_table: args.route_table,
         workload_policy,
+        fwmark: args.fwmark,
+        guard: Protected {
+            controller: controller_addresses(&identity.controller_url).await,
+            underlay: Vec::new(),
+            min_prefix_v4: args.min_route_prefix_v4,
+            min_prefix_v6: args.min_route_prefix_v6,
+        },
     };
     if let Some(cfg) = applier.state.load_config()? {
         info!(
@@ -294,8 +348,11 @@ async fn run(args: AgentArgs) -> Result<()> {
             peers = cfg.peers.len(),
             "re-applying the persisted config"
         );
-        if let Err(e) = applier.apply(cfg, false).await {
-            error!(error = %format!("{e:#}"), "re-applying the persisted config failed");
+        match applier.apply(cfg, false).await {
+            Ok(refused) => applier.last_error = refusals_error(&refused),
+            Err(e) => {
+                error!(error = %format!("{e:#}"), "re-applying the persisted config failed");
+            }
         }
     }
 
@@ -386,6 +443,51 @@ fn verdict_name(v: weft_ebpf_common::policy::PolicyVerdict) -> &'static str {
     }
 }
 
+/// What a report says of refused prefixes: empty when there are none.
+fn refusals_error(refused: &[Refusal]) -> String {
+    if refused.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "applied without {} unsafe prefixes: {}",
+            refused.len(),
+            route_guard::summary(refused)
+        )
+    }
+}
+
+/// The controller's addresses, from its URL `https://HOST:PORT` (a host
+/// name is resolved; none if it cannot be, which is logged).
+async fn controller_addresses(url: &str) -> Vec<std::net::IpAddr> {
+    let authority = url
+        .strip_prefix("https://")
+        .unwrap_or(url)
+        .split('/')
+        .next()
+        .unwrap_or_default();
+    let host_port = if authority.rsplit_once(':').is_some_and(|(h, p)| {
+        !p.is_empty()
+            && p.bytes().all(|b| b.is_ascii_digit())
+            && (!h.contains(':') || h.ends_with(']'))
+    }) {
+        authority.to_owned()
+    } else {
+        format!("{authority}:443")
+    };
+    match tokio::net::lookup_host(host_port.as_str()).await {
+        Ok(addrs) => {
+            let mut ips: Vec<std::net::IpAddr> = addrs.map(|a| a.ip().to_canonical()).collect();
+            ips.sort();
+            ips.dedup();
+            ips
+        }
+        Err(e) => {
+            warn!(controller = url, error = %e, "cannot resolve the controller's address: routes covering it cannot be refused");
+            Vec::new()
+        }
+    }
+}
+
 fn public_key(private: &Key) -> Key {
     let secret = x25519_dalek::StaticSecret::from(private.0);
     Key(x25519_dalek::PublicKey::from(&secret).to_bytes())
@@ -434,13 +536,40 @@ struct Applier {
     workload_policy: Vec<PolicyDatapath>,
     /// Weft's routing table (workload prefixes of other nodes).
     route_table: u32,
+    /// The mark Weft's routing rule exempts (0: none).
+    fwmark: u32,
+    /// What no prefix from the controller may capture (the underlay is
+    /// observed again at each apply).
+    guard: Protected,
 }
 
 impl Applier {
-    async fn apply(&mut self, cfg: NodeConfig, persist: bool) -> Result<()> {
+    /// Applies `cfg` without the prefixes this node refuses to route
+    /// (returned; each is logged); persists `cfg` as received, so that a
+    /// restart checks it again against the host as it is then.
+    async fn apply(&mut self, received: NodeConfig, persist: bool) -> Result<Vec<Refusal>> {
+        self.guard.underlay = self
+            .netlink
+            .underlay(&self.ifname)
+            .await
+            .context("reading this host's own addresses and routes")?;
+        let (cfg, refused) = route_guard::guard(received.clone(), &self.guard);
+        for r in &refused {
+            warn!(
+                revision = received.revision,
+                prefix = %r.prefix,
+                peer = r.place.peer().unwrap_or("-"),
+                place = %r.place,
+                reason = %r.reason,
+                "refused to route an unsafe prefix"
+            );
+        }
         // Policy first, so that peers and addresses added below never see
         // traffic before the policy that governs them is in the maps.
         self.apply_policy(&cfg)?;
+        // Destinations before peers: a new peer never reaches more than
+        // this config lets it.
+        self.tunnel.set_destinations(Destinations::of(&cfg)).await?;
         self.netlink
             .apply_interface(&self.ifname, &cfg.addresses, cfg.mtu)
             .await?;
@@ -458,13 +587,13 @@ impl Applier {
             crate::sysctl::enable_forwarding()?;
         }
         self.netlink
-            .apply_routes(&self.ifname, self.route_table, &cfg.routes)
+            .apply_routes(&self.ifname, self.route_table, &cfg.routes, self.fwmark)
             .await?;
         if persist {
-            self.state.save_config(&cfg)?;
+            self.state.save_config(&received)?;
         }
         self.applied = Some(cfg);
-        Ok(())
+        Ok(refused)
     }
 
     /// Lowers the config's policy and brings the live maps to it by a
@@ -532,6 +661,7 @@ impl Applier {
             verdicts: self.verdict_packets(),
             reachable,
             endpoints,
+            drops: self.tunnel.drops().await.unwrap_or_default(),
         }
     }
 
@@ -751,6 +881,12 @@ async fn session(
     args: &AgentArgs,
     connected: &mut bool,
 ) -> Result<()> {
+    // The controller may have moved (a host name): refuse routes to where
+    // it is now.
+    let controller = controller_addresses(&id.controller_url).await;
+    if !controller.is_empty() {
+        applier.guard.controller = controller;
+    }
     let channel = connect(
         &id.controller_url,
         &id.ca_pem,
@@ -782,7 +918,7 @@ async fn session(
                     Ok(cfg) => {
                         let rev = cfg.revision;
                         match applier.apply(cfg, true).await {
-                            Ok(()) => { info!(revision = rev, "config applied"); String::new() }
+                            Ok(refused) => { info!(revision = rev, refused = refused.len(), "config applied"); refusals_error(&refused) }
                             Err(e) => { error!(revision = rev, error = %format!("{e:#}"), "applying config failed"); format!("{e:#}") }
                         }
                     }
@@ -814,6 +950,8 @@ struct Watched {
     /// Where each peer's packets come from (a peer that roams, e.g. from
     /// behind NAT, teaches the controller its mapping this way).
     endpoints: BTreeMap<Key, Option<std::net::SocketAddr>>,
+    /// Decrypted packets the tunnel dropped.
+    drops: TunnelDrops,
 }
 
 /// Reports the applied revision, the last error, the peers (with their
@@ -864,6 +1002,16 @@ async fn report(
             .to_owned(),
             peers,
             policy: applier.policy_status(),
+            tunnel_drops: counted
+                .drops
+                .named()
+                .into_iter()
+                .map(|(verdict, c)| pb::VerdictCounter {
+                    verdict: verdict.to_owned(),
+                    packets: c.packets,
+                    bytes: c.bytes,
+                })
+                .collect(),
         })
         .await
         .map_err(|s| anyhow::anyhow!("report refused: {}", s.message()))?;

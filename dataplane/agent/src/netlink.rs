@@ -13,7 +13,7 @@ use netlink_packet_route::address::AddressAttribute;
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope,
 };
-use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
+use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleFlags, RuleMessage};
 use rtnetlink::{AddressMessageBuilder, Handle, IpVersion, LinkUnspec, RouteMessageBuilder};
 use tracing::info;
 use weft_dataplane_core::plan::{AddressAction, plan_addresses};
@@ -23,6 +23,8 @@ use weft_dataplane_core::routes::{
 
 /// `header.table` of a route or rule whose table id is in an attribute.
 const RT_TABLE_COMPAT: u8 = 252;
+/// The main routing table.
+const RT_TABLE_MAIN: u32 = 254;
 
 /// The agent's netlink handle.
 #[derive(Debug, Clone)]
@@ -148,10 +150,17 @@ impl Netlink {
 impl Netlink {
     /// Weft's routes (in `table`, marked with [`ROUTE_PROTOCOL`], out of
     /// `ifname`) and rules ([`RULE_PRIORITY`], looking up `table`) as they
-    /// are in the kernel; everything else is ignored.
-    pub(crate) async fn weft_routes(&self, ifname: &str, table: u32) -> Result<RouteState> {
+    /// are in the kernel, with the stale rules themselves (not exempting
+    /// `fwmark`); everything else is ignored.
+    async fn weft_routes(
+        &self,
+        ifname: &str,
+        table: u32,
+        fwmark: u32,
+    ) -> Result<(RouteState, Vec<RuleMessage>)> {
         let index = self.link_index(ifname).await?;
         let mut state = RouteState::default();
+        let mut stale = Vec::new();
         for query in [
             RouteMessageBuilder::<Ipv4Addr>::new().build(),
             RouteMessageBuilder::<Ipv6Addr>::new().build(),
@@ -181,35 +190,105 @@ impl Netlink {
         for (version, family) in [(IpVersion::V4, Family::V4), (IpVersion::V6, Family::V6)] {
             let mut stream = self.handle.rule().get(version).execute();
             while let Some(msg) = stream.try_next().await.context("listing rules")? {
-                if is_weft_rule(&msg, table) {
+                if !is_weft_rule(&msg, table) {
+                    continue;
+                }
+                if exempts(&msg, fwmark) {
                     state.rules.insert(family);
+                } else {
+                    state.stale_rules.insert(family);
+                    stale.push(msg);
                 }
             }
         }
-        Ok(state)
+        Ok((state, stale))
+    }
+
+    /// The host's own underlay, which no route of Weft's may capture: the
+    /// addresses (as host prefixes) of every interface but `weft_ifname`,
+    /// and the main table's routes with a destination (not the default
+    /// route) that do not go out of `weft_ifname`.
+    pub(crate) async fn underlay(&self, weft_ifname: &str) -> Result<Vec<IpNet>> {
+        let weft = self.link_index(weft_ifname).await.ok();
+        let mut out = Vec::new();
+        let mut stream = self.handle.address().get().execute();
+        while let Some(msg) = stream.try_next().await.context("listing addresses")? {
+            if Some(msg.header.index) == weft {
+                continue;
+            }
+            for a in &msg.attributes {
+                if let AddressAttribute::Address(ip) = a {
+                    out.push(IpNet::from(*ip));
+                }
+            }
+        }
+        for query in [
+            RouteMessageBuilder::<Ipv4Addr>::new().build(),
+            RouteMessageBuilder::<Ipv6Addr>::new().build(),
+        ] {
+            let mut stream = self.handle.route().get(query).execute();
+            while let Some(msg) = stream.try_next().await.context("listing routes")? {
+                let out_of_weft =
+                    weft.is_some_and(|w| msg.attributes.contains(&RouteAttribute::Oif(w)));
+                if route_table(&msg) != RT_TABLE_MAIN
+                    || msg.header.destination_prefix_length == 0
+                    || out_of_weft
+                {
+                    continue;
+                }
+                let dst = msg.attributes.iter().find_map(|a| {
+                    if let RouteAttribute::Destination(d) = a {
+                        route_address(d)
+                    } else {
+                        None
+                    }
+                });
+                if let Some(net) =
+                    dst.and_then(|a| IpNet::new(a, msg.header.destination_prefix_length).ok())
+                {
+                    out.push(net.trunc());
+                }
+            }
+        }
+        out.sort();
+        out.dedup();
+        Ok(out)
     }
 
     /// Brings Weft's routes into `ifname` in `table`, and the rules looking
-    /// it up, to exactly `routes` by diff. Idempotent; routes and rules
-    /// Weft did not create are never touched.
+    /// it up (for packets without `fwmark`; every packet when it is 0), to
+    /// exactly `routes` by diff. Idempotent; routes and rules Weft did not
+    /// create are never touched; Weft's rules without the `fwmark`
+    /// exemption (older agents) are replaced.
     pub(crate) async fn apply_routes(
         &self,
         ifname: &str,
         table: u32,
         routes: &[IpNet],
+        fwmark: u32,
     ) -> Result<()> {
         let index = self.link_index(ifname).await?;
-        let observed = self.weft_routes(ifname, table).await?;
+        let (observed, stale) = self.weft_routes(ifname, table, fwmark).await?;
         for action in plan_routes(&desired_state(routes), &observed) {
             match action {
                 RouteAction::AddRule(family) => {
-                    let add = self
+                    let mut add = self
                         .handle
                         .rule()
                         .add()
                         .table_id(table)
                         .priority(RULE_PRIORITY)
                         .action(RuleAction::ToTable);
+                    let msg = add.message_mut();
+                    msg.attributes
+                        .push(RuleAttribute::Protocol(RouteProtocol::Other(
+                            ROUTE_PROTOCOL,
+                        )));
+                    if fwmark != 0 {
+                        msg.attributes.push(RuleAttribute::FwMark(fwmark));
+                        msg.attributes.push(RuleAttribute::FwMask(u32::MAX));
+                        msg.header.flags |= RuleFlags::Invert;
+                    }
                     let r = match family {
                         Family::V4 => add.v4().execute().await,
                         Family::V6 => add.v6().execute().await,
@@ -220,7 +299,8 @@ impl Netlink {
                                 ?family,
                                 table,
                                 priority = RULE_PRIORITY,
-                                "routing rule added"
+                                fwmark,
+                                "routing rule added (packets with the fwmark are exempt)"
                             );
                         }
                         Err(e) if is_errno(&e, libc::EEXIST) => {}
@@ -228,6 +308,22 @@ impl Netlink {
                             return Err(e).with_context(|| {
                                 format!("adding the {family:?} rule for table {table}")
                             });
+                        }
+                    }
+                }
+                RouteAction::RemoveStaleRule(family) => {
+                    for msg in stale.iter().filter(|m| rule_family(m) == Some(family)) {
+                        match self.handle.rule().del(msg.clone()).execute().await {
+                            Ok(()) => info!(
+                                ?family,
+                                table, "stale routing rule (no fwmark exemption) removed"
+                            ),
+                            Err(e) if is_errno(&e, libc::ENOENT) => {}
+                            Err(e) => {
+                                return Err(e).with_context(|| {
+                                    format!("removing a stale {family:?} rule for table {table}")
+                                });
+                            }
                         }
                     }
                 }
@@ -241,6 +337,15 @@ impl Netlink {
                     msg.header.table = RT_TABLE_COMPAT;
                     msg.attributes.push(RuleAttribute::Table(table));
                     msg.attributes.push(RuleAttribute::Priority(RULE_PRIORITY));
+                    msg.attributes
+                        .push(RuleAttribute::Protocol(RouteProtocol::Other(
+                            ROUTE_PROTOCOL,
+                        )));
+                    if fwmark != 0 {
+                        msg.attributes.push(RuleAttribute::FwMark(fwmark));
+                        msg.attributes.push(RuleAttribute::FwMask(u32::MAX));
+                        msg.header.flags |= RuleFlags::Invert;
+                    }
                     match self.handle.rule().del(msg).execute().await {
                         Ok(()) => info!(?family, table, "routing rule removed"),
                         Err(e) if is_errno(&e, libc::ENOENT) => {}
@@ -354,6 +459,42 @@ fn is_weft_rule(msg: &RuleMessage, table: u32) -> bool {
         && msg
             .attributes
             .contains(&RuleAttribute::Priority(RULE_PRIORITY))
+}
+
+/// Whether one of Weft's rules is the current one: it matches only packets
+/// without `fwmark` (or, with `fwmark` 0, every packet).
+fn exempts(msg: &RuleMessage, fwmark: u32) -> bool {
+    let mark = msg.attributes.iter().find_map(|a| {
+        if let RuleAttribute::FwMark(m) = a {
+            Some(*m)
+        } else {
+            None
+        }
+    });
+    let mask = msg.attributes.iter().find_map(|a| {
+        if let RuleAttribute::FwMask(m) = a {
+            Some(*m)
+        } else {
+            None
+        }
+    });
+    let inverted = msg.header.flags.contains(RuleFlags::Invert);
+    if fwmark == 0 {
+        mark.unwrap_or(0) == 0 && !inverted
+    } else {
+        mark == Some(fwmark) && mask.unwrap_or(u32::MAX) == u32::MAX && inverted
+    }
+}
+
+/// The family of a rule.
+fn rule_family(msg: &RuleMessage) -> Option<Family> {
+    if msg.header.family == AddressFamily::Inet {
+        Some(Family::V4)
+    } else if msg.header.family == AddressFamily::Inet6 {
+        Some(Family::V6)
+    } else {
+        None
+    }
 }
 
 fn is_errno(e: &rtnetlink::Error, errno: i32) -> bool {

@@ -65,10 +65,16 @@ fn bind(port: u16) -> anyhow::Result<UdpSocket> {
     Ok(UdpSocket::from_std(s.into())?)
 }
 
-/// Starts probing the tunnel's peers and answering probes on `port`;
+/// Starts probing the tunnel's peers and answering probes on `port`, the
+/// probes marked with `fwmark` (Weft's rule exempts them; 0: unmarked);
 /// returns the statistics it keeps up to date.
-pub(crate) fn start(port: u16, tunnel: TunnelHandle) -> anyhow::Result<SharedStats> {
+pub(crate) fn start(port: u16, tunnel: TunnelHandle, fwmark: u32) -> anyhow::Result<SharedStats> {
     let socket = bind(port).with_context(|| format!("binding the probe port {port}/udp"))?;
+    if fwmark != 0 {
+        socket2::SockRef::from(&socket)
+            .set_mark(fwmark)
+            .with_context(|| format!("marking the probe socket with fwmark {fwmark:#x}"))?;
+    }
     info!(port, "probing peers");
     let stats = SharedStats::default();
     let peers = move || {

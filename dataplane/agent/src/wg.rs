@@ -54,6 +54,8 @@ async fn run(args: WgArgs) -> anyhow::Result<()> {
         mtu: args.mtu,
         uapi_dir: args.uapi_dir,
         polling: args.poll.busy_poll,
+        // Plain WireGuard: marked only if `wg set fwmark` says so.
+        fwmark: 0,
     })
     .await?;
     let stopped_by_itself = tokio::select! {

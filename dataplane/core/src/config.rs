@@ -41,6 +41,13 @@ pub struct NodeConfig {
     /// between the overlay and them (IPv4 and IPv6 forwarding on).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub forwarding: bool,
+    /// Prefixes this node hosts: its own overlay addresses (/32, /128) and
+    /// its approved workload prefixes. The tunnel delivers a decrypted
+    /// packet only to these, or, with `forwarding`, to a destination it
+    /// relays. Empty = no check (controllers
+    /// before it, configs persisted before it).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosted: Vec<IpNet>,
 }
 
 /// One WireGuard peer of a node.

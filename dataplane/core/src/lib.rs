@@ -2,7 +2,8 @@
 //!
 //! No clock, no sockets, no files: the desired configuration of a node
 //! ([`config::NodeConfig`]), and the plans that turn an observed state into
-//! the desired one ([`plan`], [`routes`] for workload prefixes), peer-probe
+//! the desired one ([`plan`], [`routes`] for workload prefixes), the
+//! agent's own refusal of unsafe prefixes ([`route_guard`]), peer-probe
 //! statistics ([`probe`]), the peers to configure while some are found
 //! dead ([`fallback`]), the flow hash that spreads flows over a site's
 //! gateways ([`flow`]), human durations for flags ([`duration`]) and the WireGuard UAPI
@@ -17,6 +18,7 @@ pub mod key;
 pub mod plan;
 pub mod policy_maps;
 pub mod probe;
+pub mod route_guard;
 pub mod routes;
 pub mod uapi;
 

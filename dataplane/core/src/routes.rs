@@ -5,6 +5,13 @@
 //! Weft never touches a route or rule it did not create: the agent
 //! observes only routes of its table marked with [`ROUTE_PROTOCOL`] and
 //! rules with [`RULE_PRIORITY`] looking up its table.
+//!
+//! The rule exempts the tunnel's own packets: it matches only packets
+//! *without* Weft's mark ([`DEFAULT_FWMARK`], `not fwmark M lookup T`),
+//! and the agent marks its WireGuard, probe and controller sockets, so no
+//! route in Weft's table can capture the traffic that carries the overlay.
+//! Rules at Weft's priority and table without that mark (older agents, or
+//! another mark) are stale: the new rule is added first, then they go.
 
 use std::collections::BTreeSet;
 
@@ -20,8 +27,14 @@ pub const DEFAULT_ROUTE_TABLE: u32 = 51820;
 /// fall through to the next rule.
 pub const RULE_PRIORITY: u32 = 5182;
 
-/// The route protocol (`proto 87` in `ip route`) that marks Weft's routes.
+/// The route protocol (`proto 87` in `ip route`) that marks Weft's routes
+/// (and its rules).
 pub const ROUTE_PROTOCOL: u8 = 87;
+
+/// Default of `weft-agent --fwmark`: the mark on the agent's own sockets
+/// (WireGuard, probes, controller) that Weft's rule does not match. 51820
+/// (0xca6c), the mark wg-quick gives its own tunnel for the same purpose.
+pub const DEFAULT_FWMARK: u32 = 51820;
 
 /// An address family, for the per-family rule.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -47,6 +60,10 @@ pub struct RouteState {
     pub routes: BTreeSet<IpNet>,
     /// Families that have Weft's rule.
     pub rules: BTreeSet<Family>,
+    /// Families with a rule at Weft's priority looking up Weft's table
+    /// that is not the current one (no mark exemption, or another mark):
+    /// left by an older agent, replaced.
+    pub stale_rules: BTreeSet<Family>,
 }
 
 /// A change to Weft's routes and rules.
@@ -54,6 +71,8 @@ pub struct RouteState {
 pub enum RouteAction {
     /// Add the rule of a family (lookup Weft's table).
     AddRule(Family),
+    /// Remove the stale rules of a family (after the current one is in).
+    RemoveStaleRule(Family),
     /// Route a prefix into the overlay interface in Weft's table.
     AddRoute(IpNet),
     /// Remove a route of Weft's table.
@@ -67,18 +86,29 @@ pub enum RouteAction {
 pub fn desired_state(routes: &[IpNet]) -> RouteState {
     let routes: BTreeSet<IpNet> = routes.iter().map(IpNet::trunc).collect();
     let rules = routes.iter().map(Family::of).collect();
-    RouteState { routes, rules }
+    RouteState {
+        routes,
+        rules,
+        stale_rules: BTreeSet::new(),
+    }
 }
 
 /// Actions that turn `observed` into `desired`, in a safe order: rules are
-/// added first and removed last, stale routes go before new ones are
-/// added. Routes and rules already in place produce no action.
+/// added first and removed last, stale rules go once the current rule of
+/// their family is in, stale routes go before new ones are added. Routes
+/// and rules already in place produce no action.
 pub fn plan_routes(desired: &RouteState, observed: &RouteState) -> Vec<RouteAction> {
     let mut actions: Vec<RouteAction> = desired
         .rules
         .difference(&observed.rules)
         .map(|f| RouteAction::AddRule(*f))
         .collect();
+    actions.extend(
+        observed
+            .stale_rules
+            .difference(&desired.stale_rules)
+            .map(|f| RouteAction::RemoveStaleRule(*f)),
+    );
     actions.extend(
         observed
             .routes
@@ -110,6 +140,9 @@ pub fn apply_route_actions(state: &mut RouteState, actions: &[RouteAction]) {
             RouteAction::RemoveRule(f) => {
                 state.rules.remove(&f);
             }
+            RouteAction::RemoveStaleRule(f) => {
+                state.stale_rules.remove(&f);
+            }
             RouteAction::AddRoute(r) => {
                 state.routes.insert(r);
             }
@@ -138,19 +171,23 @@ mod tests {
         NETS[i % NETS.len()].parse().expect("valid prefix")
     }
 
+    fn families(v4: bool, v6: bool) -> BTreeSet<Family> {
+        [(v4, Family::V4), (v6, Family::V6)]
+            .into_iter()
+            .filter(|(on, _)| *on)
+            .map(|(_, f)| f)
+            .collect()
+    }
+
     fn state_strategy() -> impl Strategy<Value = RouteState> {
         (
             proptest::collection::btree_set(0..NETS.len(), 0..6),
-            any::<bool>(),
-            any::<bool>(),
+            any::<(bool, bool, bool, bool)>(),
         )
-            .prop_map(|(routes, v4, v6)| RouteState {
+            .prop_map(|(routes, (v4, v6, stale4, stale6))| RouteState {
                 routes: routes.into_iter().map(net).collect(),
-                rules: [(v4, Family::V4), (v6, Family::V6)]
-                    .into_iter()
-                    .filter(|(on, _)| *on)
-                    .map(|(_, f)| f)
-                    .collect(),
+                rules: families(v4, v6),
+                stale_rules: families(stale4, stale6),
             })
     }
 
@@ -183,7 +220,15 @@ mod tests {
                 if let RouteAction::RemoveRule(f) = action {
                     prop_assert!(model.routes.iter().all(|r| Family::of(r) != f));
                 }
+                // A stale rule goes only once the current one is in, so
+                // routed traffic never falls through to main meanwhile.
+                if let RouteAction::RemoveStaleRule(f) = action
+                    && desired.rules.contains(&f)
+                {
+                    prop_assert!(model.rules.contains(&f), "stale {:?} rule removed first", f);
+                }
             }
+            prop_assert!(model.stale_rules.is_empty(), "stale rules left: {:?}", model.stale_rules);
         }
     }
 
@@ -194,11 +239,13 @@ mod tests {
         let observed = RouteState {
             routes: [net(3)].into_iter().collect(),
             rules: [Family::V6].into_iter().collect(),
+            stale_rules: [Family::V4].into_iter().collect(),
         };
         assert_eq!(
             plan_routes(&d, &observed),
             vec![
                 RouteAction::AddRule(Family::V4),
+                RouteAction::RemoveStaleRule(Family::V4),
                 RouteAction::RemoveRoute(net(3)),
                 RouteAction::AddRoute(net(0)),
                 RouteAction::AddRoute(net(1)),

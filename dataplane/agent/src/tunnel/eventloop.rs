@@ -22,6 +22,7 @@ use tokio::time::Instant;
 use weft_dataplane_core::Key;
 use weft_dataplane_core::plan::PeerAction;
 
+use super::destinations::{Delivery, Destinations};
 use super::offload::{
     Coalescer, F_NEEDS_CSUM, GSO_NONE, TsoPlan, VNET_HDR_LEN, VnetHdr, complete_checksum,
 };
@@ -30,7 +31,7 @@ use super::tun::Tun;
 use super::uapi::{self, Request, SetRequest};
 pub(crate) use super::udp::Udp;
 use super::udp::{RecvBatch, SendBatch};
-use super::{Command, Polling};
+use super::{Command, Polling, TunnelDrops};
 
 /// Timer resolution of boringtun's `update_timers` is a second; 250 ms
 /// keeps handshake retries and keepalives punctual enough.
@@ -51,6 +52,10 @@ pub(crate) struct Engine {
     udp: Udp,
     peers: Peers,
     fwmark: u32,
+    /// Which decrypted packets are delivered, by destination.
+    destinations: Destinations,
+    /// Decrypted packets dropped, per reason.
+    drops: TunnelDrops,
     /// One packet read from the TUN device, vnet header first.
     tun_buf: Vec<u8>,
     /// A segment to encrypt, or a decrypted packet.
@@ -68,12 +73,21 @@ pub(crate) struct Engine {
 }
 
 impl Engine {
-    pub(crate) fn new(tun: Tun, udp: Udp, private_key: Option<Key>, polling: Polling) -> Self {
+    /// `fwmark` must already be set on `udp`.
+    pub(crate) fn new(
+        tun: Tun,
+        udp: Udp,
+        private_key: Option<Key>,
+        polling: Polling,
+        fwmark: u32,
+    ) -> Self {
         Engine {
             tun,
             udp,
             peers: Peers::new(private_key, rand::random::<u32>()),
-            fwmark: 0,
+            fwmark,
+            destinations: Destinations::default(),
+            drops: TunnelDrops::default(),
             tun_buf: vec![0; BUF_SIZE],
             scratch: vec![0; BUF_SIZE],
             dst: vec![0; BUF_SIZE],
@@ -227,6 +241,13 @@ impl Engine {
             }
             Command::Peers(reply) => {
                 let _ = reply.send(self.peers.stats().into_iter().map(|(s, _)| s).collect());
+            }
+            Command::SetDestinations(destinations, done) => {
+                self.destinations = destinations;
+                let _ = done.send(());
+            }
+            Command::Drops(reply) => {
+                let _ = reply.send(self.drops);
             }
             Command::Uapi(req, reply) => {
                 let (answer, kick) = self.handle_uapi(req);
@@ -446,6 +467,8 @@ impl Engine {
                     scratch,
                     rx,
                     gro,
+                    destinations,
+                    drops,
                     ..
                 } = self;
                 let Some((from, datagrams)) = rx.message(i) else {
@@ -456,7 +479,12 @@ impl Engine {
                     if gro.is_full() {
                         flush_tun(tun, gro).await;
                     }
-                    decrypt_datagram(peers, udp, gro, scratch, datagram, from).await;
+                    let rx = Receiver {
+                        peers,
+                        destinations,
+                        drops,
+                    };
+                    decrypt_datagram(rx, udp, gro, scratch, datagram, from).await;
                 }
             }
         }
@@ -556,16 +584,28 @@ fn encapsulate(
     }
 }
 
-/// Decrypts one datagram from `from`; data goes to the coalescer, protocol
-/// answers straight to the network.
+/// What the receive path reads and counts besides the datagram.
+struct Receiver<'a> {
+    peers: &'a mut Peers,
+    destinations: &'a Destinations,
+    drops: &'a mut TunnelDrops,
+}
+
+/// Decrypts one datagram from `from`; data goes to the coalescer (if its
+/// source and destination pass), protocol answers straight to the network.
 async fn decrypt_datagram(
-    peers: &mut Peers,
+    rx: Receiver<'_>,
     udp: &Udp,
     gro: &mut Coalescer,
     scratch: &mut [u8],
     datagram: &[u8],
     from: SocketAddr,
 ) {
+    let Receiver {
+        peers,
+        destinations,
+        drops,
+    } = rx;
     let Some(slot) = find_peer(peers, datagram, from, scratch, udp).await else {
         return;
     };
@@ -595,19 +635,13 @@ async fn decrypt_datagram(
             !is_cookie
         }
         TunnResult::WriteToTunnelV4(packet, addr) => {
-            if peer.source_allowed(routes, slot, addr.into()) {
-                gro.push(packet);
-            } else {
-                tracing::debug!(peer = %peer.public_key, source = %addr, "dropped packet: source neither in allowed IPs nor accepted");
-            }
+            let source = addr.into();
+            admit(packet, source, peer, slot, routes, destinations, drops, gro);
             true
         }
         TunnResult::WriteToTunnelV6(packet, addr) => {
-            if peer.source_allowed(routes, slot, addr.into()) {
-                gro.push(packet);
-            } else {
-                tracing::debug!(peer = %peer.public_key, source = %addr, "dropped packet: source neither in allowed IPs nor accepted");
-            }
+            let source = addr.into();
+            admit(packet, source, peer, slot, routes, destinations, drops, gro);
             true
         }
     };
@@ -616,6 +650,37 @@ async fn decrypt_datagram(
         if peer.endpoint != Some(from) {
             tracing::info!(peer = %peer.public_key, endpoint = %from, "peer endpoint changed");
             peer.endpoint = Some(from);
+        }
+    }
+}
+
+/// Passes a decrypted packet from `peer` to the coalescer if its source
+/// routes back to the peer or is accepted from it, and its destination is
+/// one this node delivers to; counts it otherwise.
+#[allow(clippy::too_many_arguments)]
+fn admit(
+    packet: &[u8],
+    source: std::net::IpAddr,
+    peer: &super::peers::Peer,
+    slot: u32,
+    routes: &super::peers::AllowedIps<u32>,
+    destinations: &Destinations,
+    drops: &mut TunnelDrops,
+    gro: &mut Coalescer,
+) {
+    if !peer.source_allowed(routes, slot, source) {
+        drops.bad_source.add(packet.len());
+        tracing::debug!(peer = %peer.public_key, source = %source, "dropped packet: source neither in allowed IPs nor accepted");
+        return;
+    }
+    let Some(dst) = Tunn::dst_address(packet) else {
+        return;
+    };
+    match destinations.delivery(dst, || routes.lookup(dst).is_some()) {
+        Delivery::Deliver => gro.push(packet),
+        Delivery::NotForUs => {
+            drops.not_for_us.add(packet.len());
+            tracing::debug!(peer = %peer.public_key, source = %source, destination = %dst, "dropped packet: destination not hosted nor relayed here");
         }
     }
 }

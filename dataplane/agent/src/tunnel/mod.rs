@@ -15,13 +15,15 @@
 //! peers' allowed IPs → encapsulate → UDP to the peer's endpoint. UDP →
 //! peer by handshake identity or receiver index → decapsulate → source
 //! address must route back to that peer, or be among the sources accepted
-//! from it (traffic a gateway relays) → TUN.
+//! from it (traffic a gateway relays), and the destination must be one this
+//! node hosts or relays (`destinations.rs`) → TUN.
 //!
 //! Both directions work in batches: the TUN device does TCP segmentation
 //! offload (we cut its 64 KB super-segments ourselves, `offload.rs`, and
 //! join received segments back), and the UDP socket moves many datagrams
 //! per system call with `sendmmsg`/`recvmmsg`, UDP GSO and GRO (`udp.rs`).
 
+mod destinations;
 mod eventloop;
 mod offload;
 mod peers;
@@ -39,6 +41,8 @@ use ipnet::IpNet;
 use tokio::sync::{mpsc, oneshot};
 use weft_dataplane_core::plan::PeerAction;
 use weft_dataplane_core::{Key, duration};
+
+pub(crate) use destinations::Destinations;
 
 /// Default directory of UAPI sockets, where `wg` looks for them.
 pub(crate) const DEFAULT_UAPI_DIR: &str = "/var/run/wireguard";
@@ -58,6 +62,43 @@ pub(crate) struct TunnelSettings {
     pub(crate) uapi_dir: PathBuf,
     /// When the tunnel loop polls instead of sleeping.
     pub(crate) polling: Polling,
+    /// Mark (SO_MARK) on the tunnel's own UDP packets, so that Weft's
+    /// routing rule lets them through to the underlay; 0 = none.
+    pub(crate) fwmark: u32,
+}
+
+/// Packets and bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Counter {
+    pub(crate) packets: u64,
+    pub(crate) bytes: u64,
+}
+
+impl Counter {
+    fn add(&mut self, bytes: usize) {
+        self.packets = self.packets.wrapping_add(1);
+        self.bytes = self.bytes.wrapping_add(bytes as u64);
+    }
+}
+
+/// Decrypted packets the tunnel dropped, per reason, since it started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct TunnelDrops {
+    /// The destination is neither hosted nor relayed by this node.
+    pub(crate) not_for_us: Counter,
+    /// The source neither routes back to the sending peer nor is accepted
+    /// from it.
+    pub(crate) bad_source: Counter,
+}
+
+impl TunnelDrops {
+    /// The counters with the names reports use.
+    pub(crate) fn named(&self) -> [(&'static str, Counter); 2] {
+        [
+            ("not_for_us", self.not_for_us),
+            ("bad_source", self.bad_source),
+        ]
+    }
 }
 
 /// The default of `--busy-poll`: poll for 200 µs after the last packet,
@@ -160,6 +201,9 @@ pub(crate) struct PeerStats {
 pub(crate) enum Command {
     Apply(Vec<PeerAction>, oneshot::Sender<()>),
     Peers(oneshot::Sender<Vec<PeerStats>>),
+    /// Which decrypted packets to deliver, by destination.
+    SetDestinations(Destinations, oneshot::Sender<()>),
+    Drops(oneshot::Sender<TunnelDrops>),
     /// A parsed UAPI request; the reply is the UAPI answer text.
     Uapi(uapi::Request, oneshot::Sender<String>),
     /// Stop; the sender fires once the TUN device and socket are closed.
@@ -187,14 +231,29 @@ pub(crate) async fn start(settings: TunnelSettings) -> anyhow::Result<TunnelHand
     let ifname = tun.name().to_owned();
     let udp = eventloop::Udp::bind(settings.listen_port)
         .with_context(|| format!("binding UDP port {}", settings.listen_port))?;
+    if settings.fwmark != 0 {
+        udp.set_mark(settings.fwmark).with_context(|| {
+            format!(
+                "marking the tunnel's UDP socket with fwmark {:#x}",
+                settings.fwmark
+            )
+        })?;
+    }
     tracing::info!(
         interface = %ifname,
         listen_port = udp.port(),
         uapi = %uapi_path.display(),
+        fwmark = settings.fwmark,
         "tunnel up"
     );
     let (tx, rx) = mpsc::channel(64);
-    let engine = eventloop::Engine::new(tun, udp, settings.private_key, settings.polling);
+    let engine = eventloop::Engine::new(
+        tun,
+        udp,
+        settings.private_key,
+        settings.polling,
+        settings.fwmark,
+    );
     tokio::spawn(engine.run(rx));
     tokio::spawn(uapi::serve(listener, tx.clone()));
     guard.disarm();
@@ -221,6 +280,20 @@ impl TunnelHandle {
     pub(crate) async fn peers(&self) -> anyhow::Result<Vec<PeerStats>> {
         let (tx, rx) = oneshot::channel();
         self.send(Command::Peers(tx)).await?;
+        rx.await.context("tunnel task stopped")
+    }
+
+    /// Sets which decrypted packets are delivered, by destination.
+    pub(crate) async fn set_destinations(&self, d: Destinations) -> anyhow::Result<()> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::SetDestinations(d, tx)).await?;
+        rx.await.context("tunnel task stopped")
+    }
+
+    /// Decrypted packets dropped so far, per reason.
+    pub(crate) async fn drops(&self) -> anyhow::Result<TunnelDrops> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::Drops(tx)).await?;
         rx.await.context("tunnel task stopped")
     }
 
