@@ -54,6 +54,7 @@ fn node(name: &str, key: u8) -> pb::Node {
         }],
         labels: Default::default(),
         workloads: vec![],
+        pending: vec![],
         policy: Some(pb::PolicyStatus {
             verdicts: vec![
                 pb::VerdictCounter {
@@ -151,6 +152,7 @@ impl AdminService for Mock {
             expires_unix: now + r.ttl_seconds,
             used_by_node: String::new(),
             token: "weft1.t1.secret".into(),
+            ..Default::default()
         }))
     }
     async fn list_join_tokens(
