@@ -336,6 +336,17 @@ pub(crate) struct TokenCreate {
     /// m (minutes), h (hours) or d (days), e.g. 30s, 15m, 1h, 2d, 1h30m.
     #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_duration)]
     pub(crate) ttl: Duration,
+    /// Label KEY=VALUE the enrolled node gets (network policy selects nodes
+    /// by their labels); repeat for several. The agent's `--label` may
+    /// only restate these: any other refuses the enrolment.
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
+    pub(crate) labels: Vec<(String, String)>,
+    /// A prefix (CIDR) inside which the node's agent may advertise
+    /// workload prefixes (`weft-agent --advertise`) without approval, with
+    /// labels the node was granted; repeat for several. Anything else it
+    /// advertises waits, pending, for `weftctl node advertise`.
+    #[arg(long = "allow-prefix", value_name = "CIDR")]
+    pub(crate) allow_prefixes: Vec<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -375,10 +386,13 @@ pub(crate) enum NodeCommand {
         changes: Vec<LabelChange>,
     },
     /// Advertise a workload prefix the node routes for (containers or VMs
-    /// behind it), or relabel one it advertises: every other node routes
-    /// the prefix to it through the overlay, and network policy selects
-    /// the workload by its labels. Refused if the prefix overlaps one
-    /// another node advertises or the overlay pools.
+    /// behind it), or relabel one it advertises, or approve one its agent
+    /// asked for (pending in `node get`): every other node routes the
+    /// prefix to it through the overlay, and network policy selects the
+    /// workload by its labels (the ones given here). Refused if the prefix
+    /// overlaps one another node advertises or the overlay pools, is
+    /// shorter than the network's minimum, or covers a controller address
+    /// or a member's endpoint.
     Advertise {
         /// Node name or node ID.
         #[arg(value_name = "NAME|ID")]
@@ -391,7 +405,8 @@ pub(crate) enum NodeCommand {
         labels: Vec<(String, String)>,
     },
     /// Withdraw a workload prefix from a node: the other nodes remove
-    /// their routes to it.
+    /// their routes to it. Also drops a pending prefix (until the agent
+    /// asks for it again).
     Withdraw {
         /// Node name or node ID.
         #[arg(value_name = "NAME|ID")]

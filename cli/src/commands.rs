@@ -238,10 +238,17 @@ async fn site(api: &Api, command: SiteCommand, output: Output, now: u64) -> Resu
 async fn token(api: &Api, command: TokenCommand, output: Output, now: u64) -> Result<Printed> {
     let mut c = api.client();
     match command {
-        TokenCommand::Create(TokenCreate { site, ttl }) => {
+        TokenCommand::Create(TokenCreate {
+            site,
+            ttl,
+            labels,
+            allow_prefixes,
+        }) => {
             let req = pb::CreateJoinTokenRequest {
                 site,
                 ttl_seconds: ttl.as_secs(),
+                labels: labels.into_iter().collect(),
+                allow_prefixes,
             };
             let t = api.check(c.create_join_token(req).await)?;
             match output {
@@ -335,6 +342,7 @@ async fn node(api: &Api, command: NodeCommand, output: Output, now: u64) -> Resu
                 workload: Some(pb::Workload {
                     prefix,
                     labels: labels.into_iter().collect(),
+                    reason: String::new(),
                 }),
             };
             let n = api.check(c.advertise_prefix(req).await)?;

@@ -32,7 +32,7 @@ pub(crate) fn site(s: &pb::Site, now: u64) -> String {
 
 /// `token list`: never the secret.
 pub(crate) fn tokens(tokens: &[pb::JoinToken], now: u64) -> String {
-    let mut t = Table::new(&["ID", "SITE", "CREATED", "EXPIRES", "USED BY"]);
+    let mut t = Table::new(&["ID", "SITE", "CREATED", "EXPIRES", "USED BY", "GRANTS"]);
     for tok in tokens {
         let expires = if tok.used_by_node.is_empty() {
             until(tok.expires_unix, now)
@@ -45,9 +45,22 @@ pub(crate) fn tokens(tokens: &[pb::JoinToken], now: u64) -> String {
             ago(tok.created_unix, now),
             expires,
             or_dash(&tok.used_by_node),
+            grants(tok),
         ]);
     }
     t.render()
+}
+
+/// What a token grants beyond its site: `k=v, k2=v2; allow CIDR, CIDR`.
+fn grants(tok: &pb::JoinToken) -> String {
+    let mut parts = Vec::new();
+    if !tok.labels.is_empty() {
+        parts.push(labels(&tok.labels));
+    }
+    if !tok.allow_prefixes.is_empty() {
+        parts.push(format!("allow {}", tok.allow_prefixes.join(", ")));
+    }
+    or_dash(&parts.join("; "))
 }
 
 /// `node list`. `revision` is the controller's current revision.
@@ -100,6 +113,7 @@ pub(crate) fn node(
         ("Addresses", or_dash(&n.addresses.join(", "))),
         ("Labels", labels(&n.labels)),
         ("Workloads", workloads(&n.workloads)),
+        ("Pending", pending(&n.pending)),
         ("Created", with_ago(n.created_unix, now)),
         ("Connected", yes_no(n.connected)),
         ("Revision", applied),
@@ -270,7 +284,8 @@ pub(crate) fn external_peer(p: &pb::ExternalPeer, now: u64) -> String {
 }
 
 /// Labels as `k=v, k2=v2` (sorted), or `none`.
-/// Workload prefixes with their labels, e.g. `100.100.2.0/24 (app=pg)`.
+/// Workload prefixes with their labels, e.g. `100.100.2.0/24 (app=pg)`,
+/// and why one is not routed, if it is not.
 pub(crate) fn workloads(workloads: &[pb::Workload]) -> String {
     if workloads.is_empty() {
         return "none".to_owned();
@@ -278,14 +293,36 @@ pub(crate) fn workloads(workloads: &[pb::Workload]) -> String {
     workloads
         .iter()
         .map(|w| {
-            if w.labels.is_empty() {
-                w.prefix.clone()
-            } else {
-                format!("{} ({})", w.prefix, labels(&w.labels))
+            let mut s = w.prefix.clone();
+            if !w.labels.is_empty() {
+                s.push_str(&format!(" ({})", labels(&w.labels)));
             }
+            if !w.reason.is_empty() {
+                s.push_str(&format!(" [not routed: {}]", w.reason));
+            }
+            s
         })
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// Prefixes waiting for approval, each with its reason.
+pub(crate) fn pending(pending: &[pb::Workload]) -> String {
+    if pending.is_empty() {
+        return "none".to_owned();
+    }
+    pending
+        .iter()
+        .map(|w| {
+            let labelled = if w.labels.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", labels(&w.labels))
+            };
+            format!("{}{labelled}: {}", w.prefix, w.reason)
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 pub(crate) fn labels(labels: &std::collections::HashMap<String, String>) -> String {
@@ -489,7 +526,41 @@ mod tests {
             tunnel_drops: vec![],
             policy: None,
             workloads: vec![],
+            pending: vec![],
         }
+    }
+
+    #[test]
+    fn node_shows_pending_and_withheld_prefixes_with_why() {
+        let mut n = node_a1();
+        n.workloads = vec![pb::Workload {
+            prefix: "198.19.5.0/24".into(),
+            labels: Default::default(),
+            reason: "prefix 198.19.5.0/24 covers the endpoint 198.19.5.9 of node \"b1\"".into(),
+        }];
+        n.pending = vec![pb::Workload {
+            prefix: "128.0.0.0/1".into(),
+            labels: [("app".to_owned(), "x".to_owned())].into(),
+            reason: "prefix 128.0.0.0/1 is shorter than the minimum /8".into(),
+        }];
+        let out = node(&n, &BTreeMap::new(), None, NOW);
+        assert!(
+            out.contains("Workloads:    198.19.5.0/24 [not routed: prefix 198.19.5.0/24 covers the endpoint 198.19.5.9 of node \"b1\"]"),
+            "{out}"
+        );
+        assert!(
+            out.contains("Pending:      128.0.0.0/1 (app=x): prefix 128.0.0.0/1 is shorter than the minimum /8"),
+            "{out}"
+        );
+        let view = serde_json::to_value(crate::view::NodeView::from(&n)).expect("serialises");
+        assert_eq!(
+            view["pending"]["128.0.0.0/1"]["reason"],
+            "prefix 128.0.0.0/1 is shorter than the minimum /8"
+        );
+        assert_eq!(view["pending"]["128.0.0.0/1"]["labels"]["app"], "x");
+        assert!(view["withheld"]["198.19.5.0/24"]
+            .as_str()
+            .is_some_and(|r| r.contains("covers the endpoint")));
     }
 
     #[test]
@@ -670,9 +741,15 @@ a1     n-1   a      100.64.0.1/10,fd7e::1/64   198.19.1.11:51820   yes         1
             expires_unix: NOW + 3540,
             used_by_node: String::new(),
             token: "weft1.topsecret".into(),
+            labels: [("role".to_owned(), "db".to_owned())].into(),
+            allow_prefixes: vec!["100.100.0.0/16".into()],
         };
         let out = tokens(&[tok], NOW);
         assert!(!out.contains("topsecret"), "secret leaked:\n{out}");
         assert!(out.contains("in 59m"), "expiry:\n{out}");
+        assert!(
+            out.contains("role=db; allow 100.100.0.0/16"),
+            "grants:\n{out}"
+        );
     }
 }

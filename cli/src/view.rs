@@ -27,6 +27,12 @@ pub(crate) struct NodeView {
     /// Workload prefixes the node routes for, with their labels.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub(crate) workloads: BTreeMap<String, BTreeMap<String, String>>,
+    /// Approved workload prefixes left out of every config, with why.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub(crate) withheld: BTreeMap<String, String>,
+    /// Prefixes the agent asked for that wait for approval.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub(crate) pending: BTreeMap<String, PendingView>,
     /// The agent's policy counters (absent: no eBPF policy datapath, or
     /// no report yet).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -35,6 +41,13 @@ pub(crate) struct NodeView {
     /// (`not_for_us`, `bad_source`); absent: none reported.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub(crate) tunnel_drops: BTreeMap<String, CounterView>,
+}
+
+/// A workload prefix waiting for an operator's approval.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub(crate) struct PendingView {
+    pub(crate) labels: BTreeMap<String, String>,
+    pub(crate) reason: String,
 }
 
 /// A node's policy counters, from the agent's report.
@@ -204,6 +217,12 @@ pub(crate) struct TokenView {
     pub(crate) created_unix: u64,
     pub(crate) expires_unix: u64,
     pub(crate) used_by_node: String,
+    /// Labels the enrolled node gets.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub(crate) labels: BTreeMap<String, String>,
+    /// Prefixes its agent may advertise inside without approval.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub(crate) allow_prefixes: Vec<String>,
 }
 
 /// A freshly created join token, with its secret (shown once).
@@ -213,6 +232,12 @@ pub(crate) struct CreatedTokenView {
     pub(crate) site: String,
     pub(crate) expires_unix: u64,
     pub(crate) token: String,
+    /// Labels the enrolled node gets.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub(crate) labels: BTreeMap<String, String>,
+    /// Prefixes its agent may advertise inside without approval.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub(crate) allow_prefixes: Vec<String>,
 }
 
 /// Result of a delete.
@@ -270,6 +295,23 @@ impl From<&pb::Node> for NodeView {
                 .workloads
                 .iter()
                 .map(|w| (w.prefix.clone(), w.labels.clone().into_iter().collect()))
+                .collect(),
+            withheld: n
+                .workloads
+                .iter()
+                .filter(|w| !w.reason.is_empty())
+                .map(|w| (w.prefix.clone(), w.reason.clone()))
+                .collect(),
+            pending: n
+                .pending
+                .iter()
+                .map(|w| {
+                    let view = PendingView {
+                        labels: w.labels.clone().into_iter().collect(),
+                        reason: w.reason.clone(),
+                    };
+                    (w.prefix.clone(), view)
+                })
                 .collect(),
             policy: n.policy.as_ref().map(PolicyStatusView::from),
             tunnel_drops: counters(&n.tunnel_drops),
@@ -358,6 +400,8 @@ impl From<&pb::JoinToken> for TokenView {
             created_unix: t.created_unix,
             expires_unix: t.expires_unix,
             used_by_node: t.used_by_node.clone(),
+            labels: t.labels.clone().into_iter().collect(),
+            allow_prefixes: t.allow_prefixes.clone(),
         }
     }
 }
@@ -369,6 +413,8 @@ impl From<&pb::JoinToken> for CreatedTokenView {
             site: t.site.clone(),
             expires_unix: t.expires_unix,
             token: t.token.clone(),
+            labels: t.labels.clone().into_iter().collect(),
+            allow_prefixes: t.allow_prefixes.clone(),
         }
     }
 }
@@ -428,6 +474,7 @@ mod tests {
             tunnel_drops: vec![],
             policy: None,
             workloads: vec![],
+            pending: vec![],
         };
         let json = serde_json::to_value(NodeView::from(&node)).expect("node view serialises");
         let want = serde_json::json!({
@@ -498,6 +545,7 @@ mod tests {
             expires_unix: 3601,
             used_by_node: String::new(),
             token: "weft1.secret".into(),
+            ..Default::default()
         };
         let json = serde_json::to_value(CreatedTokenView::from(&t)).expect("token view serialises");
         assert_eq!(

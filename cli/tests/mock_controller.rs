@@ -55,6 +55,7 @@ fn node(name: &str, key: u8) -> pb::Node {
         labels: Default::default(),
         tunnel_drops: vec![],
         workloads: vec![],
+        pending: vec![],
         policy: Some(pb::PolicyStatus {
             verdicts: vec![
                 pb::VerdictCounter {
@@ -152,6 +153,7 @@ impl AdminService for Mock {
             expires_unix: now + r.ttl_seconds,
             used_by_node: String::new(),
             token: "weft1.t1.secret".into(),
+            ..Default::default()
         }))
     }
     async fn list_join_tokens(

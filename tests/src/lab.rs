@@ -290,6 +290,8 @@ pub struct LabBuilder {
     persistent: bool,
     topology_only: bool,
     ipv4_pool: Option<String>,
+    /// Extra `weftctl token create` arguments per node (its grants).
+    token_args: BTreeMap<String, Vec<String>>,
 }
 
 impl Default for LabBuilder {
@@ -306,6 +308,7 @@ impl Default for LabBuilder {
             persistent: false,
             topology_only: false,
             ipv4_pool: None,
+            token_args: BTreeMap::new(),
         }
     }
 }
@@ -397,6 +400,21 @@ impl LabBuilder {
     /// workload prefixes (default: the controller's, 100.64.0.0/10).
     pub fn ipv4_pool(mut self, pool: &str) -> Self {
         self.ipv4_pool = Some(pool.to_owned());
+        self
+    }
+
+    /// What the join token of `node` grants: `labels` (`KEY=VALUE`, what
+    /// its agent's `--label` may restate) and `allow_prefixes` (CIDRs its
+    /// agent's `--advertise` is approved inside, with granted labels), as
+    /// `weftctl token create --label ... --allow-prefix ...`.
+    pub fn token_grants(mut self, node: &str, labels: &[&str], allow_prefixes: &[&str]) -> Self {
+        let args = self.token_args.entry(node.to_owned()).or_default();
+        for l in labels {
+            args.extend(["--label".to_owned(), (*l).to_owned()]);
+        }
+        for p in allow_prefixes {
+            args.extend(["--allow-prefix".to_owned(), (*p).to_owned()]);
+        }
         self
     }
 
@@ -692,8 +710,21 @@ impl Lab {
             .unwrap_or_else(|e| panic!("{e:#}"))
     }
 
+    /// Creates a join token for `site` with extra `weftctl token create`
+    /// arguments (grants: `--label K=V`, `--allow-prefix CIDR`), returns it.
+    pub fn create_token_with(&self, site: &str, ttl: &str, extra: &[&str]) -> String {
+        self.try_create_token_with(site, ttl, extra)
+            .unwrap_or_else(|e| panic!("{e:#}"))
+    }
+
     fn try_create_token(&self, site: &str, ttl: &str) -> Result<String> {
-        let out = self.try_weftctl_ok(&["token", "create", "--site", site, "--ttl", ttl])?;
+        self.try_create_token_with(site, ttl, &[])
+    }
+
+    fn try_create_token_with(&self, site: &str, ttl: &str, extra: &[&str]) -> Result<String> {
+        let mut args = vec!["token", "create", "--site", site, "--ttl", ttl];
+        args.extend_from_slice(extra);
+        let out = self.try_weftctl_ok(&args)?;
         let token = out.trim().to_owned();
         ensure!(
             !token.is_empty() && !token.contains(char::is_whitespace),
@@ -1607,7 +1638,12 @@ impl Lab {
         }
         for idx in 0..self.st.nodes.len() {
             let site = self.st.nodes[idx].site.clone();
-            let token = self.try_create_token(&site, "1h")?;
+            let grants: Vec<&str> = b
+                .token_args
+                .get(&self.st.nodes[idx].name)
+                .map(|a| a.iter().map(String::as_str).collect())
+                .unwrap_or_default();
+            let token = self.try_create_token_with(&site, "1h", &grants)?;
             self.st.nodes[idx].token = Some(token);
         }
         self.save_state();

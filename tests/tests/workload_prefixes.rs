@@ -4,7 +4,10 @@
 //! outside the network's 100.64.0.0/16 pool and ULA /48).
 //!
 //! - The IPv4 prefix is advertised with `weftctl node advertise`, the IPv6
-//!   one with `weft-agent --advertise` (b1's agent restarted with it).
+//!   one with `weft-agent --advertise` (b1's agent restarted with it):
+//!   inside the prefix b1's join token allows, but with a workload label
+//!   (`app=pg`) the token does not grant b1, so it waits, pending, until
+//!   the operator approves it with that label.
 //! - a1 gets both routes in Weft's table 51820 (marked `proto 87`) and one
 //!   rule per family; its main table is untouched.
 //! - a1 and c1 reach the workload (ping, TCP, IPv4 and IPv6) and the
@@ -92,6 +95,7 @@ fn workload_prefixes() {
         .sites(&["a", "b", "c"])
         .nodes_per_site(1)
         .ipv4_pool("100.64.0.0/16")
+        .token_grants("b1", &[], &[PREFIX_V6])
         .build();
     let (a1_v4, a1_v6) = lab.node_addresses("a1");
     let (c1_v4, _) = lab.node_addresses("c1");
@@ -130,6 +134,21 @@ fn workload_prefixes() {
     );
     lab.kill_agent("b1", Signal::SIGTERM);
     lab.start_agent("b1");
+    lab.wait_until(
+        Duration::from_secs(20),
+        "b1's agent to ask for the IPv6 prefix (pending: its label is not granted)",
+        || {
+            node_json(&lab, "b1")["pending"][PREFIX_V6]["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("label app=pg is not granted to node \"b1\""))
+        },
+    );
+    let (routes, _) = weft_routes(&lab, "a1");
+    assert!(
+        !routes.contains("fd00:beef:2::"),
+        "a pending prefix must not be routed:\n{routes}"
+    );
+    lab.weftctl_ok(&["node", "advertise", "b1", PREFIX_V6, "--label", "app=pg"]);
     lab.wait_until(
         Duration::from_secs(20),
         "b1's agent to advertise the IPv6 prefix",

@@ -145,6 +145,31 @@ pub enum Error {
     /// The state violates an invariant (found by `State::validate`).
     #[error("state is inconsistent: {0}")]
     Inconsistent(String),
+
+    // ---- trust: identity and prefixes are granted ----
+    /// An agent asked for a label its join token does not grant.
+    #[error("label {label} is not granted by join token {token} (it grants: {granted})")]
+    LabelNotGranted {
+        label: String,
+        token: String,
+        granted: String,
+    },
+    /// A workload prefix is shorter than the network allows.
+    #[error(
+        "prefix {prefix} is shorter than the minimum /{min} for {family} workload prefixes (weft-controller --min-prefix-len-{})",
+        if *family == "IPv4" { "v4" } else { "v6" }
+    )]
+    PrefixTooShort {
+        prefix: String,
+        min: u8,
+        family: &'static str,
+    },
+    /// A workload prefix covers an address the underlay must carry.
+    #[error("prefix {prefix} covers {what}: routing it through the overlay would capture that traffic")]
+    PrefixCoversProtected { prefix: String, what: String },
+    /// A join token allows more prefixes than a node may advertise.
+    #[error("{count} allowed prefixes given; at most {MAX_ADVERTISED} are allowed")]
+    TooManyAllowedPrefixes { count: usize },
 }
 
 /// Coarse class of an [`Error`], for mapping to gRPC status codes.
@@ -184,7 +209,10 @@ impl Error {
             | Error::InvalidPolicy { .. }
             | Error::InvalidPrefix { .. }
             | Error::PrefixInPool { .. }
-            | Error::TooManyPrefixes { .. } => ErrorKind::InvalidArgument,
+            | Error::TooManyPrefixes { .. }
+            | Error::PrefixTooShort { .. }
+            | Error::PrefixCoversProtected { .. }
+            | Error::TooManyAllowedPrefixes { .. } => ErrorKind::InvalidArgument,
             Error::SiteNotFound(_)
             | Error::TokenNotFound(_)
             | Error::NodeNotFound(_)
@@ -199,9 +227,10 @@ impl Error {
             | Error::KeyInUse { .. }
             | Error::CertInUse { .. }
             | Error::PrefixOverlap { .. } => ErrorKind::AlreadyExists,
-            Error::TokenInvalid(_) | Error::TokenUsed { .. } | Error::TokenExpired { .. } => {
-                ErrorKind::PermissionDenied
-            }
+            Error::TokenInvalid(_)
+            | Error::TokenUsed { .. }
+            | Error::TokenExpired { .. }
+            | Error::LabelNotGranted { .. } => ErrorKind::PermissionDenied,
             Error::SiteNotEmpty { .. } => ErrorKind::FailedPrecondition,
             Error::PoolExhausted { .. } => ErrorKind::ResourceExhausted,
             Error::Inconsistent(_) => ErrorKind::Internal,

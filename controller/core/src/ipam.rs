@@ -111,7 +111,7 @@ mod tests {
             ipv4_pool: pool.parse().expect("valid pool"),
             ipv6_prefix: "fd7e:4a1:1234::/48".parse().expect("valid prefix"),
             mtu: 1420,
-            persistent_keepalive: 25,
+            ..NetworkSettings::with_ipv6_prefix("fd7e:4a1:1234::/48".parse().expect("valid prefix"))
         }
     }
 

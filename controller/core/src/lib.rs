@@ -7,6 +7,7 @@
 //! randomness or I/O: times and generated ids are arguments.
 
 pub mod error;
+pub mod guard;
 pub mod ipam;
 pub mod model;
 pub mod netmap;
@@ -16,8 +17,10 @@ pub mod time;
 pub mod topology;
 
 pub use error::{Error, ErrorKind};
+pub use guard::Protected;
 pub use model::{
-    ExternalPeer, JoinToken, Labels, Member, NetworkSettings, Node, Registration, Site,
+    ExternalPeer, JoinToken, Labels, Member, NetworkSettings, Node, PendingPrefix, Registration,
+    Site, TokenGrants,
 };
 pub use netmap::{all_node_configs, external_peer_config, node_config};
 pub use state::{PolicyChanges, State};

@@ -25,6 +25,44 @@ pub struct NetworkSettings {
     pub mtu: u16,
     /// WireGuard persistent keepalive in seconds, 0 = off.
     pub persistent_keepalive: u16,
+    /// Shortest IPv4 workload prefix accepted (a /N with N below it is
+    /// refused); absent in stores written before it: [`DEFAULT_MIN_PREFIX_LEN_V4`].
+    #[serde(
+        default = "default_min_prefix_len_v4",
+        skip_serializing_if = "is_default_min_prefix_len_v4"
+    )]
+    pub min_prefix_len_v4: u8,
+    /// Shortest IPv6 workload prefix accepted; absent in stores written
+    /// before it: [`DEFAULT_MIN_PREFIX_LEN_V6`].
+    #[serde(
+        default = "default_min_prefix_len_v6",
+        skip_serializing_if = "is_default_min_prefix_len_v6"
+    )]
+    pub min_prefix_len_v6: u8,
+}
+
+/// The default shortest IPv4 workload prefix: a /8.
+pub const DEFAULT_MIN_PREFIX_LEN_V4: u8 = 8;
+
+/// The default shortest IPv6 workload prefix: a /32.
+pub const DEFAULT_MIN_PREFIX_LEN_V6: u8 = 32;
+
+fn default_min_prefix_len_v4() -> u8 {
+    DEFAULT_MIN_PREFIX_LEN_V4
+}
+
+fn default_min_prefix_len_v6() -> u8 {
+    DEFAULT_MIN_PREFIX_LEN_V6
+}
+
+// Defaults are not written, so a store stays readable by a controller
+// that predates the fields.
+fn is_default_min_prefix_len_v4(len: &u8) -> bool {
+    *len == DEFAULT_MIN_PREFIX_LEN_V4
+}
+
+fn is_default_min_prefix_len_v6(len: &u8) -> bool {
+    *len == DEFAULT_MIN_PREFIX_LEN_V6
 }
 
 /// The default IPv4 overlay pool (RFC 6598 shared address space).
@@ -44,6 +82,16 @@ impl NetworkSettings {
             ipv6_prefix,
             mtu: DEFAULT_MTU,
             persistent_keepalive: DEFAULT_PERSISTENT_KEEPALIVE,
+            min_prefix_len_v4: DEFAULT_MIN_PREFIX_LEN_V4,
+            min_prefix_len_v6: DEFAULT_MIN_PREFIX_LEN_V6,
+        }
+    }
+
+    /// The shortest workload prefix accepted in `prefix`'s family.
+    pub fn min_prefix_len(&self, prefix: IpNet) -> u8 {
+        match prefix {
+            IpNet::V4(_) => self.min_prefix_len_v4,
+            IpNet::V6(_) => self.min_prefix_len_v6,
         }
     }
 
@@ -73,6 +121,7 @@ impl NetworkSettings {
                 "IPv6 prefix {v6} is too small; use a /64 or larger (a /48 is usual)"
             )));
         }
+        check_min_prefix_lens(self.min_prefix_len_v4, self.min_prefix_len_v6)?;
         if self.mtu < MIN_MTU {
             return Err(Error::InvalidSettings(format!(
                 "MTU {} is below the IPv6 minimum of {MIN_MTU}",
@@ -81,6 +130,22 @@ impl NetworkSettings {
         }
         Ok(())
     }
+}
+
+/// Checks minimum workload prefix lengths: IPv4 1 to 32, IPv6 1 to 128
+/// (a default route is never accepted anyway).
+pub fn check_min_prefix_lens(v4: u8, v6: u8) -> Result<(), Error> {
+    if !(1..=32).contains(&v4) {
+        return Err(Error::InvalidSettings(format!(
+            "minimum IPv4 prefix length {v4} must be between 1 and 32"
+        )));
+    }
+    if !(1..=128).contains(&v6) {
+        return Err(Error::InvalidSettings(format!(
+            "minimum IPv6 prefix length {v6} must be between 1 and 128"
+        )));
+    }
+    Ok(())
 }
 
 /// A location: region, data centre, edge.
@@ -124,6 +189,27 @@ pub struct Node {
     /// in stores written before workload prefixes).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub advertised: BTreeMap<IpNet, Labels>,
+    /// Prefixes the node's join token allows its agent to advertise
+    /// without an operator's approval (absent in stores written before
+    /// grants: none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_prefixes: Vec<IpNet>,
+    /// Prefixes the agent asked to advertise that were not approved, with
+    /// why: never routed until an operator approves them (absent in
+    /// stores written before pending prefixes).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub pending: BTreeMap<IpNet, PendingPrefix>,
+}
+
+/// A workload prefix an agent asked for that waits for an operator.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PendingPrefix {
+    /// The labels the agent asked for (empty when they were malformed).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: Labels,
+    /// Why it was not approved, for the operator.
+    pub reason: String,
 }
 
 /// A plain WireGuard peer (no agent), configured by hand by an operator.
@@ -166,6 +252,23 @@ pub struct JoinToken {
     pub expires_unix: u64,
     /// Id of the node that used the token, once used.
     pub used_by: Option<String>,
+    /// Labels the enrolled node gets, granted by the operator (absent in
+    /// stores written before grants: none).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: Labels,
+    /// Prefixes the enrolled node's agent may advertise without approval
+    /// (absent in stores written before grants: none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_prefixes: Vec<IpNet>,
+}
+
+/// What a join token grants the node it enrols, beyond its site.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TokenGrants {
+    /// The node's labels.
+    pub labels: Labels,
+    /// Prefixes the node's agent may advertise without approval.
+    pub allow_prefixes: Vec<IpNet>,
 }
 
 /// A node's registration request, as the API edge has authenticated it.
@@ -185,7 +288,8 @@ pub struct Registration {
     pub endpoint: Option<SocketAddr>,
     /// SHA-256 of the client certificate issued to the node.
     pub cert_fingerprint: [u8; 32],
-    /// Labels the node asked for (`weft-agent --label`).
+    /// Labels the node asked for (`weft-agent --label`): they may only
+    /// restate what the token grants.
     pub labels: Labels,
 }
 

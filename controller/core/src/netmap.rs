@@ -351,8 +351,12 @@ spec:
             .enumerate()
         {
             let k = [u8::try_from(i).expect("small") + 1; 32];
+            let grants = crate::model::TokenGrants {
+                labels: labels(role),
+                ..Default::default()
+            };
             state
-                .create_token(&format!("t{i}"), k, "a", 0, 60)
+                .create_token_with_grants(&format!("t{i}"), k, "a", 0, 60, grants)
                 .expect("token");
             state
                 .register_node(
@@ -373,7 +377,11 @@ spec:
         // Outside the pools (100.64.0.0/10, fd7e:4a1:1234::/48).
         let workload: IpNet = "fd00:beef:2::/64".parse().expect("net");
         state
-            .advertise_prefixes("db", &[(workload, labels("pg"))].into_iter().collect())
+            .advertise_prefixes(
+                "db",
+                &[(workload, labels("pg"))].into_iter().collect(),
+                &crate::Protected::default(),
+            )
             .expect("advertises");
         let policies = parse_documents(
             "t.yaml",

@@ -4,6 +4,7 @@
 //! refused mutation leaves the state exactly as it was; a successful one
 //! bumps the revision.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::collections::btree_map::Entry;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -13,10 +14,12 @@ use serde::{Deserialize, Serialize};
 use weft_dataplane_core::Key;
 
 use crate::error::Error;
+use crate::guard::{Protected, Shield, check_safe};
 use crate::ipam::{self, Ipam};
 use crate::model::{
-    ExternalPeer, JoinToken, Labels, MAX_ADVERTISED, Member, NetworkSettings, Node, Registration,
-    Site, check_id, check_labels, check_name, check_prefix,
+    ExternalPeer, JoinToken, Labels, MAX_ADVERTISED, Member, NetworkSettings, Node, PendingPrefix,
+    Registration, Site, TokenGrants, check_id, check_labels, check_min_prefix_lens, check_name,
+    check_prefix,
 };
 use crate::policy::{Endpoint, Policy, to_yaml};
 use crate::topology::config::TopologyConfig;
@@ -99,6 +102,21 @@ impl State {
         &self.ipam
     }
 
+    /// Sets the shortest workload prefixes accepted (IPv4, IPv6); returns
+    /// whether they changed (the revision is bumped only then). Approved
+    /// prefixes now shorter stay recorded but are left out of every config
+    /// ([`State::publishable`]).
+    pub fn set_min_prefix_lens(&mut self, v4: u8, v6: u8) -> Result<bool, Error> {
+        check_min_prefix_lens(v4, v6)?;
+        if (self.settings.min_prefix_len_v4, self.settings.min_prefix_len_v6) == (v4, v6) {
+            return Ok(false);
+        }
+        self.settings.min_prefix_len_v4 = v4;
+        self.settings.min_prefix_len_v6 = v6;
+        self.revision += 1;
+        Ok(true)
+    }
+
     // ---- sites ----
 
     /// Creates an empty site.
@@ -154,7 +172,8 @@ impl State {
 
     // ---- join tokens ----
 
-    /// Creates a join token for `site`, valid for `ttl_secs` from `now`.
+    /// Creates a join token for `site`, valid for `ttl_secs` from `now`,
+    /// granting nothing beyond the site.
     pub fn create_token(
         &mut self,
         id: &str,
@@ -163,7 +182,25 @@ impl State {
         now: u64,
         ttl_secs: u64,
     ) -> Result<&JoinToken, Error> {
+        self.create_token_with_grants(id, secret_hash, site, now, ttl_secs, TokenGrants::default())
+    }
+
+    /// Creates a join token for `site`, valid for `ttl_secs` from `now`,
+    /// whose node gets `grants`: its labels, and the prefixes its agent may
+    /// advertise without approval (each a routable network; their safety
+    /// is checked when advertised).
+    pub fn create_token_with_grants(
+        &mut self,
+        id: &str,
+        secret_hash: [u8; 32],
+        site: &str,
+        now: u64,
+        ttl_secs: u64,
+        grants: TokenGrants,
+    ) -> Result<&JoinToken, Error> {
         check_id("join token id", id)?;
+        check_labels(&grants.labels)?;
+        let allow_prefixes = check_allowed_prefixes(grants.allow_prefixes)?;
         if !self.sites.contains_key(site) {
             return Err(Error::SiteNotFound(site.to_owned()));
         }
@@ -181,6 +218,8 @@ impl State {
                     created_unix: now,
                     expires_unix: now.saturating_add(ttl_secs),
                     used_by: None,
+                    labels: grants.labels,
+                    allow_prefixes,
                 }))
             }
         }
@@ -233,8 +272,10 @@ impl State {
     // ---- nodes ----
 
     /// Enrols a node with a join token: checks the token (single use, not
-    /// expired, secret matches), the name, key and certificate, then
-    /// allocates its addresses. All or nothing.
+    /// expired, secret matches), that the labels the agent asked for are
+    /// granted by the token, the name, key and certificate, then allocates
+    /// its addresses. The node's labels and allowed prefixes are the
+    /// token's. All or nothing.
     pub fn register_node(&mut self, reg: Registration, now: u64) -> Result<&Node, Error> {
         let token = self
             .tokens
@@ -260,6 +301,19 @@ impl State {
         if !self.sites.contains_key(&site) {
             return Err(Error::SiteNotFound(site));
         }
+        if let Some((k, v)) = reg
+            .labels
+            .iter()
+            .find(|(k, v)| token.labels.get(*k) != Some(*v))
+        {
+            return Err(Error::LabelNotGranted {
+                label: format!("{k}={v}"),
+                token: token.id.clone(),
+                granted: label_list(&token.labels),
+            });
+        }
+        let labels = token.labels.clone();
+        let allowed_prefixes = token.allow_prefixes.clone();
         check_id("node id", &reg.node_id)?;
         if let Some(holder) = self.name_holder(&reg.node_id) {
             return Err(Error::NodeIdTaken {
@@ -275,7 +329,6 @@ impl State {
                 holder,
             });
         }
-        check_labels(&reg.labels)?;
         self.check_key_free(&reg.public_key)?;
         if let Some(holder) = self.node_by_cert(&reg.cert_fingerprint) {
             return Err(Error::CertInUse {
@@ -301,8 +354,10 @@ impl State {
             ipv6: ipam::ipv6_at(self.settings.ipv6_prefix, index),
             created_unix: now,
             cert_fingerprint: reg.cert_fingerprint,
-            labels: reg.labels,
+            labels,
             advertised: BTreeMap::new(),
+            allowed_prefixes,
+            pending: BTreeMap::new(),
         };
         Ok(self.nodes.entry(reg.node_id).or_insert(node))
     }
@@ -418,26 +473,34 @@ impl State {
 
     // ---- workload prefixes ----
 
-    /// Advertises workload prefixes from a node (by id or name), each with
-    /// its labels; a prefix the node advertises already is relabelled.
-    /// All or nothing: every prefix is checked first ([`check_prefix`],
-    /// not inside an overlay pool, no overlap with any other advertised
-    /// prefix of any node). Returns whether anything changed (the revision
-    /// is bumped only then).
+    /// An operator advertises (approves) workload prefixes from a node (by
+    /// id or name), each with its labels; a prefix the node advertises
+    /// already is relabelled, one pending is approved. All or nothing:
+    /// every prefix is checked first ([`check_prefix`], not inside an
+    /// overlay pool, no overlap with any other advertised prefix of any
+    /// node, and [`check_safe`]: not shorter than the minimum, covering no
+    /// controller address or member endpoint, `protected` naming the ones
+    /// the state does not hold). Returns whether anything changed (the
+    /// revision is bumped only then).
     pub fn advertise_prefixes(
         &mut self,
         id_or_name: &str,
         prefixes: &BTreeMap<IpNet, Labels>,
+        protected: &Protected,
     ) -> Result<bool, Error> {
         let node = self
             .node(id_or_name)
             .ok_or_else(|| Error::NodeNotFound(id_or_name.to_owned()))?;
         let id = node.id.clone();
+        let shield = Shield::new(self, protected);
         let mut next = node.advertised.clone();
+        let mut pending = node.pending.clone();
         for (prefix, labels) in prefixes {
             check_labels(labels)?;
             self.check_prefix_free(&id, *prefix)?;
+            check_safe(*prefix, &self.settings, &shield)?;
             next.insert(*prefix, labels.clone());
+            pending.remove(prefix);
         }
         // Prefixes of one request must not overlap each other either.
         if let Some((a, b)) = first_overlap(prefixes.keys().copied()) {
@@ -457,21 +520,148 @@ impl State {
             .nodes
             .get_mut(&id)
             .ok_or_else(|| Error::NodeNotFound(id_or_name.to_owned()))?;
-        if node.advertised == next {
+        if node.advertised == next && node.pending == pending {
             return Ok(false);
         }
         node.advertised = next;
+        node.pending = pending;
         self.revision += 1;
         Ok(true)
     }
 
-    /// Withdraws a workload prefix from a node (by id or name).
+    /// A node's agent asks to advertise workload prefixes (`weft-agent
+    /// --advertise`, on every `Watch`). A prefix is approved at once only
+    /// if it is inside the node's allowed prefixes (from its join token),
+    /// its labels are among the node's own (granted) labels and it passes
+    /// every check an operator's would ([`State::advertise_prefixes`]);
+    /// any other becomes pending, with the reason, until an operator
+    /// approves or withdraws it. A prefix approved already is left as it
+    /// is: an agent cannot relabel it. The node's pending prefixes become
+    /// exactly this request's unapproved ones. Only a missing node or more
+    /// than [`MAX_ADVERTISED`] prefixes fail. Returns whether anything
+    /// changed (the revision is bumped only then).
+    pub fn agent_advertise(
+        &mut self,
+        node_id: &str,
+        prefixes: &BTreeMap<IpNet, Labels>,
+        protected: &Protected,
+    ) -> Result<bool, Error> {
+        let node = self
+            .nodes
+            .get(node_id)
+            .ok_or_else(|| Error::NodeNotFound(node_id.to_owned()))?;
+        if prefixes.len() > MAX_ADVERTISED {
+            return Err(Error::TooManyPrefixes {
+                node: node.name.clone(),
+                count: prefixes.len(),
+            });
+        }
+        let shield = Shield::new(self, protected);
+        let mut advertised = node.advertised.clone();
+        let mut pending = BTreeMap::new();
+        for (prefix, labels) in prefixes {
+            if node.advertised.contains_key(prefix) {
+                continue;
+            }
+            match self.agent_prefix_refusal(node, &advertised, *prefix, labels, &shield) {
+                None => {
+                    advertised.insert(*prefix, labels.clone());
+                }
+                Some(reason) => {
+                    let labels = if check_labels(labels).is_ok() {
+                        labels.clone()
+                    } else {
+                        Labels::new()
+                    };
+                    pending.insert(*prefix, PendingPrefix { labels, reason });
+                }
+            }
+        }
+        if node.advertised == advertised && node.pending == pending {
+            return Ok(false);
+        }
+        if let Some(node) = self.nodes.get_mut(node_id) {
+            node.advertised = advertised;
+            node.pending = pending;
+        }
+        self.revision += 1;
+        Ok(true)
+    }
+
+    /// Why an agent's prefix is not approved at once (`None`: it is).
+    /// `advertised` is the node's approved prefixes so far, this request's
+    /// included.
+    fn agent_prefix_refusal(
+        &self,
+        node: &Node,
+        advertised: &BTreeMap<IpNet, Labels>,
+        prefix: IpNet,
+        labels: &Labels,
+        shield: &Shield,
+    ) -> Option<String> {
+        if let Err(e) = check_labels(labels) {
+            return Some(e.to_string());
+        }
+        let checks = self
+            .check_prefix_free(&node.id, prefix)
+            .and_then(|()| check_safe(prefix, &self.settings, shield));
+        if let Err(e) = checks {
+            return Some(e.to_string());
+        }
+        if let Some(other) = advertised.keys().find(|p| overlaps(**p, prefix)) {
+            return Some(
+                Error::PrefixOverlap {
+                    prefix: prefix.to_string(),
+                    other: other.to_string(),
+                    node: node.name.clone(),
+                }
+                .to_string(),
+            );
+        }
+        if advertised.len() >= MAX_ADVERTISED {
+            return Some(
+                Error::TooManyPrefixes {
+                    node: node.name.clone(),
+                    count: advertised.len() + 1,
+                }
+                .to_string(),
+            );
+        }
+        let command = format!("weftctl node advertise {} {prefix}", node.name);
+        if !node.allowed_prefixes.iter().any(|a| a.contains(&prefix)) {
+            let allowed = if node.allowed_prefixes.is_empty() {
+                "none".to_owned()
+            } else {
+                let list: Vec<String> =
+                    node.allowed_prefixes.iter().map(ToString::to_string).collect();
+                list.join(", ")
+            };
+            return Some(format!(
+                "not inside the prefixes node {:?}'s join token allows ({allowed}); approve it with `{command}`",
+                node.name
+            ));
+        }
+        if let Some((k, v)) = labels
+            .iter()
+            .find(|(k, v)| node.labels.get(*k) != Some(*v))
+        {
+            return Some(format!(
+                "label {k}={v} is not granted to node {:?} (it has: {}); approve it with `{command} --label KEY=VALUE`",
+                node.name,
+                label_list(&node.labels)
+            ));
+        }
+        None
+    }
+
+    /// Withdraws a workload prefix, advertised or pending, from a node (by
+    /// id or name).
     pub fn withdraw_prefix(&mut self, id_or_name: &str, prefix: IpNet) -> Result<(), Error> {
         let node = self
             .node(id_or_name)
             .ok_or_else(|| Error::NodeNotFound(id_or_name.to_owned()))?;
         let id = node.id.clone();
-        if !node.advertised.contains_key(&prefix) {
+        if !node.advertised.contains_key(&prefix) && !node.pending.contains_key(&prefix) {
             return Err(Error::PrefixNotAdvertised {
                 node: node.name.clone(),
                 prefix: prefix.to_string(),
@@ -479,6 +669,7 @@ impl State {
         }
         if let Some(node) = self.nodes.get_mut(&id) {
             node.advertised.remove(&prefix);
+            node.pending.remove(&prefix);
         }
         self.revision += 1;
         Ok(())
@@ -514,6 +705,44 @@ impl State {
             }
         }
         Ok(())
+    }
+
+    /// Approved prefixes that are no longer safe to route ([`check_safe`]:
+    /// an endpoint moved inside one, a controller address appeared, the
+    /// minimum was raised), by node id, with why.
+    pub fn withheld_prefixes(
+        &self,
+        protected: &Protected,
+    ) -> BTreeMap<String, BTreeMap<IpNet, String>> {
+        let shield = Shield::new(self, protected);
+        let mut out: BTreeMap<String, BTreeMap<IpNet, String>> = BTreeMap::new();
+        for node in self.nodes.values() {
+            for prefix in node.advertised.keys() {
+                if let Err(e) = check_safe(*prefix, &self.settings, &shield) {
+                    out.entry(node.id.clone())
+                        .or_default()
+                        .insert(*prefix, e.to_string());
+                }
+            }
+        }
+        out
+    }
+
+    /// The state as configs are computed from it: without the approved
+    /// prefixes that are no longer safe to route
+    /// ([`State::withheld_prefixes`]). Borrowed when there are none.
+    pub fn publishable(&self, protected: &Protected) -> Cow<'_, State> {
+        let withheld = self.withheld_prefixes(protected);
+        if withheld.is_empty() {
+            return Cow::Borrowed(self);
+        }
+        let mut view = self.clone();
+        for (id, prefixes) in withheld {
+            if let Some(node) = view.nodes.get_mut(&id) {
+                node.advertised.retain(|p, _| !prefixes.contains_key(p));
+            }
+        }
+        Cow::Owned(view)
     }
 
     /// Deletes a node by id or name and releases its addresses.
@@ -885,9 +1114,28 @@ impl State {
                     token.id
                 ));
             }
+            check_labels(&token.labels)?;
+            check_allowed_prefixes(token.allow_prefixes.clone())?;
         }
         for node in self.nodes.values() {
             check_labels(&node.labels)?;
+            check_allowed_prefixes(node.allowed_prefixes.clone())?;
+            if node.pending.len() > MAX_ADVERTISED {
+                return bad(format!(
+                    "node {} has {} pending prefixes, more than {MAX_ADVERTISED}",
+                    node.name,
+                    node.pending.len()
+                ));
+            }
+            for (prefix, p) in &node.pending {
+                check_labels(&p.labels)?;
+                if node.advertised.contains_key(prefix) {
+                    return bad(format!(
+                        "node {} has {prefix} both advertised and pending",
+                        node.name
+                    ));
+                }
+            }
             if node.advertised.len() > MAX_ADVERTISED {
                 return bad(format!(
                     "node {} advertises {} prefixes, more than {MAX_ADVERTISED}",
@@ -1095,6 +1343,32 @@ fn claim<'a>(
         ))),
         Some(_) | None => Ok(()),
     }
+}
+
+/// Labels as `k=v, k2=v2`, or `none`.
+fn label_list(labels: &Labels) -> String {
+    if labels.is_empty() {
+        return "none".to_owned();
+    }
+    let list: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    list.join(", ")
+}
+
+/// Checks a join token's allowed prefixes ([`check_prefix`], at most
+/// [`MAX_ADVERTISED`]); returns them sorted, without duplicates.
+fn check_allowed_prefixes(prefixes: Vec<IpNet>) -> Result<Vec<IpNet>, Error> {
+    let mut sorted = prefixes;
+    sorted.sort();
+    sorted.dedup();
+    if sorted.len() > MAX_ADVERTISED {
+        return Err(Error::TooManyAllowedPrefixes {
+            count: sorted.len(),
+        });
+    }
+    for p in &sorted {
+        check_prefix(*p)?;
+    }
+    Ok(sorted)
 }
 
 /// Compares two hashes in time independent of where they differ.

@@ -2,17 +2,25 @@
 //! IPAM never hands out a live address twice, refused operations change
 //! nothing, and the netmap is a symmetric full mesh; advertised workload
 //! prefixes never overlap each other or the overlay pools, and every node
-//! routes exactly the other nodes' prefixes.
+//! routes exactly the other nodes' prefixes. Node labels are always the
+//! ones their join token granted; an agent's advertisement is approved only
+//! inside its token's allowed prefixes with granted labels, never relabels
+//! an approved prefix, and what is published never routes a protected
+//! address (controller, registered or learnt endpoint) into the overlay nor
+//! a prefix shorter than the minimum, in full mesh and gateway mode.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use ipnet::IpNet;
 use proptest::prelude::*;
 use weft_controller_core::state::{first_overlap, overlaps};
+use weft_controller_core::topology::{
+    Fabric, Measurements, TopologyConfig, TopologyInput, TopologyMode,
+};
 use weft_controller_core::{
-    Error, Labels, NetworkSettings, Registration, State, all_node_configs, external_peer_config,
-    node_config,
+    Error, Labels, NetworkSettings, Protected, Registration, State, TokenGrants, all_node_configs,
+    external_peer_config, node_config,
 };
 use weft_dataplane_core::{Key, NodeConfig};
 
@@ -24,6 +32,8 @@ enum Op {
         token: u8,
         site: u8,
         ttl: u64,
+        label: Option<u8>,
+        allow: Option<u8>,
     },
     DeleteToken(u8),
     Register {
@@ -33,6 +43,7 @@ enum Op {
         name: u8,
         key: u8,
         cert: u8,
+        label: Option<u8>,
     },
     SetEndpoint {
         id: u8,
@@ -56,11 +67,21 @@ enum Op {
         id: u8,
         prefix: u8,
     },
+    AgentAdvertise {
+        id: u8,
+        prefixes: Vec<(u8, u8)>,
+    },
+    SetMinPrefixLens {
+        v4: u8,
+        v6: u8,
+    },
 }
 
 /// Candidate workload prefixes: nested, disjoint, inside the overlay pools
-/// (the /29 IPv4 pool and the ULA /48 below), and a default route.
-const PREFIXES: [&str; 10] = [
+/// (the /29 IPv4 pool and the ULA /48 below), a default route, and some
+/// covering the underlay (endpoints are 198.18.0.<id>, the controller
+/// 198.18.0.200) or shorter than the default minimum.
+const PREFIXES: [&str; 14] = [
     "100.100.0.0/16",
     "100.100.2.0/24",
     "100.100.2.128/25",
@@ -71,7 +92,25 @@ const PREFIXES: [&str; 10] = [
     "fd00:beef:3::/64",
     "fd7e:4a1:1234:5::/64",
     "0.0.0.0/0",
+    "198.18.0.0/28",
+    "198.18.0.5/32",
+    "128.0.0.0/1",
+    "198.18.0.128/25",
 ];
+
+/// Where the tests' agents reach the controller.
+const CONTROLLER: [u8; 4] = [198, 18, 0, 200];
+
+fn protected() -> Protected {
+    Protected {
+        controller: [IpAddr::from(CONTROLLER)].into(),
+        ..Protected::default()
+    }
+}
+
+fn app(i: u8) -> Labels {
+    [("app".to_owned(), format!("a{i}"))].into_iter().collect()
+}
 
 fn prefix(i: u8) -> IpNet {
     PREFIXES[usize::from(i) % PREFIXES.len()]
@@ -83,19 +122,23 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         2 => (0..2u8).prop_map(Op::CreateSite),
         1 => (0..3u8).prop_map(Op::DeleteSite),
-        4 => (0..5u8, 0..3u8, prop_oneof![1 => Just(0u64), 6 => 1..200u64, 1 => Just(30 * 86_400 + 1)])
-            .prop_map(|(token, site, ttl)| Op::CreateToken { token, site, ttl }),
+        4 => (0..5u8, 0..3u8, prop_oneof![1 => Just(0u64), 6 => 1..200u64, 1 => Just(30 * 86_400 + 1)],
+              prop::option::of(0..3u8), prop::option::of(0..14u8))
+            .prop_map(|(token, site, ttl, label, allow)| Op::CreateToken { token, site, ttl, label, allow }),
         1 => (0..5u8).prop_map(Op::DeleteToken),
-        6 => (0..12u8, 0..5u8, prop::bool::weighted(0.9), 0..12u8, 0..16u8, 0..16u8).prop_map(
-            |(id, token, secret_ok, name, key, cert)| Op::Register { id, token, secret_ok, name, key, cert }
+        6 => (0..12u8, 0..5u8, prop::bool::weighted(0.9), 0..12u8, 0..16u8, 0..16u8, prop::option::weighted(0.2, 0..3u8)).prop_map(
+            |(id, token, secret_ok, name, key, cert, label)| Op::Register { id, token, secret_ok, name, key, cert, label }
         ),
         1 => (0..12u8, prop::option::of(51820..51823u16)).prop_map(|(id, port)| Op::SetEndpoint { id, port }),
         2 => (0..12u8, any::<bool>()).prop_map(|(name_or_id, by_name)| Op::DeleteNode { name_or_id, by_name }),
         3 => (0..12u8, 0..3u8, 0..16u8).prop_map(|(name, site, key)| Op::AddPeer { name, site, key }),
         2 => (0..12u8).prop_map(Op::DeletePeer),
-        4 => (0..12u8, prop::collection::vec((0..10u8, 0..3u8), 1..3))
+        4 => (0..12u8, prop::collection::vec((0..14u8, 0..3u8), 1..3))
             .prop_map(|(id, prefixes)| Op::Advertise { id, prefixes }),
-        2 => (0..12u8, 0..10u8).prop_map(|(id, prefix)| Op::Withdraw { id, prefix }),
+        2 => (0..12u8, 0..14u8).prop_map(|(id, prefix)| Op::Withdraw { id, prefix }),
+        4 => (0..12u8, prop::collection::vec((0..14u8, 0..3u8), 1..4))
+            .prop_map(|(id, prefixes)| Op::AgentAdvertise { id, prefixes }),
+        1 => (0..34u8, 0..130u8).prop_map(|(v4, v6)| Op::SetMinPrefixLens { v4, v6 }),
     ]
 }
 
@@ -116,13 +159,19 @@ fn apply(s: &mut State, op: &Op, now: u64) -> Result<bool, Error> {
             token,
             site: i,
             ttl,
+            label,
+            allow,
         } => s
-            .create_token(
+            .create_token_with_grants(
                 &format!("t{token}"),
                 token_secret(token),
                 &site(i),
                 now,
                 ttl,
+                TokenGrants {
+                    labels: label.map(app).unwrap_or_default(),
+                    allow_prefixes: allow.map(prefix).into_iter().collect(),
+                },
             )
             .map(|_| true),
         Op::DeleteToken(t) => s.delete_token(&format!("t{t}")).map(|()| true),
@@ -133,6 +182,7 @@ fn apply(s: &mut State, op: &Op, now: u64) -> Result<bool, Error> {
             name,
             key,
             cert,
+            label,
         } => {
             let reg = Registration {
                 node_id: format!("n-{id}"),
@@ -146,7 +196,7 @@ fn apply(s: &mut State, op: &Op, now: u64) -> Result<bool, Error> {
                 public_key: Key([key + 1; 32]),
                 endpoint: None,
                 cert_fingerprint: [cert; 32],
-                labels: Default::default(),
+                labels: label.map(app).unwrap_or_default(),
             };
             s.register_node(reg, now).map(|_| true)
         }
@@ -177,20 +227,75 @@ fn apply(s: &mut State, op: &Op, now: u64) -> Result<bool, Error> {
             .map(|_| true),
         Op::DeletePeer(name) => s.delete_external_peer(&format!("m{name}")).map(|()| true),
         Op::Advertise { id, ref prefixes } => {
-            let wanted: BTreeMap<IpNet, Labels> = prefixes
-                .iter()
-                .map(|&(p, app)| {
-                    let labels = [("app".to_owned(), format!("a{app}"))]
-                        .into_iter()
-                        .collect();
-                    (prefix(p), labels)
-                })
-                .collect();
-            s.advertise_prefixes(&format!("n-{id}"), &wanted)
+            let wanted: BTreeMap<IpNet, Labels> =
+                prefixes.iter().map(|&(p, a)| (prefix(p), app(a))).collect();
+            s.advertise_prefixes(&format!("n-{id}"), &wanted, &protected())
         }
+        Op::AgentAdvertise { id, ref prefixes } => {
+            let wanted: BTreeMap<IpNet, Labels> =
+                prefixes.iter().map(|&(p, a)| (prefix(p), app(a))).collect();
+            s.agent_advertise(&format!("n-{id}"), &wanted, &protected())
+        }
+        Op::SetMinPrefixLens { v4, v6 } => s.set_min_prefix_lens(v4, v6),
         Op::Withdraw { id, prefix: p } => s
             .withdraw_prefix(&format!("n-{id}"), prefix(p))
             .map(|()| true),
+    }
+}
+
+/// After a successful `op` from `old` to `new`: a new node has exactly its
+/// token's labels and allowed prefixes; an agent's advertisement changes no
+/// label and no approved prefix, and approves only safe prefixes inside
+/// the node's allowed ones with labels the node was granted.
+fn check_grants(old: &State, new: &State, op: &Op) {
+    match *op {
+        Op::Register { id, token, .. } => {
+            let id = format!("n-{id}");
+            if old.node_by_id(&id).is_some() {
+                return;
+            }
+            let node = new.node_by_id(&id).expect("registered");
+            let token = new.token(&format!("t{token}")).expect("token exists");
+            assert_eq!(node.labels, token.labels, "labels come from the token");
+            assert_eq!(node.allowed_prefixes, token.allow_prefixes);
+        }
+        Op::AgentAdvertise { id, .. } => {
+            let id = format!("n-{id}");
+            let (before, after) = (
+                old.node_by_id(&id).expect("node"),
+                new.node_by_id(&id).expect("node"),
+            );
+            assert_eq!(before.labels, after.labels, "an agent cannot relabel its node");
+            for (prefix, labels) in &before.advertised {
+                assert_eq!(
+                    after.advertised.get(prefix),
+                    Some(labels),
+                    "an agent cannot relabel or withdraw an approved prefix"
+                );
+            }
+            let withheld = new.withheld_prefixes(&protected());
+            for (prefix, labels) in &after.advertised {
+                if before.advertised.contains_key(prefix) {
+                    continue;
+                }
+                assert!(
+                    after.allowed_prefixes.iter().any(|a| a.contains(prefix)),
+                    "{prefix} approved outside the allowed prefixes {:?}",
+                    after.allowed_prefixes
+                );
+                assert!(
+                    labels.iter().all(|(k, v)| after.labels.get(k) == Some(v)),
+                    "{prefix} approved with labels {labels:?} not granted ({:?})",
+                    after.labels
+                );
+                assert!(
+                    !withheld.get(&id).is_some_and(|w| w.contains_key(prefix)),
+                    "{prefix} approved but unsafe"
+                );
+                assert!(!after.pending.contains_key(prefix));
+            }
+        }
+        _ => {}
     }
 }
 
@@ -300,6 +405,80 @@ fn assert_netmap_invariants(s: &State) {
     }
 }
 
+/// Every address that must stay on the underlay: the controller's, every
+/// member's registered endpoint and the learnt ones.
+fn guarded(s: &State, p: &Protected) -> Vec<IpAddr> {
+    let nodes = s.nodes().filter_map(|n| n.endpoint.map(|e| e.ip()));
+    let peers = s.external_peers().filter_map(|x| x.endpoint.map(|e| e.ip()));
+    let learnt = p.learnt.values().map(SocketAddr::ip);
+    p.controller
+        .iter()
+        .copied()
+        .chain(nodes)
+        .chain(peers)
+        .chain(learnt)
+        .collect()
+}
+
+/// What would be published from `s` routes no guarded address into the
+/// overlay, and no prefix shorter than the minimum, beyond the members'
+/// own /32 and /128: in full mesh and (with `gateways`) in gateway mode.
+fn assert_published_safe(s: &State, p: &Protected, gateways: bool) {
+    let view = s.publishable(p);
+    let guarded = guarded(s, p);
+    let own: BTreeSet<IpNet> = live_addresses(s).into_iter().map(IpNet::from).collect();
+    let check = |who: &str, net: &IpNet| {
+        if own.contains(net) {
+            return;
+        }
+        assert!(
+            net.prefix_len() >= s.settings().min_prefix_len(*net),
+            "{who} gets {net}, shorter than the minimum"
+        );
+        for ip in &guarded {
+            assert!(!net.contains(ip), "{who} routes {net}, covering {ip}");
+        }
+    };
+    let check_config = |who: &str, peers: &BTreeMap<Key, weft_dataplane_core::PeerConfig>| {
+        for peer in peers.values() {
+            for net in peer.allowed_ips.iter().chain(&peer.shared_routes) {
+                check(who, net);
+            }
+        }
+    };
+    for (id, config) in all_node_configs(&view) {
+        for net in &config.routes {
+            check(&id, net);
+        }
+        check_config(&id, &config.peers);
+    }
+    if !gateways {
+        return;
+    }
+    // Gateway mode, one gateway per site.
+    let mut g = view.into_owned();
+    let mut per_site = BTreeMap::new();
+    for n in g.nodes() {
+        per_site.entry(n.site.clone()).or_insert_with(|| n.id.clone());
+    }
+    g.set_topology(TopologyConfig {
+        mode: TopologyMode::Gateways,
+        gateways: per_site.into_values().collect(),
+        ..TopologyConfig::default()
+    })
+    .expect("gateways are nodes");
+    let fabric = Fabric::build(
+        &TopologyInput::from_state(&g, g.topology()),
+        &Measurements::default(),
+        None,
+    );
+    for n in g.nodes() {
+        if let Some(member) = fabric.config(&weft_controller_core::Member::Node(n.id.clone())) {
+            check_config(&n.id, &member.peer_configs());
+        }
+    }
+}
+
 fn small_pool_settings() -> NetworkSettings {
     let mut settings =
         NetworkSettings::with_ipv6_prefix("fd7e:4a1:1234::/48".parse().expect("valid prefix"));
@@ -314,7 +493,13 @@ proptest! {
     #[test]
     fn random_operations_keep_the_state_consistent(
         ops in prop::collection::vec((op(), 0..5u64), 1..120),
+        learnt in prop::collection::btree_map(0..12u8, 0..=255u8, 0..4),
     ) {
+        let mut guard = protected();
+        guard.learnt = learnt
+            .iter()
+            .map(|(id, host)| (format!("n-{id}"), SocketAddr::from(([198, 18, 0, *host], 40000))))
+            .collect();
         let mut s = State::new(small_pool_settings()).expect("valid settings");
         let mut now = 1_000u64;
         for (op, dt) in &ops {
@@ -325,6 +510,7 @@ proptest! {
             // A Register repeating a live node's registration (same token,
             // name and key, within the window) is a retry: same node.
             let retry = matches!(op, Op::Register { id, .. } if s.node_by_id(&format!("n-{id}")).is_some());
+            let old = s.clone();
             match apply(&mut s, op, now) {
                 Err(e) => {
                     let after = serde_json::to_string(&s).expect("serializes");
@@ -342,13 +528,16 @@ proptest! {
                         prop_assert_eq!(new.len(), 2, "one IPv4 and one IPv6 address are new");
                     }
                     prop_assert_eq!(s.ipam().len() * 2, live.len());
+                    check_grants(&old, &s, op);
                 }
             }
             if let Err(e) = s.validate() {
                 return Err(TestCaseError::fail(format!("invalid after {op:?}: {e}")));
             }
             assert_netmap_invariants(&s);
+            assert_published_safe(&s, &guard, false);
         }
+        assert_published_safe(&s, &guard, true);
         let all: Vec<IpNet> = s.nodes().flat_map(|n| n.advertised.keys().copied()).collect();
         for (i, a) in all.iter().enumerate() {
             prop_assert!(a.prefix_len() > 0, "default route {} advertised", a);

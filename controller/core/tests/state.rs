@@ -1,7 +1,7 @@
 //! Unit tests of `State` mutations and their errors.
 
 use weft_controller_core::topology::{ResidencyRule, TopologyConfig, TopologyMode};
-use weft_controller_core::{Error, ErrorKind, NetworkSettings, Registration, State};
+use weft_controller_core::{Error, ErrorKind, NetworkSettings, Protected, Registration, State};
 use weft_dataplane_core::Key;
 
 const NOW: u64 = 1_795_834_800; // 2026-11-28T03:00:00Z
@@ -538,14 +538,22 @@ fn web_policies() -> Vec<weft_controller_core::policy::Policy> {
 #[test]
 fn labels_are_validated_at_registration_and_set_and_removed_later() {
     let mut s = state();
+    let grants = weft_controller_core::TokenGrants {
+        labels: [("app".to_owned(), "web".to_owned())].into(),
+        ..Default::default()
+    };
+    s.create_token_with_grants("granting", [7; 32], "eu-west", NOW, HOUR, grants)
+        .expect("token with labels");
     let mut r = reg("n-1", "a1", 1);
+    r.token_id = "granting".to_owned();
     r.labels = [("app".to_owned(), "bad value".to_owned())].into();
     assert_refused(
         &mut s,
-        "invalid value \"bad value\" for label \"app\": use up to 63 characters from A-Z, a-z, 0-9, '.', '_', '-'",
+        "label app=bad value is not granted by join token granting (it grants: app=web)",
         |s| s.register_node(r, NOW).map(drop),
     );
     let mut r = reg("n-1", "a1", 1);
+    r.token_id = "granting".to_owned();
     r.labels = [("app".to_owned(), "web".to_owned())].into();
     s.register_node(r, NOW).expect("registers with labels");
     assert_eq!(s.node("a1").expect("node").labels["app"], "web");
@@ -715,22 +723,22 @@ fn workload_prefixes_are_advertised_relabelled_and_withdrawn() {
     let mut s = two_nodes();
     let rev = s.revision();
     assert_eq!(
-        s.advertise_prefixes("b1", &workload("100.100.2.0/24", &[("app", "pg")])),
+        s.advertise_prefixes("b1", &workload("100.100.2.0/24", &[("app", "pg")]), &Protected::default()),
         Ok(true)
     );
     assert_eq!(s.revision(), rev + 1);
     assert_eq!(
-        s.advertise_prefixes("b1", &workload("100.100.2.0/24", &[("app", "pg")])),
+        s.advertise_prefixes("b1", &workload("100.100.2.0/24", &[("app", "pg")]), &Protected::default()),
         Ok(false),
         "the same advertisement again changes nothing"
     );
     assert_eq!(s.revision(), rev + 1);
     assert_eq!(
-        s.advertise_prefixes("n-b1", &workload("100.100.2.0/24", &[("app", "db")])),
+        s.advertise_prefixes("n-b1", &workload("100.100.2.0/24", &[("app", "db")]), &Protected::default()),
         Ok(true),
         "relabelled"
     );
-    s.advertise_prefixes("b1", &workload("fd00:beef:2::/64", &[]))
+    s.advertise_prefixes("b1", &workload("fd00:beef:2::/64", &[]), &Protected::default())
         .expect("IPv6 workload");
     let b1 = s.node("b1").expect("b1");
     assert_eq!(b1.advertised.len(), 2);
@@ -769,9 +777,9 @@ fn workload_prefixes_are_advertised_relabelled_and_withdrawn() {
 #[test]
 fn overlapping_or_unroutable_prefixes_are_refused_and_change_nothing() {
     let mut s = two_nodes();
-    s.advertise_prefixes("b1", &workload("100.100.2.0/24", &[("app", "pg")]))
+    s.advertise_prefixes("b1", &workload("100.100.2.0/24", &[("app", "pg")]), &Protected::default())
         .expect("advertised");
-    s.advertise_prefixes("b1", &workload("fd00:beef:2::/64", &[]))
+    s.advertise_prefixes("b1", &workload("fd00:beef:2::/64", &[]), &Protected::default())
         .expect("advertised");
     let cases = [
         (
@@ -813,7 +821,7 @@ fn overlapping_or_unroutable_prefixes_are_refused_and_change_nothing() {
     ];
     for (prefix, expected) in cases {
         assert_refused(&mut s, expected, |s| {
-            s.advertise_prefixes("a1", &workload(prefix, &[]))
+            s.advertise_prefixes("a1", &workload(prefix, &[]), &Protected::default())
                 .map(|_| ())
         });
     }
@@ -823,7 +831,7 @@ fn overlapping_or_unroutable_prefixes_are_refused_and_change_nothing() {
     assert_refused(
         &mut s,
         "workload prefix 100.100.2.0/26 overlaps 100.100.2.0/24, already advertised by node \"b1\"",
-        |s| s.advertise_prefixes("a1", &both).map(|_| ()),
+        |s| s.advertise_prefixes("a1", &both, &Protected::default()).map(|_| ()),
     );
     // Two overlapping prefixes in one request.
     let mut nested = workload("100.100.6.0/24", &[]);
@@ -831,30 +839,30 @@ fn overlapping_or_unroutable_prefixes_are_refused_and_change_nothing() {
     assert_refused(
         &mut s,
         "workload prefix 100.100.6.0/25 overlaps 100.100.6.0/24, already advertised by node \"a1\"",
-        |s| s.advertise_prefixes("a1", &nested).map(|_| ()),
+        |s| s.advertise_prefixes("a1", &nested, &Protected::default()).map(|_| ()),
     );
     assert_refused(
         &mut s,
         "invalid label key \"-x\": use up to 253 characters from A-Z, a-z, 0-9, '.', '_', '-', '/', starting and ending with a letter or digit",
         |s| {
-            s.advertise_prefixes("a1", &workload("100.100.7.0/24", &[("-x", "1")]))
+            s.advertise_prefixes("a1", &workload("100.100.7.0/24", &[("-x", "1")]), &Protected::default())
                 .map(|_| ())
         },
     );
     assert_refused(&mut s, "node \"z9\" not found", |s| {
-        s.advertise_prefixes("z9", &workload("100.100.7.0/24", &[]))
+        s.advertise_prefixes("z9", &workload("100.100.7.0/24", &[]), &Protected::default())
             .map(|_| ())
     });
     // Deleting the node frees its prefixes.
     s.delete_node("b1").expect("deleted");
-    s.advertise_prefixes("a1", &workload("100.100.2.0/25", &[]))
+    s.advertise_prefixes("a1", &workload("100.100.2.0/25", &[]), &Protected::default())
         .expect("free again");
 }
 
 #[test]
 fn overlapping_stored_prefixes_are_an_inconsistency() {
     let mut s = two_nodes();
-    s.advertise_prefixes("a1", &workload("100.100.2.0/24", &[]))
+    s.advertise_prefixes("a1", &workload("100.100.2.0/24", &[]), &Protected::default())
         .expect("advertised");
     let mut v = serde_json::to_value(&s).expect("serializes");
     v["nodes"]["n-b1"]["advertised"] = serde_json::json!({"100.100.2.64/26": {}});
@@ -879,7 +887,7 @@ fn peers_route_workload_prefixes_and_policy_selects_workloads_by_their_labels() 
     s.set_node_labels("b1", &db, &[]).expect("labels");
     let mut ads = workload("100.100.2.0/24", &[("app", "pg")]);
     ads.extend(workload("fd00:beef:2::/64", &[("app", "pg")]));
-    s.advertise_prefixes("b1", &ads).expect("advertised");
+    s.advertise_prefixes("b1", &ads, &Protected::default()).expect("advertised");
     let policy = weft_controller_core::policy::parse_documents(
         "pg.yaml",
         r#"

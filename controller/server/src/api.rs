@@ -16,7 +16,9 @@ use tracing::{info, warn};
 use weft_controller_core::policy::{
     self as core_policy, Decision, PolicyError, PolicyErrors, Protocol, Verdict,
 };
-use weft_controller_core::{Error as CoreError, ErrorKind, Labels, Registration, State};
+use weft_controller_core::{
+    Error as CoreError, ErrorKind, Labels, Registration, State, TokenGrants,
+};
 use weft_proto::convert::{InvalidMessage, parse_endpoint, parse_key, parse_net};
 use weft_proto::pb::{
     self, admin_service_server::AdminService, agent_service_server::AgentService,
@@ -109,6 +111,15 @@ pub(crate) struct AgentApi {
 }
 
 impl AgentApi {
+    /// Records the local address an agent reached us at: no workload
+    /// prefix may cover it.
+    fn note_controller_address<T>(&self, req: &Request<T>) {
+        if let Some(local) = req.local_addr() {
+            self.controller
+                .add_controller_addresses([canonical(local.ip())]);
+        }
+    }
+
     /// The node a request comes from, by its client certificate.
     fn caller<T>(&self, req: &Request<T>) -> Result<String, Status> {
         let certs = req.peer_certs().ok_or_else(|| {
@@ -138,6 +149,7 @@ impl AgentService for AgentApi {
     ) -> Result<Response<pb::RegisterResponse>, Status> {
         const M: &str = "RegisterRequest";
         let remote = req.remote_addr();
+        self.note_controller_address(&req);
         let r = req.into_inner();
         let (token_id, secret) = JoinToken::parse_credential(&r.join_token)
             .map_err(|e| Status::permission_denied(format!("join token refused: {e}")))?;
@@ -191,27 +203,38 @@ impl AgentService for AgentApi {
     ) -> Result<Response<ConfigStream>, Status> {
         let node_id = self.caller(&req)?;
         let remote = req.remote_addr();
+        self.note_controller_address(&req);
         let w = req.into_inner();
         let endpoint = advertised_endpoint(&w.endpoint, w.listen_port, remote, "WatchRequest")?;
-        let advertise = workloads("WatchRequest", "advertise", &w.advertise)?;
-        if !advertise.is_empty() {
-            let changed = self
-                .controller
-                .mutate("advertise workload prefixes", |s| {
-                    s.advertise_prefixes(&node_id, &advertise)
-                })
-                .map_err(|e| {
-                    warn!(node = %node_id, error = %e, "agent's advertised prefixes refused");
-                    status(e)
-                })?;
-            if changed {
-                info!(node = %node_id, prefixes = ?advertise.keys().collect::<Vec<_>>(), "workload prefixes advertised by the agent");
-            }
-        }
         if endpoint.is_some() {
             self.controller
                 .set_endpoint(&node_id, endpoint)
                 .map_err(status)?;
+        }
+        // What the agent asks to route is approved only within its grants;
+        // the rest waits for an operator (never refusing the watch).
+        let advertise = workloads("WatchRequest", "advertise", &w.advertise)?;
+        let changed = self
+            .controller
+            .mutate_prefixes("workload prefixes asked for by the agent", |s, p| {
+                s.agent_advertise(&node_id, &advertise, p)
+            })
+            .map_err(|e| {
+                warn!(node = %node_id, error = %e, "agent's workload prefixes refused");
+                status(e)
+            })?;
+        if changed {
+            let (approved, pending) = self.controller.read(|s, _| {
+                s.node_by_id(&node_id)
+                    .map(|n| (n.advertised.clone(), n.pending.clone()))
+                    .unwrap_or_default()
+            });
+            for prefix in advertise.keys().filter(|p| approved.contains_key(*p)) {
+                info!(node = %node_id, prefix = %prefix, "workload prefix asked for by the agent approved: inside its grants");
+            }
+            for (prefix, p) in &pending {
+                warn!(node = %node_id, prefix = %prefix, reason = %p.reason, "workload prefix asked for by the agent is pending");
+            }
         }
         let rx = self
             .controller
@@ -318,9 +341,10 @@ impl AdminApi {
 
     /// The node with its live status, as the API returns it.
     fn node_reply(&self, node: &weft_controller_core::Node) -> Response<pb::Node> {
+        let withheld = self.controller.withheld();
         Response::new(
             self.controller
-                .read(|_, st| node_pb(node, st.get(&node.id))),
+                .read(|_, st| node_pb(node, st.get(&node.id), &withheld)),
         )
     }
 }
@@ -349,11 +373,21 @@ fn token_pb(t: &weft_controller_core::JoinToken) -> pb::JoinToken {
         expires_unix: t.expires_unix,
         used_by_node: t.used_by.clone().unwrap_or_default(),
         token: String::new(),
+        labels: t.labels.clone().into_iter().collect(),
+        allow_prefixes: t.allow_prefixes.iter().map(ToString::to_string).collect(),
     }
 }
 
-fn node_pb(n: &weft_controller_core::Node, st: Option<&NodeStatus>) -> pb::Node {
+/// Approved prefixes left out of the configs, by node id, with why.
+type Withheld = std::collections::BTreeMap<String, std::collections::BTreeMap<ipnet::IpNet, String>>;
+
+fn node_pb(
+    n: &weft_controller_core::Node,
+    st: Option<&NodeStatus>,
+    withheld: &Withheld,
+) -> pb::Node {
     let st = st.cloned().unwrap_or_default();
+    let withheld = withheld.get(&n.id);
     pb::Node {
         id: n.id.clone(),
         name: n.name.clone(),
@@ -376,6 +410,19 @@ fn node_pb(n: &weft_controller_core::Node, st: Option<&NodeStatus>) -> pb::Node 
             .map(|(prefix, labels)| pb::Workload {
                 prefix: prefix.to_string(),
                 labels: labels.clone().into_iter().collect(),
+                reason: withheld
+                    .and_then(|w| w.get(prefix))
+                    .cloned()
+                    .unwrap_or_default(),
+            })
+            .collect(),
+        pending: n
+            .pending
+            .iter()
+            .map(|(prefix, p)| pb::Workload {
+                prefix: prefix.to_string(),
+                labels: p.labels.clone().into_iter().collect(),
+                reason: p.reason.clone(),
             })
             .collect(),
     }
@@ -732,11 +779,22 @@ impl AdminService for AdminApi {
         &self,
         req: Request<pb::CreateJoinTokenRequest>,
     ) -> Result<Response<pb::JoinToken>, Status> {
+        const M: &str = "CreateJoinTokenRequest";
         let r = req.into_inner();
         let ttl = if r.ttl_seconds == 0 {
             DEFAULT_TOKEN_TTL_SECS
         } else {
             r.ttl_seconds
+        };
+        let allow_prefixes = r
+            .allow_prefixes
+            .iter()
+            .enumerate()
+            .map(|(i, p)| parse_net(M, &format!("allow_prefixes[{i}]"), p).map_err(invalid))
+            .collect::<Result<Vec<_>, Status>>()?;
+        let grants = TokenGrants {
+            labels: labels(r.labels.clone()),
+            allow_prefixes,
         };
         let token = JoinToken {
             id: random_lower(6),
@@ -747,11 +805,18 @@ impl AdminService for AdminApi {
         let mut out = self
             .controller
             .mutate("create join token", |s| {
-                s.create_token(&token.id, sha256(&token.secret), &r.site, now, ttl)
-                    .map(token_pb)
+                s.create_token_with_grants(
+                    &token.id,
+                    sha256(&token.secret),
+                    &r.site,
+                    now,
+                    ttl,
+                    grants.clone(),
+                )
+                .map(token_pb)
             })
             .map_err(status)?;
-        info!(token = %token.id, site = %r.site, ttl_secs = ttl, "join token created");
+        info!(token = %token.id, site = %r.site, ttl_secs = ttl, labels = ?grants.labels, allow_prefixes = ?grants.allow_prefixes, "join token created");
         out.token = token.to_string();
         Ok(Response::new(out))
     }
@@ -785,11 +850,12 @@ impl AdminService for AdminApi {
         req: Request<pb::ListNodesRequest>,
     ) -> Result<Response<pb::ListNodesResponse>, Status> {
         let site = req.into_inner().site;
+        let withheld = self.controller.withheld();
         let (nodes, revision) = self.controller.read(|s, st| {
             let nodes = s
                 .nodes()
                 .filter(|n| site.is_empty() || n.site == site)
-                .map(|n| node_pb(n, st.get(&n.id)))
+                .map(|n| node_pb(n, st.get(&n.id), &withheld))
                 .collect();
             (nodes, s.revision())
         });
@@ -798,8 +864,9 @@ impl AdminService for AdminApi {
 
     async fn get_node(&self, req: Request<pb::GetRequest>) -> Result<Response<pb::Node>, Status> {
         let name = req.into_inner().name;
+        let withheld = self.controller.withheld();
         self.controller
-            .read(|s, st| s.node(&name).map(|n| node_pb(n, st.get(&n.id))))
+            .read(|s, st| s.node(&name).map(|n| node_pb(n, st.get(&n.id), &withheld)))
             .map(Response::new)
             .ok_or_else(|| Status::not_found(format!("node {name:?} not found")))
     }
@@ -916,9 +983,15 @@ impl AdminService for AdminApi {
             .workload
             .ok_or_else(|| invalid(InvalidMessage::new(M, "workload", "missing")))?;
         let advertise = workloads(M, "workload", std::slice::from_ref(&w))?;
-        let node = self.mutate_node("advertise workload prefix", &r.node, |s| {
-            s.advertise_prefixes(&r.node, &advertise)
-        })?;
+        let node = self
+            .controller
+            .mutate_prefixes("advertise workload prefix", |s, p| {
+                s.advertise_prefixes(&r.node, &advertise, p)?;
+                s.node(&r.node)
+                    .cloned()
+                    .ok_or_else(|| CoreError::NodeNotFound(r.node.clone()))
+            })
+            .map_err(status)?;
         info!(node = %node.id, prefix = %w.prefix, labels = ?w.labels, "workload prefix advertised");
         Ok(self.node_reply(&node))
     }

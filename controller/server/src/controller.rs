@@ -4,7 +4,7 @@
 //! an acknowledged change is durable and a failed one changes nothing.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -15,7 +15,8 @@ use weft_controller_core::topology::{
     Fabric, Link, Measurements, MemberTrace, ProbeVote, SiteTrace, TopologyInput, TopologyMode,
     found_unreachable,
 };
-use weft_controller_core::{Error as CoreError, Member, State, netmap};
+use ipnet::IpNet;
+use weft_controller_core::{Error as CoreError, Member, Protected, State, netmap};
 use weft_dataplane_core::{Key, NodeConfig};
 use weft_proto::pb;
 use weft_proto::report::{MAX_REPORT_PEERS, ReportError};
@@ -107,6 +108,12 @@ struct Inner {
     /// Endpoints of nodes as members of other sites see them, where that
     /// differs from the registered one (a node behind NAT), by node id.
     learnt: BTreeMap<String, SocketAddr>,
+    /// Addresses agents reach the controller at: configured, and seen on
+    /// accepted agent connections. No workload prefix may cover them.
+    controller_addrs: BTreeSet<IpAddr>,
+    /// Approved prefixes left out of the configs as no longer safe, by
+    /// node id, with why (`State::withheld_prefixes`).
+    withheld: BTreeMap<String, BTreeMap<IpNet, String>>,
 }
 
 /// Unix time now, in seconds.
@@ -129,6 +136,8 @@ impl Controller {
             measurements: Measurements::default(),
             measured_unix: 0,
             learnt: BTreeMap::new(),
+            controller_addrs: BTreeSet::new(),
+            withheld: BTreeMap::new(),
         };
         inner.publish();
         let c = Controller {
@@ -173,6 +182,39 @@ impl Controller {
         );
         inner.publish();
         Ok(out)
+    }
+
+    /// Like [`Controller::mutate`], for changes that must not route a
+    /// protected address: `f` also gets the addresses the state does not
+    /// hold (controller addresses, learnt endpoints).
+    pub(crate) fn mutate_prefixes<T>(
+        &self,
+        what: &str,
+        f: impl FnOnce(&mut State, &Protected) -> Result<T, CoreError>,
+    ) -> Result<T, ApiError> {
+        let protected = self.lock().protected();
+        self.mutate(what, |s| f(s, &protected))
+    }
+
+    /// Records addresses agents reach the controller at; republishes if
+    /// one is new (an approved prefix covering it is then left out).
+    pub(crate) fn add_controller_addresses(&self, addrs: impl IntoIterator<Item = IpAddr>) {
+        let mut inner = self.lock();
+        let mut added = false;
+        for ip in addrs {
+            if inner.controller_addrs.insert(ip) {
+                info!(address = %ip, "controller address: no workload prefix may cover it");
+                added = true;
+            }
+        }
+        if added {
+            inner.publish();
+        }
+    }
+
+    /// Approved prefixes left out of the configs, by node id, with why.
+    pub(crate) fn withheld(&self) -> BTreeMap<String, BTreeMap<IpNet, String>> {
+        self.lock().withheld.clone()
     }
 
     /// Subscribes to a node's config.
@@ -314,16 +356,36 @@ impl Controller {
 }
 
 impl Inner {
+    /// What no workload prefix may cover, besides the state's endpoints.
+    fn protected(&self) -> Protected {
+        Protected {
+            controller: self.controller_addrs.clone(),
+            learnt: self.learnt.clone(),
+        }
+    }
+
     /// Recomputes every node's config from the state and pushes those whose
-    /// content changed.
+    /// content changed. Approved prefixes that are no longer safe to route
+    /// are left out (`State::publishable`).
     fn publish(&mut self) {
-        let topology = self.state.topology();
+        let protected = self.protected();
+        let withheld = self.state.withheld_prefixes(&protected);
+        if withheld != self.withheld {
+            for (id, prefixes) in &withheld {
+                for (prefix, why) in prefixes {
+                    warn!(node = %id, prefix = %prefix, reason = %why, "approved workload prefix left out of every config");
+                }
+            }
+            self.withheld = withheld;
+        }
+        let view = self.state.publishable(&protected);
+        let topology = view.topology();
         self.base = match topology.mode {
-            TopologyMode::FullMesh => netmap::all_node_configs(&self.state),
-            TopologyMode::Gateways => netmap::all_node_configs_without_peers(&self.state),
+            TopologyMode::FullMesh => netmap::all_node_configs(&view),
+            TopologyMode::Gateways => netmap::all_node_configs_without_peers(&view),
         };
         self.fabric = (topology.mode == TopologyMode::Gateways).then(|| {
-            let input = TopologyInput::from_state(&self.state, topology);
+            let input = TopologyInput::from_state(&view, topology);
             let prev = self.fabric.as_ref().map(Fabric::paths);
             Fabric::build(&input, &self.measurements, prev)
         });
@@ -333,9 +395,10 @@ impl Inner {
     /// A throwaway full-mesh fabric on the current measurements (for
     /// traces in full-mesh mode).
     fn full_mesh_view(&self) -> Fabric {
-        let mut topology = self.state.topology().clone();
+        let view = self.state.publishable(&self.protected());
+        let mut topology = view.topology().clone();
         topology.mode = TopologyMode::FullMesh;
-        let input = TopologyInput::from_state(&self.state, &topology);
+        let input = TopologyInput::from_state(&view, &topology);
         Fabric::build(&input, &self.measurements, None)
     }
 
@@ -362,7 +425,9 @@ impl Inner {
                 }
             }
             self.learnt = learnt;
-            self.push();
+            // A learnt endpoint may fall inside an approved prefix, which
+            // must then leave the configs: publish, not only push.
+            self.publish();
         }
         let m = measure(&self.state, &self.status, now);
         if m == self.measurements {

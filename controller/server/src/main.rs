@@ -66,6 +66,34 @@ struct Args {
     /// (`weft-agent --advertise`) in the same range.
     #[arg(long, env = "WEFT_IPV4_POOL", value_name = "CIDR")]
     ipv4_pool: Option<ipnet::Ipv4Net>,
+
+    /// An address agents reach the controller at (e.g. its public or NAT
+    /// address); repeat for several (WEFT_CONTROLLER_ADDRESSES:
+    /// comma-separated). No workload prefix may cover one, so that no node
+    /// routes its connection to the controller into the overlay. The
+    /// --listen address (unless unspecified), the --advertise-url host (if
+    /// an IP address) and the local addresses of accepted agent
+    /// connections are protected too.
+    #[arg(
+        long = "controller-address",
+        env = "WEFT_CONTROLLER_ADDRESSES",
+        value_name = "IP",
+        value_delimiter = ','
+    )]
+    controller_addresses: Vec<IpAddr>,
+
+    /// Shortest IPv4 workload prefix accepted, in bits (1-32): a prefix
+    /// with a shorter length is refused, and one approved before is left
+    /// out of every config. Stored with the network; default 8 (/8).
+    #[arg(long, env = "WEFT_MIN_PREFIX_LEN_V4", value_name = "BITS",
+          value_parser = clap::value_parser!(u8).range(1..=32))]
+    min_prefix_len_v4: Option<u8>,
+
+    /// Shortest IPv6 workload prefix accepted, in bits (1-128), as
+    /// --min-prefix-len-v4. Stored with the network; default 32 (/32).
+    #[arg(long, env = "WEFT_MIN_PREFIX_LEN_V6", value_name = "BITS",
+          value_parser = clap::value_parser!(u8).range(1..=128))]
+    min_prefix_len_v6: Option<u8>,
 }
 
 fn main() -> Result<()> {
@@ -89,7 +117,7 @@ async fn run(args: Args) -> Result<()> {
     create_private_dir(dir)?;
     let _lock = lock_data_dir(dir)?;
     let mut store = FileStore::new(dir);
-    let (state, fresh) = match store.load()? {
+    let (mut state, fresh) = match store.load()? {
         Some(state) => {
             if let Some(pool) = args.ipv4_pool
                 && pool != state.settings().ipv4_pool
@@ -118,6 +146,26 @@ async fn run(args: Args) -> Result<()> {
         }
     };
     let ca = Arc::new(Ca::load_or_create(dir, fresh)?);
+    let min_v4 = args
+        .min_prefix_len_v4
+        .unwrap_or(state.settings().min_prefix_len_v4);
+    let min_v6 = args
+        .min_prefix_len_v6
+        .unwrap_or(state.settings().min_prefix_len_v6);
+    if state
+        .set_min_prefix_lens(min_v4, min_v6)
+        .context("--min-prefix-len-v4/-v6")?
+        && !fresh
+    {
+        store
+            .save(&state)
+            .context("storing the minimum prefix lengths")?;
+        info!(
+            min_prefix_len_v4 = min_v4,
+            min_prefix_len_v6 = min_v6,
+            "minimum workload prefix lengths changed"
+        );
+    }
     if fresh {
         store.save(&state).context("writing the initial store")?;
         info!(ipv4 = %state.settings().ipv4_pool, ipv6 = %state.settings().ipv6_prefix, "created a new network");
@@ -139,6 +187,7 @@ async fn run(args: Args) -> Result<()> {
         .client_auth_optional(true);
 
     let controller = Arc::new(Controller::new(state, Box::new(store)));
+    controller.add_controller_addresses(controller_addresses(&args, &url));
     let agent = AgentApi {
         controller: controller.clone(),
         ca: ca.clone(),
@@ -237,6 +286,35 @@ fn random_ula() -> Ipv6Net {
     ];
     let addr = std::net::Ipv6Addr::new(g[0], g[1], g[2], 0, 0, 0, 0, 0);
     Ipv6Net::new_assert(addr, 48)
+}
+
+/// The addresses agents reach the controller at that are known at start:
+/// --controller-address, the --listen address unless unspecified, and the
+/// URL's host if it is an IP address.
+fn controller_addresses(args: &Args, url: &str) -> Vec<IpAddr> {
+    let mut addrs = args.controller_addresses.clone();
+    if !args.listen.ip().is_unspecified() {
+        addrs.push(args.listen.ip());
+    }
+    let host = url
+        .split_once("://")
+        .map_or(url, |(_, rest)| rest)
+        .split('/')
+        .next()
+        .unwrap_or_default();
+    if let Ok(sa) = host.parse::<SocketAddr>() {
+        addrs.push(sa.ip());
+    } else if let Ok(ip) = host.trim_start_matches('[').trim_end_matches(']').parse() {
+        addrs.push(ip);
+    }
+    addrs
+        .into_iter()
+        .map(|ip| match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            IpAddr::V4(_) => ip,
+        })
+        .filter(|ip| !ip.is_loopback())
+        .collect()
 }
 
 fn default_url(listen: SocketAddr) -> String {

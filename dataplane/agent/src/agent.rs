@@ -97,8 +97,11 @@ pub(crate) struct AgentArgs {
     poll: tunnel::PollArgs,
 
     /// Label KEY=VALUE that network policy selects this node by; repeat
-    /// for several (WEFT_LABELS: comma-separated). Sent when enrolling;
-    /// change later with `weftctl node label`.
+    /// for several (WEFT_LABELS: comma-separated). The node's labels are
+    /// the ones its join token grants (`weftctl token create --label`):
+    /// these may only restate them, any other refuses the enrolment. Sent
+    /// when enrolling only; an operator changes them later with `weftctl
+    /// node label`.
     #[arg(
         long = "label",
         env = "WEFT_LABELS",
@@ -111,10 +114,16 @@ pub(crate) struct AgentArgs {
     /// Workload prefix this node routes for (containers or VMs behind it),
     /// with optional labels policy selects the workload by:
     /// CIDR[:KEY=VALUE,KEY=VALUE], e.g. 100.100.2.0/24:app=pg. Repeat for
-    /// several (WEFT_ADVERTISE: space-separated). Sent at every connection
-    /// and added to (or relabelled in) the node's advertisements; withdraw
-    /// with `weftctl node withdraw`. The controller refuses a prefix that
-    /// overlaps another node's or the overlay pools.
+    /// several (WEFT_ADVERTISE: space-separated). Sent at every connection.
+    /// The controller approves a prefix at once only inside the prefixes
+    /// the node's join token allows (`weftctl token create
+    /// --allow-prefix`), with labels the node was granted, and if it
+    /// passes its checks (no overlap with another node's prefix or the
+    /// overlay pools, not shorter than the minimum, covering no controller
+    /// address or member endpoint); any other stays pending, shown by
+    /// `weftctl node get`, until an operator approves it with `weftctl node
+    /// advertise`. An approved prefix is never relabelled from here;
+    /// withdraw with `weftctl node withdraw`.
     #[arg(
         long = "advertise",
         env = "WEFT_ADVERTISE",
@@ -210,6 +219,7 @@ fn parse_advertisement(s: &str) -> Result<pb::Workload, String> {
     Ok(pb::Workload {
         prefix: net.to_string(),
         labels,
+        reason: String::new(),
     })
 }
 
