@@ -151,6 +151,7 @@ impl TryFrom<pb::NodeConfig> for NodeConfig {
             policy,
             routes: parse_nets(M, "routes", &c.routes)?,
             forwarding: c.forwarding,
+            key_generation: c.key_generation,
             addresses: parse_nets(M, "addresses", &c.addresses)?,
             mtu,
             peers,
@@ -172,6 +173,7 @@ impl From<&NodeConfig> for pb::NodeConfig {
             policy: (c.policy != PolicyInput::default()).then(|| pb::NodePolicy::from(&c.policy)),
             routes: c.routes.iter().map(ToString::to_string).collect(),
             forwarding: c.forwarding,
+            key_generation: c.key_generation,
         }
     }
 }
@@ -361,6 +363,7 @@ mod tests {
                 "fd00:beef:2::/64".parse().expect("valid"),
             ],
             forwarding: true,
+            key_generation: 3,
         }
     }
 

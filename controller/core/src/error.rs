@@ -2,6 +2,7 @@
 
 use crate::model::{MAX_ADVERTISED, MAX_LABELS, Member};
 use crate::policy::PolicyErrors;
+use crate::state::CertRefused;
 use crate::time::rfc3339;
 
 /// Why a state mutation (or a consistency check) was refused.
@@ -145,6 +146,21 @@ pub enum Error {
     /// The state violates an invariant (found by `State::validate`).
     #[error("state is inconsistent: {0}")]
     Inconsistent(String),
+
+    // ---- credentials: node certificate lifecycle, WireGuard key rotation ----
+    /// A certificate renewal was authenticated by a certificate that is
+    /// not (or no longer) accepted.
+    #[error("certificate renewal refused: {0}")]
+    CertNotAccepted(CertRefused),
+    /// A key rotation names a key generation beyond the next one.
+    #[error(
+        "node {node:?} rotated its WireGuard key to generation {generation}, but at most {next} may come next"
+    )]
+    KeyGenerationAhead {
+        node: String,
+        generation: u64,
+        next: u64,
+    },
 }
 
 /// Coarse class of an [`Error`], for mapping to gRPC status codes.
@@ -184,7 +200,8 @@ impl Error {
             | Error::InvalidPolicy { .. }
             | Error::InvalidPrefix { .. }
             | Error::PrefixInPool { .. }
-            | Error::TooManyPrefixes { .. } => ErrorKind::InvalidArgument,
+            | Error::TooManyPrefixes { .. }
+            | Error::KeyGenerationAhead { .. } => ErrorKind::InvalidArgument,
             Error::SiteNotFound(_)
             | Error::TokenNotFound(_)
             | Error::NodeNotFound(_)
@@ -199,9 +216,10 @@ impl Error {
             | Error::KeyInUse { .. }
             | Error::CertInUse { .. }
             | Error::PrefixOverlap { .. } => ErrorKind::AlreadyExists,
-            Error::TokenInvalid(_) | Error::TokenUsed { .. } | Error::TokenExpired { .. } => {
-                ErrorKind::PermissionDenied
-            }
+            Error::TokenInvalid(_)
+            | Error::TokenUsed { .. }
+            | Error::TokenExpired { .. }
+            | Error::CertNotAccepted(_) => ErrorKind::PermissionDenied,
             Error::SiteNotEmpty { .. } => ErrorKind::FailedPrecondition,
             Error::PoolExhausted { .. } => ErrorKind::ResourceExhausted,
             Error::Inconsistent(_) => ErrorKind::Internal,

@@ -17,7 +17,7 @@ pub mod topology;
 
 pub use error::{Error, ErrorKind};
 pub use model::{
-    ExternalPeer, JoinToken, Labels, Member, NetworkSettings, Node, Registration, Site,
+    ExternalPeer, JoinToken, Labels, Member, NetworkSettings, Node, NodeCert, Registration, Site,
 };
 pub use netmap::{all_node_configs, external_peer_config, node_config};
 pub use state::{PolicyChanges, State};

@@ -41,6 +41,16 @@ pub struct NodeConfig {
     /// between the overlay and them (IPv4 and IPv6 forwarding on).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub forwarding: bool,
+    /// Generation of the node's WireGuard key the operator asked for: an
+    /// agent whose key is of an older generation rotates it. 0 (absent in
+    /// configs persisted before key rotation): never asked.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub key_generation: u64,
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// One WireGuard peer of a node.
