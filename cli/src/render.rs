@@ -101,6 +101,7 @@ pub(crate) fn node(
         ("Labels", labels(&n.labels)),
         ("Workloads", workloads(&n.workloads)),
         ("Created", with_ago(n.created_unix, now)),
+        ("Certificate", cert_expiry(n.cert_expires_unix, now)),
         ("Connected", yes_no(n.connected)),
         ("Revision", applied),
         ("Last report", ago(n.last_report_unix, now)),
@@ -121,6 +122,19 @@ pub(crate) fn node(
     }
     policy_section(&mut out, n.policy.as_ref());
     out
+}
+
+/// When a node's certificate expires: `expires <utc> (in 20d)`; a
+/// certificate from before expiry never does (until the agent renews it).
+fn cert_expiry(expires_unix: u64, now: u64) -> String {
+    if expires_unix == 0 {
+        return "no expiry (issued before certificates expired; renewed by the agent)".to_string();
+    }
+    format!(
+        "expires {} ({})",
+        utc(expires_unix),
+        until(expires_unix, now)
+    )
 }
 
 fn peers_table(out: &mut String, n: &pb::Node, names: &BTreeMap<Vec<u8>, String>, now: u64) {
@@ -469,6 +483,7 @@ mod tests {
             labels: Default::default(),
             policy: None,
             workloads: vec![],
+            cert_expires_unix: 0,
         }
     }
 

@@ -31,6 +31,9 @@ pub(crate) struct NodeView {
     /// no report yet).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) policy: Option<PolicyStatusView>,
+    /// When the node's client certificate expires (unix seconds; 0: a
+    /// certificate from before expiry).
+    pub(crate) cert_expires_unix: u64,
 }
 
 /// A node's policy counters, from the agent's report.
@@ -268,6 +271,7 @@ impl From<&pb::Node> for NodeView {
                 .map(|w| (w.prefix.clone(), w.labels.clone().into_iter().collect()))
                 .collect(),
             policy: n.policy.as_ref().map(PolicyStatusView::from),
+            cert_expires_unix: n.cert_expires_unix,
         }
     }
 }
@@ -419,6 +423,7 @@ mod tests {
             labels: [("app".to_owned(), "web".to_owned())].into(),
             policy: None,
             workloads: vec![],
+            cert_expires_unix: 0,
         };
         let json = serde_json::to_value(NodeView::from(&node)).expect("node view serialises");
         let want = serde_json::json!({

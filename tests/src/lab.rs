@@ -157,6 +157,9 @@ pub struct LabState {
     /// Site pairs whose WAN path is cut ([`Lab::cut_pair`]), each sorted.
     #[serde(default)]
     pub cut_pairs: Vec<(String, String)>,
+    /// Extra `weft-controller` arguments (e.g. `--cert-ttl 60s`).
+    #[serde(default)]
+    pub controller_args: Vec<String>,
 }
 
 /// Result of `ping -c N`.
@@ -290,6 +293,7 @@ pub struct LabBuilder {
     persistent: bool,
     topology_only: bool,
     ipv4_pool: Option<String>,
+    controller_args: Vec<String>,
 }
 
 impl Default for LabBuilder {
@@ -306,6 +310,7 @@ impl Default for LabBuilder {
             persistent: false,
             topology_only: false,
             ipv4_pool: None,
+            controller_args: Vec::new(),
         }
     }
 }
@@ -389,6 +394,13 @@ impl LabBuilder {
     /// the topology itself, or to run something else in it).
     pub fn topology_only(mut self, yes: bool) -> Self {
         self.topology_only = yes;
+        self
+    }
+
+    /// Extra `weft-controller` arguments, for every start (e.g.
+    /// `["--cert-ttl", "60s"]`).
+    pub fn controller_args(mut self, args: &[&str]) -> Self {
+        self.controller_args = args.iter().map(|a| (*a).to_owned()).collect();
         self
     }
 
@@ -478,6 +490,7 @@ impl LabBuilder {
                 procs: Vec::new(),
                 netem: false,
                 ipv4_pool: self.ipv4_pool.clone(),
+                controller_args: self.controller_args.clone(),
                 cut_pairs: Vec::new(),
             },
             children: BTreeMap::new(),
@@ -1011,6 +1024,7 @@ impl Lab {
         if let Some(pool) = &self.st.ipv4_pool {
             args.extend(["--ipv4-pool".into(), pool.clone()]);
         }
+        args.extend(self.st.controller_args.iter().cloned());
         self.spawn("controller", "ctl", &bin, &args)
     }
 
