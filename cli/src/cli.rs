@@ -415,6 +415,16 @@ pub(crate) enum NodeCommand {
         #[arg(value_name = "CIDR")]
         prefix: String,
     },
+    /// Rotate a node's WireGuard key: its agent generates a new key,
+    /// registers it, and every peer swaps the old key for the new one;
+    /// traffic waits one handshake. The new key shows in `node get` once
+    /// the agent has rotated (it must be connected).
+    #[command(name = "rotate-key")]
+    RotateKey {
+        /// Node name or node ID.
+        #[arg(value_name = "NAME|ID")]
+        node: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -354,6 +354,18 @@ async fn node(api: &Api, command: NodeCommand, output: Output, now: u64) -> Resu
                 )
             })
         }
+        NodeCommand::RotateKey { node } => {
+            let n = api.check(c.rotate_node_key(pb::RotateNodeKeyRequest { node }).await)?;
+            emit(output, &NodeView::from(&n), || {
+                format!(
+                    "node {:?}: WireGuard key rotation requested; its agent replaces key {} \
+                     (see `weftctl node get {}`)\n",
+                    n.name,
+                    crate::view::key_b64(&n.public_key),
+                    n.name
+                )
+            })
+        }
         NodeCommand::Withdraw { node, prefix } => {
             let req = pb::WithdrawPrefixRequest { node, prefix };
             let n = api.check(c.withdraw_prefix(req).await)?;

@@ -115,6 +115,7 @@ pub(crate) fn node(
         ("Workloads", workloads(&n.workloads)),
         ("Pending", pending(&n.pending)),
         ("Created", with_ago(n.created_unix, now)),
+        ("Certificate", cert_expiry(n.cert_expires_unix, now)),
         ("Connected", yes_no(n.connected)),
         ("Revision", applied),
         ("Last report", ago(n.last_report_unix, now)),
@@ -154,6 +155,19 @@ fn tunnel_drops_section(out: &mut String, drops: &[pb::VerdictCounter]) {
         ]);
     }
     indent(out, &t.render());
+}
+
+/// When a node's certificate expires: `expires <utc> (in 20d)`; a
+/// certificate from before expiry never does (until the agent renews it).
+fn cert_expiry(expires_unix: u64, now: u64) -> String {
+    if expires_unix == 0 {
+        return "no expiry (issued before certificates expired; renewed by the agent)".to_string();
+    }
+    format!(
+        "expires {} ({})",
+        utc(expires_unix),
+        until(expires_unix, now)
+    )
 }
 
 fn peers_table(out: &mut String, n: &pb::Node, names: &BTreeMap<Vec<u8>, String>, now: u64) {
@@ -527,6 +541,7 @@ mod tests {
             policy: None,
             workloads: vec![],
             pending: vec![],
+            cert_expires_unix: 0,
         }
     }
 

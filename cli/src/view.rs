@@ -37,6 +37,9 @@ pub(crate) struct NodeView {
     /// no report yet).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) policy: Option<PolicyStatusView>,
+    /// When the node's client certificate expires (unix seconds; 0: a
+    /// certificate from before expiry).
+    pub(crate) cert_expires_unix: u64,
     /// Packets the node's tunnel dropped after decryption, per reason
     /// (`not_for_us`, `bad_source`); absent: none reported.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
@@ -315,6 +318,7 @@ impl From<&pb::Node> for NodeView {
                 .collect(),
             policy: n.policy.as_ref().map(PolicyStatusView::from),
             tunnel_drops: counters(&n.tunnel_drops),
+            cert_expires_unix: n.cert_expires_unix,
         }
     }
 }
@@ -475,6 +479,7 @@ mod tests {
             policy: None,
             workloads: vec![],
             pending: vec![],
+            cert_expires_unix: 0,
         };
         let json = serde_json::to_value(NodeView::from(&node)).expect("node view serialises");
         let want = serde_json::json!({

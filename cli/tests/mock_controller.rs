@@ -56,6 +56,7 @@ fn node(name: &str, key: u8) -> pb::Node {
         tunnel_drops: vec![],
         workloads: vec![],
         pending: vec![],
+        cert_expires_unix: NOW_ISH + 20 * 86_400,
         policy: Some(pb::PolicyStatus {
             verdicts: vec![
                 pb::VerdictCounter {
@@ -269,6 +270,18 @@ impl AdminService for Mock {
     ) -> Result<Response<pb::Topology>, Status> {
         authorised(&r)?;
         unimplemented()
+    }
+
+    async fn rotate_node_key(
+        &self,
+        r: Request<pb::RotateNodeKeyRequest>,
+    ) -> Result<Response<pb::Node>, Status> {
+        authorised(&r)?;
+        let name = r.into_inner().node;
+        if name != "a1" {
+            return Err(Status::not_found(format!("node {name:?} not found")));
+        }
+        Ok(Response::new(node("a1", 1)))
     }
 
     async fn set_topology(
@@ -500,6 +513,28 @@ fn node_list_json_and_get_table() {
             .any(|l| l.trim_start().starts_with("db/ingress[0] ") && l.contains(" 7 ")),
         "rule counters:\n{stdout}"
     );
+}
+
+#[test]
+fn node_rotate_key_asks_the_controller_and_get_shows_the_certificate_expiry() {
+    let f = Fixture::start("rotate");
+    let (stdout, _) = f.ok(&["node", "rotate-key", "a1"]);
+    assert_eq!(
+        stdout,
+        "node \"a1\": WireGuard key rotation requested; its agent replaces key \
+         AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE= (see `weftctl node get a1`)\n"
+    );
+    let out = f.run("admin.conf", &["node", "rotate-key", "zz"]);
+    assert_eq!(out.status.code(), Some(1));
+    let (stdout, _) = f.ok(&["node", "get", "a1"]);
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("Certificate"))
+        .unwrap_or_else(|| panic!("no certificate line:\n{stdout}"));
+    assert!(line.contains("expires 2023-") && line.contains(" UTC ("), "{line}");
+    let (stdout, _) = f.ok(&["-o", "json", "node", "get", "a1"]);
+    let v: serde_json::Value = serde_json::from_str(&stdout).expect("node JSON");
+    assert!(v["cert_expires_unix"].as_u64().is_some_and(|t| t > 0), "{v}");
 }
 
 #[test]

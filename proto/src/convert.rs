@@ -152,6 +152,7 @@ impl TryFrom<pb::NodeConfig> for NodeConfig {
             routes: parse_nets(M, "routes", &c.routes)?,
             forwarding: c.forwarding,
             hosted: parse_nets(M, "hosted", &c.hosted)?,
+            key_generation: c.key_generation,
             addresses: parse_nets(M, "addresses", &c.addresses)?,
             mtu,
             peers,
@@ -174,6 +175,7 @@ impl From<&NodeConfig> for pb::NodeConfig {
             routes: c.routes.iter().map(ToString::to_string).collect(),
             forwarding: c.forwarding,
             hosted: c.hosted.iter().map(ToString::to_string).collect(),
+            key_generation: c.key_generation,
         }
     }
 }
@@ -368,6 +370,7 @@ mod tests {
                 "fd00::1/128".parse().expect("valid"),
                 "100.100.8.0/24".parse().expect("valid"),
             ],
+            key_generation: 3,
         }
     }
 

@@ -157,6 +157,9 @@ pub struct LabState {
     /// Site pairs whose WAN path is cut ([`Lab::cut_pair`]), each sorted.
     #[serde(default)]
     pub cut_pairs: Vec<(String, String)>,
+    /// Extra `weft-controller` arguments (e.g. `--cert-ttl 60s`).
+    #[serde(default)]
+    pub controller_args: Vec<String>,
 }
 
 /// Result of `ping -c N`.
@@ -292,6 +295,7 @@ pub struct LabBuilder {
     ipv4_pool: Option<String>,
     /// Extra `weftctl token create` arguments per node (its grants).
     token_args: BTreeMap<String, Vec<String>>,
+    controller_args: Vec<String>,
 }
 
 impl Default for LabBuilder {
@@ -309,6 +313,7 @@ impl Default for LabBuilder {
             topology_only: false,
             ipv4_pool: None,
             token_args: BTreeMap::new(),
+            controller_args: Vec::new(),
         }
     }
 }
@@ -392,6 +397,13 @@ impl LabBuilder {
     /// the topology itself, or to run something else in it).
     pub fn topology_only(mut self, yes: bool) -> Self {
         self.topology_only = yes;
+        self
+    }
+
+    /// Extra `weft-controller` arguments, for every start (e.g.
+    /// `["--cert-ttl", "60s"]`).
+    pub fn controller_args(mut self, args: &[&str]) -> Self {
+        self.controller_args = args.iter().map(|a| (*a).to_owned()).collect();
         self
     }
 
@@ -496,6 +508,7 @@ impl LabBuilder {
                 procs: Vec::new(),
                 netem: false,
                 ipv4_pool: self.ipv4_pool.clone(),
+                controller_args: self.controller_args.clone(),
                 cut_pairs: Vec::new(),
             },
             children: BTreeMap::new(),
@@ -1042,6 +1055,7 @@ impl Lab {
         if let Some(pool) = &self.st.ipv4_pool {
             args.extend(["--ipv4-pool".into(), pool.clone()]);
         }
+        args.extend(self.st.controller_args.iter().cloned());
         self.spawn("controller", "ctl", &bin, &args)
     }
 

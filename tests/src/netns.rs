@@ -147,3 +147,20 @@ pub fn udp_socket_in(ns: &str, addr: SocketAddr) -> Result<UdpSocket> {
         .map_err(|_| anyhow::anyhow!("the thread entering {ns} panicked"))?
     })
 }
+
+/// Runs `f` on a short-lived thread that entered namespace `ns` (`setns`,
+/// that thread only), so the sockets it opens (e.g. a gRPC client on a
+/// current-thread runtime) live in `ns`.
+pub fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+    let path = format!("/run/netns/{ns}");
+    let handle = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
+    std::thread::scope(|s| {
+        s.spawn(|| -> Result<T> {
+            nix::sched::setns(&handle, nix::sched::CloneFlags::CLONE_NEWNET)
+                .with_context(|| format!("entering namespace {ns}"))?;
+            f()
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("the thread entering {ns} panicked"))?
+    })
+}

@@ -96,7 +96,7 @@ pub(crate) fn run(a: &ReportAsArgs) -> Result<()> {
         applied_revision: 0,
         apply_error: String::new(),
         peers,
-        policy: None,
+        ..Default::default()
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

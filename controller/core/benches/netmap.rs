@@ -29,6 +29,8 @@ fn state_with_nodes(n: u32) -> State {
             public_key: Key(key),
             endpoint: Some(([198, 18, (i >> 8) as u8, i as u8], 51820).into()),
             cert_fingerprint: key,
+            cert_expires_unix: 0,
+            csr_key: key,
             labels: Default::default(),
         };
         state.register_node(reg, 1).expect("registers");

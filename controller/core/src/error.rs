@@ -2,6 +2,7 @@
 
 use crate::model::{MAX_ADVERTISED, MAX_LABELS, Member};
 use crate::policy::PolicyErrors;
+use crate::state::CertRefused;
 use crate::time::rfc3339;
 
 /// Why a state mutation (or a consistency check) was refused.
@@ -170,6 +171,20 @@ pub enum Error {
     /// A join token allows more prefixes than a node may advertise.
     #[error("{count} allowed prefixes given; at most {MAX_ADVERTISED} are allowed")]
     TooManyAllowedPrefixes { count: usize },
+    // ---- credentials: node certificate lifecycle, WireGuard key rotation ----
+    /// A certificate renewal was authenticated by a certificate that is
+    /// not (or no longer) accepted.
+    #[error("certificate renewal refused: {0}")]
+    CertNotAccepted(CertRefused),
+    /// A key rotation names a key generation beyond the next one.
+    #[error(
+        "node {node:?} rotated its WireGuard key to generation {generation}, but at most {next} may come next"
+    )]
+    KeyGenerationAhead {
+        node: String,
+        generation: u64,
+        next: u64,
+    },
 }
 
 /// Coarse class of an [`Error`], for mapping to gRPC status codes.
@@ -212,7 +227,8 @@ impl Error {
             | Error::TooManyPrefixes { .. }
             | Error::PrefixTooShort { .. }
             | Error::PrefixCoversProtected { .. }
-            | Error::TooManyAllowedPrefixes { .. } => ErrorKind::InvalidArgument,
+            | Error::TooManyAllowedPrefixes { .. }
+            | Error::KeyGenerationAhead { .. } => ErrorKind::InvalidArgument,
             Error::SiteNotFound(_)
             | Error::TokenNotFound(_)
             | Error::NodeNotFound(_)
@@ -230,7 +246,8 @@ impl Error {
             Error::TokenInvalid(_)
             | Error::TokenUsed { .. }
             | Error::TokenExpired { .. }
-            | Error::LabelNotGranted { .. } => ErrorKind::PermissionDenied,
+            | Error::LabelNotGranted { .. }
+            | Error::CertNotAccepted(_) => ErrorKind::PermissionDenied,
             Error::SiteNotEmpty { .. } => ErrorKind::FailedPrecondition,
             Error::PoolExhausted { .. } => ErrorKind::ResourceExhausted,
             Error::Inconsistent(_) => ErrorKind::Internal,

@@ -19,8 +19,8 @@ pub mod topology;
 pub use error::{Error, ErrorKind};
 pub use guard::Protected;
 pub use model::{
-    ExternalPeer, JoinToken, Labels, Member, NetworkSettings, Node, PendingPrefix, Registration,
-    Site, TokenGrants,
+    ExternalPeer, JoinToken, Labels, Member, NetworkSettings, Node, NodeCert, PendingPrefix,
+    Registration, Site, TokenGrants,
 };
 pub use netmap::{all_node_configs, external_peer_config, node_config};
 pub use state::{PolicyChanges, State};

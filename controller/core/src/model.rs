@@ -189,6 +189,26 @@ pub struct Node {
     /// in stores written before workload prefixes).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub advertised: BTreeMap<IpNet, Labels>,
+    /// When the current client certificate expires (unix seconds); 0 for
+    /// a certificate issued before certificates expired (absent in older
+    /// stores), accepted until the agent renews it.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub cert_expires_unix: u64,
+    /// The certificate the last renewal was authenticated with: still
+    /// accepted until the current one is first used or it expires.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_cert: Option<NodeCert>,
+    /// SHA-256 of the public key (SubjectPublicKeyInfo, DER) of the first
+    /// registration's certificate signing request: a retried
+    /// registration must be signed by the same key (absent in older
+    /// stores: no retry).
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "opt_hex32")]
+    pub registration_key: Option<[u8; 32]>,
+    /// Generation of the node's WireGuard key: bumped by an operator's
+    /// rotation request, reached by the agent when it rotates (0, absent,
+    /// until the first rotation).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub key_generation: u64,
     /// Prefixes the node's join token allows its agent to advertise
     /// without an operator's approval (absent in stores written before
     /// grants: none).
@@ -210,6 +230,22 @@ pub struct PendingPrefix {
     pub labels: Labels,
     /// Why it was not approved, for the operator.
     pub reason: String,
+}
+
+/// A client certificate of a node, by fingerprint, with its expiry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeCert {
+    /// SHA-256 of the certificate (DER).
+    #[serde(with = "hex32")]
+    pub fingerprint: [u8; 32],
+    /// When it expires (unix seconds; 0: never recorded).
+    pub expires_unix: u64,
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// A plain WireGuard peer (no agent), configured by hand by an operator.
@@ -288,6 +324,11 @@ pub struct Registration {
     pub endpoint: Option<SocketAddr>,
     /// SHA-256 of the client certificate issued to the node.
     pub cert_fingerprint: [u8; 32],
+    /// When that certificate expires (unix seconds).
+    pub cert_expires_unix: u64,
+    /// SHA-256 of the public key (SubjectPublicKeyInfo) of the node's
+    /// certificate signing request, whose signature the API edge verified.
+    pub csr_key: [u8; 32],
     /// Labels the node asked for (`weft-agent --label`): they may only
     /// restate what the token grants.
     pub labels: Labels,
@@ -457,6 +498,31 @@ pub fn check_id(kind: &'static str, id: &str) -> Result<(), Error> {
 }
 
 /// Serde for 32-byte hashes as lower-case hex.
+mod opt_hex32 {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use weft_dataplane_core::Key;
+
+    #[allow(clippy::ref_option)] // serde's `with` passes a reference
+    pub(super) fn serialize<S: Serializer>(
+        bytes: &Option<[u8; 32]>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        match bytes {
+            Some(b) => s.serialize_some(&Key(*b).to_hex()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<[u8; 32]>, D::Error> {
+        Option::<String>::deserialize(d)?
+            .map(|s| Key::from_hex(&s).map(|k| k.0))
+            .transpose()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
 mod hex32 {
     use serde::{Deserialize, Deserializer, Serializer};
     use weft_dataplane_core::Key;

@@ -31,6 +31,7 @@ pub fn node_config(state: &State, node_id: &str) -> Option<NodeConfig> {
     let compiled = compile_state(state);
     Some(NodeConfig {
         policy: node_policy(&compiled, &node.id),
+        key_generation: node.key_generation,
         ..config_for(
             state,
             &all_peers(state),
@@ -77,6 +78,7 @@ fn configs_with(state: &State, peers: &BTreeMap<Key, PeerConfig>) -> BTreeMap<St
         .map(|n| {
             let config = NodeConfig {
                 policy: node_policy(&compiled, &n.id),
+                key_generation: n.key_generation,
                 ..config_for(state, peers, &n.id, &n.name, &n.public_key, n.ipv4, n.ipv6)
             };
             (n.id.clone(), config)
@@ -245,6 +247,8 @@ fn config_for(
         routes,
         forwarding,
         hosted,
+        // Set by the callers for nodes (external peers rotate by hand).
+        key_generation: 0,
     }
 }
 
@@ -368,6 +372,8 @@ spec:
                         public_key: Key(k),
                         endpoint: Some(([198, 18, 0, 10 + k[0]], 51820).into()),
                         cert_fingerprint: k,
+                        cert_expires_unix: 0,
+                        csr_key: k,
                         labels: labels(role),
                     },
                     1,

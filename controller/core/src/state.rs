@@ -32,9 +32,15 @@ pub const MAX_TOKEN_TTL_SECS: u64 = 30 * 86_400;
 pub const TOKEN_KEEP_SECS: u64 = 7 * 86_400;
 
 /// How long after a registration the same agent (same name and WireGuard
-/// key, same token) may register again and get the same node: a retry
-/// after a lost reply.
+/// key, same token, a request signed by the same key) may register again
+/// and get the same node: a retry after a lost reply.
 pub const REGISTER_RETRY_SECS: u64 = 600;
+
+mod credentials;
+pub use credentials::{
+    CertRefused, CertUse, DEFAULT_CERT_TTL_SECS, MAX_CERT_TTL_SECS, MIN_CERT_TTL_SECS,
+    check_cert_ttl,
+};
 
 /// The desired state of the network, persisted as a whole by the store.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -358,30 +364,42 @@ impl State {
             advertised: BTreeMap::new(),
             allowed_prefixes,
             pending: BTreeMap::new(),
+            cert_expires_unix: reg.cert_expires_unix,
+            previous_cert: None,
+            registration_key: Some(reg.csr_key),
+            key_generation: 0,
         };
         Ok(self.nodes.entry(reg.node_id).or_insert(node))
     }
 
     /// The id of the node a registration repeats, if it is a retry: the
-    /// token (secret checked) was used by a node with the same name and
-    /// WireGuard key less than [`REGISTER_RETRY_SECS`] ago. An agent whose
-    /// first `Register` reply was lost retries like that; it gets the same
-    /// node back, with a new certificate.
+    /// token (secret checked, not expired) was used by a node with the
+    /// same name and WireGuard key less than [`REGISTER_RETRY_SECS`] ago,
+    /// and the request is signed by the key of that node's first request
+    /// (`csr_key`, the SHA-256 of its public key: name and WireGuard key
+    /// are public, possession of that key is not). An agent whose first
+    /// `Register` reply was lost retries like that; it gets the same node
+    /// back, with a new certificate.
     pub fn retried_registration(
         &self,
         token_id: &str,
         secret_hash: &[u8; 32],
         name: &str,
         public_key: &Key,
+        csr_key: &[u8; 32],
         now: u64,
     ) -> Option<&str> {
         let token = self
             .tokens
             .get(token_id)
-            .filter(|t| hashes_equal(&t.secret_hash, secret_hash))?;
+            .filter(|t| hashes_equal(&t.secret_hash, secret_hash))
+            .filter(|t| now < t.expires_unix)?;
         let node = self.nodes.get(token.used_by.as_deref()?)?;
         (node.name == name
             && node.public_key == *public_key
+            && node
+                .registration_key
+                .is_some_and(|k| hashes_equal(&k, csr_key))
             && now < node.created_unix.saturating_add(REGISTER_RETRY_SECS))
         .then_some(node.id.as_str())
     }
@@ -392,12 +410,14 @@ impl State {
             &reg.secret_hash,
             &reg.name,
             &reg.public_key,
+            &reg.csr_key,
             now,
         ) == Some(reg.node_id.as_str())
     }
 
     /// A retried registration: the node gets the new certificate (the one
-    /// whose reply was lost is no longer accepted) and endpoint.
+    /// whose reply was lost, and any earlier one, is no longer accepted)
+    /// and endpoint.
     fn redo_registration(&mut self, reg: Registration) -> Result<&Node, Error> {
         if let Some(holder) = self
             .node_by_cert(&reg.cert_fingerprint)
@@ -413,6 +433,8 @@ impl State {
             .get_mut(&reg.node_id)
             .ok_or_else(|| Error::NodeNotFound(reg.node_id.clone()))?;
         node.cert_fingerprint = reg.cert_fingerprint;
+        node.cert_expires_unix = reg.cert_expires_unix;
+        node.previous_cert = None;
         node.endpoint = reg.endpoint;
         self.revision += 1;
         Ok(node)
@@ -780,11 +802,15 @@ impl State {
         self.nodes.values()
     }
 
-    /// The node whose client certificate has this SHA-256 fingerprint.
+    /// The node whose current or previous client certificate has this
+    /// SHA-256 fingerprint (whether still accepted or not: see
+    /// [`State::authenticate`]).
     pub fn node_by_cert(&self, fingerprint: &[u8; 32]) -> Option<&Node> {
-        self.nodes
-            .values()
-            .find(|n| n.cert_fingerprint == *fingerprint)
+        self.nodes.values().find(|n| {
+            n.cert_fingerprint == *fingerprint
+                || n.previous_cert
+                    .is_some_and(|p| p.fingerprint == *fingerprint)
+        })
     }
 
     // ---- external peers ----
@@ -1062,11 +1088,14 @@ impl State {
                 node.ipv6,
                 &mut seen,
             )?;
-            if let Some(other) = certs.insert(node.cert_fingerprint, member.clone()) {
-                return bad(format!(
-                    "client certificate {} is bound to both {other} and {member}",
-                    Key(node.cert_fingerprint).to_hex()
-                ));
+            let previous = node.previous_cert.map(|p| p.fingerprint);
+            for fingerprint in std::iter::once(node.cert_fingerprint).chain(previous) {
+                if let Some(other) = certs.insert(fingerprint, member.clone()) {
+                    return bad(format!(
+                        "client certificate {} is bound to both {other} and {member}",
+                        Key(fingerprint).to_hex()
+                    ));
+                }
             }
         }
         for (key, peer) in &self.external_peers {

@@ -196,6 +196,8 @@ fn apply(s: &mut State, op: &Op, now: u64) -> Result<bool, Error> {
                 public_key: Key([key + 1; 32]),
                 endpoint: None,
                 cert_fingerprint: [cert; 32],
+                cert_expires_unix: 0,
+                csr_key: [cert; 32],
                 labels: label.map(app).unwrap_or_default(),
             };
             s.register_node(reg, now).map(|_| true)

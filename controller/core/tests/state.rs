@@ -29,6 +29,8 @@ fn reg(node_id: &str, name: &str, key: u8) -> Registration {
         public_key: Key([key; 32]),
         endpoint: Some("198.18.0.1:51820".parse().expect("valid addr")),
         cert_fingerprint: [key; 32],
+        cert_expires_unix: 0,
+        csr_key: [key; 32],
         labels: Default::default(),
     }
 }
@@ -123,9 +125,10 @@ fn a_retry_after_a_lost_reply_gets_the_same_node_with_the_new_certificate() {
         .register_node(reg("n-1f2e", "a1", 1), NOW)
         .expect("first use")
         .clone();
-    // The same agent (name, key) retries within the window.
+    // The same agent (name, key, request signed by the same key) retries
+    // within the window.
     assert_eq!(
-        s.retried_registration("abc123", &[7; 32], "a1", &Key([1; 32]), NOW + 5),
+        s.retried_registration("abc123", &[7; 32], "a1", &Key([1; 32]), &[1; 32], NOW + 5),
         Some("n-1f2e")
     );
     let mut again = reg("n-1f2e", "a1", 1);
@@ -142,15 +145,17 @@ fn a_retry_after_a_lost_reply_gets_the_same_node_with_the_new_certificate() {
     );
     assert_eq!(s.nodes().count(), 1);
     assert_eq!(s.validate(), Ok(()));
-    // Not a retry: another key, another name, a wrong secret, or too late.
-    let retried = |s: &State, secret: [u8; 32], name: &str, key: u8, at: u64| {
-        s.retried_registration("abc123", &secret, name, &Key([key; 32]), at)
+    // Not a retry: another key, another name, a wrong secret, another
+    // request key, or too late.
+    let retried = |s: &State, secret: [u8; 32], name: &str, key: u8, csr: u8, at: u64| {
+        s.retried_registration("abc123", &secret, name, &Key([key; 32]), &[csr; 32], at)
             .map(str::to_owned)
     };
-    assert_eq!(retried(&s, [7; 32], "a1", 2, NOW + 5), None);
-    assert_eq!(retried(&s, [7; 32], "a2", 1, NOW + 5), None);
-    assert_eq!(retried(&s, [8; 32], "a1", 1, NOW + 5), None);
-    assert_eq!(retried(&s, [7; 32], "a1", 1, NOW + 601), None);
+    assert_eq!(retried(&s, [7; 32], "a1", 2, 1, NOW + 5), None);
+    assert_eq!(retried(&s, [7; 32], "a2", 1, 1, NOW + 5), None);
+    assert_eq!(retried(&s, [8; 32], "a1", 1, 1, NOW + 5), None);
+    assert_eq!(retried(&s, [7; 32], "a1", 1, 2, NOW + 5), None);
+    assert_eq!(retried(&s, [7; 32], "a1", 1, 1, NOW + 601), None);
     assert_refused(
         &mut s,
         "join token abc123 was already used by node n-1f2e",

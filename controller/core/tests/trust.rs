@@ -76,6 +76,8 @@ fn enrol(
             public_key: Key([k; 32]),
             endpoint: Some(SocketAddr::from(([198, 18, 1, k], 51820))),
             cert_fingerprint: [k; 32],
+            cert_expires_unix: NOW + 30 * 86_400,
+            csr_key: [k; 32],
             labels: asked,
         },
         NOW,
@@ -133,6 +135,8 @@ fn a_label_the_token_does_not_grant_refuses_the_enrolment() {
         public_key: Key([k; 32]),
         endpoint: None,
         cert_fingerprint: [k; 32],
+        cert_expires_unix: NOW + 30 * 86_400,
+        csr_key: [k; 32],
         labels: asked,
     };
     assert_refused(

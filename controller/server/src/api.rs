@@ -16,8 +16,10 @@ use tracing::{info, warn};
 use weft_controller_core::policy::{
     self as core_policy, Decision, PolicyError, PolicyErrors, Protocol, Verdict,
 };
+use weft_controller_core::state::CertUse;
+use weft_controller_core::time::rfc3339;
 use weft_controller_core::{
-    Error as CoreError, ErrorKind, Labels, Registration, State, TokenGrants,
+    Error as CoreError, ErrorKind, Labels, NodeCert, Registration, State, TokenGrants,
 };
 use weft_proto::convert::{InvalidMessage, parse_endpoint, parse_key, parse_net};
 use weft_proto::pb::{
@@ -25,7 +27,7 @@ use weft_proto::pb::{
 };
 use weft_proto::token::JoinToken;
 
-use crate::ca::Ca;
+use crate::ca::{Ca, Csr};
 use crate::controller::{ApiError, Controller, NodeStatus, now_unix};
 
 /// Default join token lifetime.
@@ -108,6 +110,15 @@ fn advertised_endpoint(
 pub(crate) struct AgentApi {
     pub(crate) controller: Arc<Controller>,
     pub(crate) ca: Arc<Ca>,
+    /// Lifetime of the node certificates issued, in seconds.
+    pub(crate) cert_ttl_secs: u64,
+}
+
+/// The node a request comes from, and the certificate it came with.
+#[derive(Debug)]
+struct Caller {
+    node_id: String,
+    fingerprint: [u8; 32],
 }
 
 impl AgentApi {
@@ -120,22 +131,39 @@ impl AgentApi {
         }
     }
 
-    /// The node a request comes from, by its client certificate.
-    fn caller<T>(&self, req: &Request<T>) -> Result<String, Status> {
+    /// The node a request comes from, by its client certificate, which
+    /// must be one the node holds now and not expired (the TLS handshake
+    /// checked the chain and the validity when the connection opened; a
+    /// connection may outlive both). The first use of a renewed
+    /// certificate drops the previous one.
+    fn caller<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
         let certs = req.peer_certs().ok_or_else(|| {
             Status::unauthenticated("no client certificate: enrol with a join token first")
         })?;
         let leaf = certs
             .first()
             .ok_or_else(|| Status::unauthenticated("empty client certificate chain"))?;
-        let fp: [u8; 32] = Sha256::digest(leaf.as_ref()).into();
-        self.controller
-            .read(|s, _| s.node_by_cert(&fp).map(|n| n.id.clone()))
-            .ok_or_else(|| {
-                Status::unauthenticated(
-                    "this node is not (or no longer) registered with the controller",
-                )
+        let fingerprint: [u8; 32] = Sha256::digest(leaf.as_ref()).into();
+        let now = now_unix();
+        let (node_id, first_use) = self
+            .controller
+            .read(|s, _| {
+                s.authenticate(&fingerprint, now)
+                    .map(|u| (u.node().id.clone(), matches!(u, CertUse::FirstUse(_))))
             })
+            .map_err(|e| Status::unauthenticated(e.to_string()))?;
+        if first_use {
+            self.controller
+                .mutate("first use of a renewed certificate", |s| {
+                    s.confirm_cert(&node_id, &fingerprint)
+                })
+                .map_err(status)?;
+            info!(node = %node_id, "renewed certificate in use: the previous one is no longer accepted");
+        }
+        Ok(Caller {
+            node_id,
+            fingerprint,
+        })
     }
 }
 
@@ -155,19 +183,32 @@ impl AgentService for AgentApi {
             .map_err(|e| Status::permission_denied(format!("join token refused: {e}")))?;
         let public_key = parse_key(M, "public_key", &r.public_key).map_err(invalid)?;
         let endpoint = advertised_endpoint(&r.endpoint, r.listen_port, remote, M)?;
-        let now = now_unix();
-        // A retry after a lost reply gets the node it created back.
-        let retried = self.controller.read(|s, _| {
-            s.retried_registration(&token_id, &sha256(&secret), &r.name, &public_key, now)
-                .map(str::to_owned)
-        });
-        if let Some(id) = &retried {
-            info!(node = %id, name = %r.name, token = %token_id, "registration retried: same name, key and token; issuing a new certificate");
-        }
-        let node_id = retried.unwrap_or_else(|| format!("n-{}", random_lower(8)));
-        let (cert_pem, fingerprint) = self.ca.sign_node_csr(&r.csr_der, &node_id).map_err(|e| {
+        let csr = Csr::parse(&r.csr_der).map_err(|e| {
             Status::invalid_argument(format!("invalid {M}: field `csr_der`: {e:#}"))
         })?;
+        let csr_key = csr.key_hash;
+        let now = now_unix();
+        // A retry after a lost reply gets the node it created back, if it
+        // proves possession of the first request's key.
+        let retried = self.controller.read(|s, _| {
+            s.retried_registration(
+                &token_id,
+                &sha256(&secret),
+                &r.name,
+                &public_key,
+                &csr_key,
+                now,
+            )
+            .map(str::to_owned)
+        });
+        if let Some(id) = &retried {
+            info!(node = %id, name = %r.name, token = %token_id, "registration retried: same name, keys and token; issuing a new certificate");
+        }
+        let node_id = retried.unwrap_or_else(|| format!("n-{}", random_lower(8)));
+        let cert = self
+            .ca
+            .sign_node_csr(csr, &node_id, now, self.cert_ttl_secs)
+            .map_err(|e| Status::internal(format!("signing the node certificate: {e:#}")))?;
         let reg = Registration {
             node_id: node_id.clone(),
             token_id: token_id.clone(),
@@ -175,7 +216,9 @@ impl AgentService for AgentApi {
             name: r.name.clone(),
             public_key,
             endpoint,
-            cert_fingerprint: fingerprint,
+            cert_fingerprint: cert.fingerprint,
+            cert_expires_unix: cert.expires_unix,
+            csr_key,
             labels: labels(r.labels.clone()),
         };
         match self.controller.mutate("register node", |s| {
@@ -185,7 +228,7 @@ impl AgentService for AgentApi {
                 info!(node = %id, name = %r.name, token = %token_id, endpoint = ?endpoint, "node registered");
                 Ok(Response::new(pb::RegisterResponse {
                     node_id: id,
-                    client_cert_pem: cert_pem,
+                    client_cert_pem: cert.pem,
                 }))
             }
             Err(e) => {
@@ -201,7 +244,10 @@ impl AgentService for AgentApi {
         &self,
         req: Request<pb::WatchRequest>,
     ) -> Result<Response<ConfigStream>, Status> {
-        let node_id = self.caller(&req)?;
+        let Caller {
+            node_id,
+            fingerprint,
+        } = self.caller(&req)?;
         let remote = req.remote_addr();
         self.note_controller_address(&req);
         let w = req.into_inner();
@@ -245,18 +291,23 @@ impl AgentService for AgentApi {
             controller: self.controller.clone(),
             node_id,
         };
-        let stream = WatchStream::new(rx).map(move |cfg| {
+        let configs = WatchStream::new(rx).map(move |cfg| {
             let _keep = &guard;
             Ok(pb::NodeConfig::from(cfg.as_ref()))
         });
-        Ok(Response::new(Box::pin(stream)))
+        // The stream ends, with the reason, as soon as the certificate it
+        // was opened with is no longer accepted (replaced, expired, node
+        // deleted): a long-lived connection outlives no revocation.
+        let refused = futures::stream::once(self.controller.until_refused(fingerprint))
+            .map(|why| Err(Status::unauthenticated(why)));
+        Ok(Response::new(Box::pin(configs.merge(refused))))
     }
 
     async fn report(
         &self,
         req: Request<pb::ReportRequest>,
     ) -> Result<Response<pb::ReportResponse>, Status> {
-        let node_id = self.caller(&req)?;
+        let node_id = self.caller(&req)?.node_id;
         let report = req.into_inner();
         weft_proto::report::check_report(&report)
             .and_then(|()| self.controller.report(&node_id, report))
@@ -269,6 +320,62 @@ impl AgentService for AgentApi {
                 }
             })?;
         Ok(Response::new(pb::ReportResponse {}))
+    }
+
+    async fn renew(
+        &self,
+        req: Request<pb::RenewRequest>,
+    ) -> Result<Response<pb::RenewResponse>, Status> {
+        let caller = self.caller(&req)?;
+        let csr = Csr::parse(&req.into_inner().csr_der).map_err(|e| {
+            Status::invalid_argument(format!("invalid RenewRequest: field `csr_der`: {e:#}"))
+        })?;
+        let now = now_unix();
+        let cert = self
+            .ca
+            .sign_node_csr(csr, &caller.node_id, now, self.cert_ttl_secs)
+            .map_err(|e| Status::internal(format!("signing the node certificate: {e:#}")))?;
+        let new = NodeCert {
+            fingerprint: cert.fingerprint,
+            expires_unix: cert.expires_unix,
+        };
+        self.controller
+            .mutate("renew node certificate", |s| {
+                s.renew_cert(&caller.fingerprint, new, now).map(drop)
+            })
+            .map_err(|e| {
+                warn!(node = %caller.node_id, error = %e, "certificate renewal refused");
+                status(e)
+            })?;
+        info!(node = %caller.node_id, expires = %rfc3339(cert.expires_unix), "node certificate renewed");
+        Ok(Response::new(pb::RenewResponse {
+            client_cert_pem: cert.pem,
+            expires_unix: cert.expires_unix,
+        }))
+    }
+
+    async fn rotate_key(
+        &self,
+        req: Request<pb::RotateKeyRequest>,
+    ) -> Result<Response<pb::RotateKeyResponse>, Status> {
+        let node_id = self.caller(&req)?.node_id;
+        let r = req.into_inner();
+        let key = parse_key("RotateKeyRequest", "public_key", &r.public_key).map_err(invalid)?;
+        let (changed, generation) = self
+            .controller
+            .mutate("rotate node key", |s| {
+                let changed = s.rotate_node_key(&node_id, key, r.generation)?;
+                let generation = s.node_by_id(&node_id).map_or(0, |n| n.key_generation);
+                Ok((changed, generation))
+            })
+            .map_err(|e| {
+                warn!(node = %node_id, error = %e, "WireGuard key rotation refused");
+                status(e)
+            })?;
+        if changed {
+            info!(node = %node_id, public_key = %key, generation, "node rotated its WireGuard key");
+        }
+        Ok(Response::new(pb::RotateKeyResponse { generation }))
     }
 }
 
@@ -404,6 +511,7 @@ fn node_pb(
         labels: n.labels.clone().into_iter().collect(),
         policy: st.policy,
         tunnel_drops: st.tunnel_drops,
+        cert_expires_unix: n.cert_expires_unix,
         workloads: n
             .advertised
             .iter()
@@ -1163,6 +1271,18 @@ impl AdminService for AdminApi {
             "topology set"
         );
         Ok(Response::new(out))
+    }
+
+    async fn rotate_node_key(
+        &self,
+        req: Request<pb::RotateNodeKeyRequest>,
+    ) -> Result<Response<pb::Node>, Status> {
+        let name = req.into_inner().node;
+        let node = self.mutate_node("request WireGuard key rotation", &name, |s| {
+            s.request_key_rotation(&name)
+        })?;
+        info!(node = %node.id, generation = node.key_generation, "WireGuard key rotation requested");
+        Ok(self.node_reply(&node))
     }
 
     async fn explain_policy(

@@ -9,7 +9,9 @@ use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
     DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
+use rcgen::PublicKeyData as _;
 use rustls::pki_types::CertificateSigningRequestDer;
+use sha2::{Digest as _, Sha256};
 use weft_proto::client::{CONTROLLER_SERVER_NAME, cert_hash};
 
 use crate::fsutil::write_private;
@@ -135,31 +137,86 @@ impl Ca {
         })
     }
 
-    /// Signs a node's certificate signing request. Whatever names the CSR
-    /// asks for, the certificate names only the node (client auth only, so
-    /// it can never pose as the controller). Returns the PEM and the SHA-256
-    /// fingerprint of its DER, by which the controller recognises the node.
+    /// Signs a node's verified certificate signing request for `ttl_secs`
+    /// from `now`. Whatever names the CSR asks for, the certificate names
+    /// only the node (client auth only, so it can never pose as the
+    /// controller). Returns the PEM, the SHA-256 fingerprint of its DER, by
+    /// which the controller recognises the node, and its expiry.
     pub(crate) fn sign_node_csr(
         &self,
-        csr_der: &[u8],
+        csr: Csr,
         node_id: &str,
-    ) -> Result<(String, [u8; 32])> {
-        let der = CertificateSigningRequestDer::from(csr_der);
-        let mut csr = CertificateSigningRequestParams::from_der(&der)
-            .context("the certificate signing request is invalid")?;
+        now: u64,
+        ttl_secs: u64,
+    ) -> Result<IssuedCert> {
+        let Csr { mut params, .. } = csr;
         let name = format!("{node_id}.nodes.weft.internal");
-        let mut params = CertificateParams::new(Vec::<String>::new())?;
-        params.subject_alt_names = vec![SanType::DnsName(name.clone().try_into()?)];
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.is_ca = IsCa::ExplicitNoCa;
-        csr.params = params;
-        let cert = csr
+        let mut cert = CertificateParams::new(Vec::<String>::new())?;
+        cert.subject_alt_names = vec![SanType::DnsName(name.clone().try_into()?)];
+        cert.distinguished_name.push(DnType::CommonName, name);
+        cert.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        cert.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        cert.is_ca = IsCa::ExplicitNoCa;
+        let expires_unix = now.saturating_add(ttl_secs);
+        // Valid from a minute ago: a controller clock slightly ahead of the
+        // agent's must not make a fresh certificate "not yet valid".
+        cert.not_before = unix_time(now.saturating_sub(NOT_BEFORE_SLACK_SECS))?;
+        cert.not_after = unix_time(expires_unix)?;
+        params.params = cert;
+        let signed = params
             .signed_by(&self.issuer)
             .context("signing the node certificate")?;
-        Ok((cert.pem(), cert_hash(cert.der())))
+        Ok(IssuedCert {
+            pem: signed.pem(),
+            fingerprint: cert_hash(signed.der()),
+            expires_unix,
+        })
     }
+}
+
+/// How long before its issue a node certificate is valid.
+const NOT_BEFORE_SLACK_SECS: u64 = 60;
+
+/// A certificate signing request whose self-signature was verified: the
+/// sender holds the private key of `key_hash`.
+pub(crate) struct Csr {
+    params: CertificateSigningRequestParams,
+    /// SHA-256 of the requested public key (SubjectPublicKeyInfo, DER).
+    pub(crate) key_hash: [u8; 32],
+}
+
+impl std::fmt::Debug for Csr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Csr")
+            .field("key_hash", &hex::encode(self.key_hash))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Csr {
+    /// Parses a PKCS#10 request (DER) and verifies its signature.
+    pub(crate) fn parse(der: &[u8]) -> Result<Csr> {
+        let der = CertificateSigningRequestDer::from(der);
+        // rcgen verifies the request's signature with the key it carries
+        // (proof of possession) and refuses it otherwise.
+        let params = CertificateSigningRequestParams::from_der(&der)
+            .context("the certificate signing request is invalid or its signature does not verify")?;
+        let key_hash = Sha256::digest(params.public_key.subject_public_key_info()).into();
+        Ok(Csr { params, key_hash })
+    }
+}
+
+/// A node certificate just issued.
+#[derive(Debug)]
+pub(crate) struct IssuedCert {
+    pub(crate) pem: String,
+    pub(crate) fingerprint: [u8; 32],
+    pub(crate) expires_unix: u64,
+}
+
+fn unix_time(secs: u64) -> Result<time::OffsetDateTime> {
+    let secs = i64::try_from(secs).context("time out of range")?;
+    time::OffsetDateTime::from_unix_timestamp(secs).context("time out of range")
 }
 
 fn rustls_pemfile_cert(pem: &str) -> Result<Vec<u8>> {
@@ -182,21 +239,69 @@ fn rustls_pemfile_cert(pem: &str) -> Result<Vec<u8>> {
 mod tests {
     use super::*;
 
+    fn csr(key: &KeyPair, names: Vec<String>) -> Vec<u8> {
+        CertificateParams::new(names)
+            .expect("params")
+            .serialize_request(key)
+            .expect("csr")
+            .der()
+            .to_vec()
+    }
+
     #[test]
-    fn node_cert_is_signed_and_names_only_the_node() {
+    fn node_cert_is_signed_names_only_the_node_and_expires() {
         let ca = Ca::generate().expect("generate CA");
         let key = KeyPair::generate().expect("key");
-        let csr = CertificateParams::new(vec![CONTROLLER_SERVER_NAME.to_string()])
-            .expect("params")
-            .serialize_request(&key)
-            .expect("csr");
-        let (pem, fp) = ca.sign_node_csr(csr.der(), "n-1234").expect("sign");
-        assert!(pem.contains("BEGIN CERTIFICATE"));
-        assert_ne!(fp, [0; 32]);
-        assert!(
-            ca.sign_node_csr(b"garbage", "n-1").is_err(),
-            "garbage CSR must be refused"
-        );
+        let der = csr(&key, vec![CONTROLLER_SERVER_NAME.to_string()]);
+        let parsed = Csr::parse(&der).expect("valid CSR");
+        let spki_hash: [u8; 32] = Sha256::digest(key.subject_public_key_info()).into();
+        assert_eq!(parsed.key_hash, spki_hash, "the request's key is recorded");
+        let now = 1_800_000_000;
+        let cert = ca
+            .sign_node_csr(parsed, "n-1234", now, 60)
+            .expect("sign");
+        assert!(cert.pem.contains("BEGIN CERTIFICATE"));
+        assert_ne!(cert.fingerprint, [0; 32]);
+        assert_eq!(cert.expires_unix, now + 60);
+        let der = rustls_pemfile_cert(&cert.pem).expect("PEM");
+        let (_, x509) = x509_parser::parse_x509_certificate(&der).expect("parses");
+        assert_eq!(x509.validity().not_after.timestamp(), 1_800_000_060);
+        assert_eq!(x509.validity().not_before.timestamp(), 1_800_000_000 - 60);
+        let names: Vec<String> = x509
+            .subject_alternative_name()
+            .expect("valid extension")
+            .expect("has SANs")
+            .value
+            .general_names
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(names, ["DNSName(n-1234.nodes.weft.internal)"]);
+        assert!(Csr::parse(b"garbage").is_err(), "garbage CSR must be refused");
+    }
+
+    #[test]
+    fn a_request_whose_signature_does_not_verify_is_refused() {
+        let key = KeyPair::generate().expect("key");
+        let mut der = csr(&key, Vec::new());
+        // The signature is the last field: flip its last byte.
+        let last = der.len() - 1;
+        der[last] ^= 0x55;
+        let e = Csr::parse(&der).expect_err("bad signature");
+        assert!(format!("{e:#}").contains("signature"), "{e:#}");
+        // A request naming another key than the one that signed it: the
+        // public key of `other`, the signature of `key`.
+        let other = KeyPair::generate().expect("key");
+        let good = csr(&key, Vec::new());
+        let theirs = other.subject_public_key_info();
+        let ours = key.subject_public_key_info();
+        let at = good
+            .windows(ours.len())
+            .position(|w| w == ours.as_slice())
+            .expect("the request carries its key");
+        let mut forged = good.clone();
+        forged[at..at + theirs.len()].copy_from_slice(&theirs);
+        assert!(Csr::parse(&forged).is_err(), "a foreign key must not verify");
     }
 
     #[test]

@@ -72,6 +72,9 @@ pub(crate) struct Controller {
     inner: Mutex<Inner>,
     /// When join tokens were last pruned (Unix seconds).
     pruned_unix: AtomicU64,
+    /// The revision of the state, sent after every change (config streams
+    /// watch it to end when their certificate is no longer accepted).
+    changes: watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for Controller {
@@ -140,9 +143,11 @@ impl Controller {
             withheld: BTreeMap::new(),
         };
         inner.publish();
+        let (changes, _) = watch::channel(inner.state.revision());
         let c = Controller {
             inner: Mutex::new(inner),
             pruned_unix: AtomicU64::new(0),
+            changes,
         };
         c.prune_tokens(now_unix());
         c
@@ -181,6 +186,7 @@ impl Controller {
             "state changed"
         );
         inner.publish();
+        self.changes.send_replace(inner.state.revision());
         Ok(out)
     }
 
@@ -215,6 +221,47 @@ impl Controller {
     /// Approved prefixes left out of the configs, by node id, with why.
     pub(crate) fn withheld(&self) -> BTreeMap<String, BTreeMap<IpNet, String>> {
         self.lock().withheld.clone()
+    }
+
+    /// Resolves, with the reason, once the client certificate with this
+    /// fingerprint no longer authenticates its node: replaced by a renewal
+    /// or a retried registration, expired, or the node deleted. Checked
+    /// after every state change and at the certificate's expiry.
+    pub(crate) fn until_refused(
+        self: &Arc<Self>,
+        fingerprint: [u8; 32],
+    ) -> impl Future<Output = String> + Send + 'static {
+        let controller = Arc::clone(self);
+        let mut changes = self.changes.subscribe();
+        async move {
+            loop {
+                let now = now_unix();
+                let expires = match controller
+                    .read(|s, _| s.authenticate(&fingerprint, now).map(|u| u.expires_unix()))
+                {
+                    Ok(e) => e,
+                    Err(e) => {
+                        info!(reason = %e, "ending a config stream: its certificate is no longer accepted");
+                        return e.to_string();
+                    }
+                };
+                // Certificates without a recorded expiry are looked at
+                // again after a day, like any other, on every change.
+                let wait = if expires == 0 {
+                    86_400
+                } else {
+                    expires.saturating_sub(now).clamp(1, 86_400)
+                };
+                tokio::select! {
+                    changed = changes.changed() => {
+                        if changed.is_err() {
+                            return "the controller is shutting down".to_owned();
+                        }
+                    }
+                    () = tokio::time::sleep(std::time::Duration::from_secs(wait)) => {}
+                }
+            }
+        }
     }
 
     /// Subscribes to a node's config.
@@ -536,6 +583,7 @@ fn same_content(a: &NodeConfig, b: &NodeConfig) -> bool {
         && a.routes == b.routes
         && a.forwarding == b.forwarding
         && a.hosted == b.hosted
+        && a.key_generation == b.key_generation
 }
 
 /// Endpoints of nodes as the fresh reports of members of other sites see
@@ -717,6 +765,8 @@ mod tests {
                 public_key: Key([k; 32]),
                 endpoint: Some(format!("198.18.0.{k}:51820").parse().expect("addr")),
                 cert_fingerprint: [k; 32],
+                cert_expires_unix: 0,
+                csr_key: [k; 32],
                 labels: Default::default(),
             };
             s.register_node(reg, NOW).expect("registers");

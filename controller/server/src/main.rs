@@ -94,6 +94,29 @@ struct Args {
     #[arg(long, env = "WEFT_MIN_PREFIX_LEN_V6", value_name = "BITS",
           value_parser = clap::value_parser!(u8).range(1..=128))]
     min_prefix_len_v6: Option<u8>,
+    /// Lifetime of the node certificates issued from now on (at enrolment
+    /// and renewal), e.g. 30d, 12h, 90s (units s, m, h, d), from 30s to
+    /// 365d. Agents renew theirs when a third of it is left; a certificate
+    /// that expires locks its node out until it enrols again.
+    #[arg(
+        long,
+        env = "WEFT_CERT_TTL",
+        value_name = "DURATION",
+        default_value = "30d",
+        value_parser = parse_cert_ttl
+    )]
+    cert_ttl: u64,
+}
+
+/// Parses `--cert-ttl` into whole seconds within the accepted range.
+fn parse_cert_ttl(s: &str) -> Result<u64, String> {
+    use weft_dataplane_core::duration;
+    let d = duration::parse(s, duration::SECONDS_TO_DAYS)
+        .map_err(|why| format!("invalid certificate lifetime {s:?}: {why}"))?;
+    let secs = d.as_secs();
+    weft_controller_core::state::check_cert_ttl(secs)
+        .map_err(|why| format!("invalid certificate lifetime {s:?}: {why}"))?;
+    Ok(secs)
 }
 
 fn main() -> Result<()> {
@@ -191,6 +214,7 @@ async fn run(args: Args) -> Result<()> {
     let agent = AgentApi {
         controller: controller.clone(),
         ca: ca.clone(),
+        cert_ttl_secs: args.cert_ttl,
     };
     // Reports age even when none arrive (agents cut off): re-measure every
     // second so that paths stop relying on them.
@@ -207,7 +231,7 @@ async fn run(args: Args) -> Result<()> {
         ca: ca.clone(),
     };
 
-    info!(listen = %args.listen, url = %url, ca_sha256 = %hex::encode(ca.hash()), admin_conf = %dir.join(ADMIN_CONF).display(), "controller serving");
+    info!(listen = %args.listen, url = %url, cert_ttl_secs = args.cert_ttl, ca_sha256 = %hex::encode(ca.hash()), admin_conf = %dir.join(ADMIN_CONF).display(), "controller serving");
     Server::builder()
         .tls_config(tls)
         .context("configuring TLS")?
@@ -353,4 +377,27 @@ fn admin_config(dir: &Path, url: &str, ca_pem: &str) -> Result<AdminConfig> {
         info!(path = %path.display(), "wrote admin.conf (use it with weftctl --config)");
     }
     Ok(cfg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cert_ttl_takes_units_and_a_range() {
+        assert_eq!(parse_cert_ttl("30d"), Ok(30 * 86_400));
+        assert_eq!(parse_cert_ttl("60s"), Ok(60));
+        assert_eq!(parse_cert_ttl("1h30m"), Ok(5400));
+        for (bad, why) in [
+            ("10s", "out of range"),
+            ("400d", "out of range"),
+            ("60", "missing unit"),
+            ("fast", "expected a number"),
+        ] {
+            let e = parse_cert_ttl(bad).expect_err(bad);
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+        let args = Args::try_parse_from(["weft-controller"]).expect("defaults");
+        assert_eq!(args.cert_ttl, 30 * 86_400);
+    }
 }

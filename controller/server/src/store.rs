@@ -240,6 +240,8 @@ mod tests {
             public_key: Key([1; 32]),
             endpoint: Some("198.18.0.1:51820".parse().expect("valid addr")),
             cert_fingerprint: [2; 32],
+            cert_expires_unix: 0,
+            csr_key: [2; 32],
             labels: Default::default(),
         };
         s.register_node(reg, 1_001).expect("registers");

@@ -19,9 +19,10 @@ use weft_proto::client::connect;
 use weft_proto::pb::{self, agent_service_client::AgentServiceClient};
 
 use crate::bpf::policy::{LinkLayer, PolicyDatapath};
+use crate::credentials::{self, Validity};
 use crate::enrol::{Enrolment, enrol};
 use crate::netlink::Netlink;
-use crate::state::{Identity, StateDir};
+use crate::state::{Identity, PendingKey, StateDir, new_private_key, public_key};
 use crate::tunnel::{self, Destinations, TunnelDrops, TunnelHandle, TunnelSettings};
 
 /// How often the agent reports peer status to the controller.
@@ -178,6 +179,14 @@ pub(crate) struct AgentArgs {
         value_parser = clap::value_parser!(u8).range(0..=128)
     )]
     min_route_prefix_v6: u8,
+
+    /// Rotate the node's WireGuard key once connected to the controller:
+    /// a new key is generated and kept in the state dir until the
+    /// controller has handed it to every peer, then the tunnel switches to
+    /// it (peers wait one handshake). Rotates at every start with this
+    /// flag; `weftctl node rotate-key NODE` asks a running agent instead.
+    #[arg(long, env = "WEFT_ROTATE_KEY")]
+    rotate_key: bool,
 }
 
 /// Parses a mark in decimal or 0x-hex.
@@ -272,6 +281,25 @@ async fn run(args: AgentArgs) -> Result<()> {
             id
         }
     };
+    if args.rotate_key {
+        match state.load_pending_key()? {
+            Some(p) => info!(
+                generation = p.generation,
+                "--rotate-key: a key rotation is under way already; finishing it"
+            ),
+            None => {
+                let pending = PendingKey {
+                    private_key: new_private_key(),
+                    generation: identity.key_generation.saturating_add(1),
+                };
+                state.save_pending_key(&pending)?;
+                info!(
+                    generation = pending.generation,
+                    "--rotate-key: new WireGuard key generated; it replaces the current one once the controller accepts it"
+                );
+            }
+        }
+    }
 
     let tunnel = tunnel::start(TunnelSettings {
         ifname: args.interface.clone(),
@@ -367,7 +395,7 @@ async fn run(args: AgentArgs) -> Result<()> {
     }
 
     let result = tokio::select! {
-        r = controller_loop(&mut applier, &identity, &args) => r,
+        r = controller_loop(&mut applier, identity, &args) => r,
         () = shutdown_signal() => Ok(()),
         () = tunnel.closed() => Err(anyhow::anyhow!("the tunnel stopped unexpectedly")),
     };
@@ -496,11 +524,6 @@ async fn controller_addresses(url: &str) -> Vec<std::net::IpAddr> {
             Vec::new()
         }
     }
-}
-
-fn public_key(private: &Key) -> Key {
-    let secret = x25519_dalek::StaticSecret::from(private.0);
-    Key(x25519_dalek::PublicKey::from(&secret).to_bytes())
 }
 
 fn hostname() -> Result<String> {
@@ -864,13 +887,19 @@ async fn watch_dead_peers(
     }
 }
 
-/// Connects, watches and reports forever, reconnecting with backoff.
-async fn controller_loop(applier: &mut Applier, id: &Identity, args: &AgentArgs) -> Result<()> {
+/// Connects, watches and reports forever, reconnecting with backoff (at
+/// once after a certificate renewal).
+async fn controller_loop(applier: &mut Applier, mut id: Identity, args: &AgentArgs) -> Result<()> {
     let mut backoff = BACKOFF_MIN;
     loop {
         let mut connected = false;
-        match session(applier, id, args, &mut connected).await {
-            Ok(()) => warn!("controller closed the config stream; reconnecting"),
+        match session(applier, &mut id, args, &mut connected).await {
+            Ok(SessionEnd::Renewed) => {
+                info!("reconnecting with the renewed certificate");
+                backoff = BACKOFF_MIN;
+                continue;
+            }
+            Ok(SessionEnd::Closed) => warn!("controller closed the config stream; reconnecting"),
             Err(e) => warn!(
                 error = %format!("{e:#}"),
                 retry_in_ms = u64::try_from(backoff.as_millis()).unwrap_or(u64::MAX),
@@ -885,12 +914,29 @@ async fn controller_loop(applier: &mut Applier, id: &Identity, args: &AgentArgs)
     }
 }
 
+/// Why a session with the controller ended without an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SessionEnd {
+    /// The controller closed the config stream.
+    Closed,
+    /// The certificate was renewed: reconnect with the new one.
+    Renewed,
+}
+
 async fn session(
     applier: &mut Applier,
-    id: &Identity,
+    id: &mut Identity,
     args: &AgentArgs,
     connected: &mut bool,
-) -> Result<()> {
+) -> Result<SessionEnd> {
+    let validity = Validity::of_pem(&id.cert_pem).context("reading the node certificate")?;
+    if validity.expired(credentials::now_unix()) {
+        bail!(
+            "the node's certificate expired at unix time {} (the agent was away longer than its lifetime): \
+             the controller will refuse it; enrol the node again (new state dir, new join token)",
+            validity.not_after
+        );
+    }
     // The controller may have moved (a host name): refuse routes to where
     // it is now.
     let controller = controller_addresses(&id.controller_url).await;
@@ -904,6 +950,10 @@ async fn session(
     )
     .await?;
     let mut client = AgentServiceClient::new(channel);
+    if credentials::now_unix() >= validity.renew_at() {
+        *id = credentials::renew(&mut client, &applier.state, id).await?;
+        return Ok(SessionEnd::Renewed);
+    }
     let mut stream = client
         .watch(pb::WatchRequest {
             known_revision: applier.revision(),
@@ -916,6 +966,13 @@ async fn session(
         .into_inner();
     *connected = true;
     info!(controller = %id.controller_url, "connected to the controller");
+    // A rotation under way (interrupted, or asked by --rotate-key) first.
+    if let Some(pending) = applier.state.load_pending_key()? {
+        credentials::rotate(&mut client, &applier.state, &applier.tunnel, id, pending).await?;
+    }
+    let renew_in = u64::try_from(validity.renew_at() - credentials::now_unix()).unwrap_or(0);
+    let renewal = tokio::time::sleep(Duration::from_secs(renew_in));
+    tokio::pin!(renewal);
     let mut report_tick = tokio::time::interval(REPORT_INTERVAL);
     let mut counters_tick = tokio::time::interval(POLICY_COUNTERS_INTERVAL);
     // What the last report said that triggers a prompt one on change.
@@ -923,7 +980,8 @@ async fn session(
     loop {
         tokio::select! {
             msg = stream.message() => {
-                let Some(wire) = msg.context("config stream broke")? else { return Ok(()) };
+                let Some(wire) = msg.context("config stream broke")? else { return Ok(SessionEnd::Closed) };
+                let asked_generation = wire.key_generation;
                 applier.last_error = match NodeConfig::try_from(wire) {
                     Ok(cfg) => {
                         let rev = cfg.revision;
@@ -935,6 +993,31 @@ async fn session(
                     Err(e) => { error!(error = %e, "controller sent an invalid config; keeping the current one"); e.to_string() }
                 };
                 reported = report(&mut client, applier).await?;
+                // The operator asked for a newer key (weftctl node rotate-key):
+                // finish a rotation under way, then rotate to a key made
+                // after the request if that one was older.
+                for _ in 0..2 {
+                    if asked_generation <= id.key_generation {
+                        break;
+                    }
+                    let pending = match applier.state.load_pending_key()? {
+                        Some(p) => p,
+                        None => {
+                            let p = PendingKey { private_key: new_private_key(), generation: asked_generation };
+                            applier.state.save_pending_key(&p)?;
+                            p
+                        }
+                    };
+                    let before = id.key_generation;
+                    credentials::rotate(&mut client, &applier.state, &applier.tunnel, id, pending).await?;
+                    if id.key_generation == before {
+                        break; // refused: wait for the next request
+                    }
+                }
+            }
+            () = &mut renewal => {
+                *id = credentials::renew(&mut client, &applier.state, id).await?;
+                return Ok(SessionEnd::Renewed);
             }
             _ = report_tick.tick() => reported = report(&mut client, applier).await?,
             // Policy counters that moved, peers whose reachability changed

@@ -52,5 +52,6 @@ pub(crate) async fn enrol(e: Enrolment<'_>) -> Result<Identity> {
         ca_pem,
         cert_pem: resp.client_cert_pem,
         key_pem: key.serialize_pem(),
+        key_generation: 0,
     })
 }

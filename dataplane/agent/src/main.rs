@@ -7,6 +7,7 @@
 
 mod agent;
 mod bpf;
+mod credentials;
 mod enrol;
 mod netlink;
 mod probe;

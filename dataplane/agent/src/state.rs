@@ -1,7 +1,8 @@
 //! The agent's state dir: its WireGuard private key, its identity with the
-//! controller, and the last config it applied (for headless restarts).
-//! Files are written atomically (temp, fsync, rename); a file that exists
-//! but cannot be read is an error, never a reason to start afresh.
+//! controller, the last config it applied (for headless restarts), and a
+//! WireGuard key being rotated in. Files are written atomically (temp,
+//! fsync, rename); a file that exists but cannot be read is an error, never
+//! a reason to start afresh.
 
 use std::io::Write as _;
 use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
@@ -14,6 +15,7 @@ use weft_dataplane_core::{Key, NodeConfig};
 pub(crate) const PRIVATE_KEY: &str = "private.key";
 pub(crate) const IDENTITY: &str = "identity.json";
 pub(crate) const CONFIG: &str = "config.json";
+pub(crate) const PENDING_KEY: &str = "pending-key.json";
 
 /// What enrolment gave the node: who it is and how to reach the controller.
 #[derive(Clone, Serialize, Deserialize)]
@@ -25,6 +27,42 @@ pub(crate) struct Identity {
     pub(crate) ca_pem: String,
     pub(crate) cert_pem: String,
     pub(crate) key_pem: String,
+    /// Generation of the WireGuard key in `private.key` (0 until the
+    /// first rotation; absent in identities written before rotation).
+    #[serde(default)]
+    pub(crate) key_generation: u64,
+}
+
+/// A WireGuard key being rotated in: generated, not yet known to be
+/// accepted by the controller and in use. Kept until it is, so that a
+/// crash at any step resumes the same rotation rather than losing the key
+/// the controller may already hand to every peer.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PendingKey {
+    pub(crate) private_key: Key,
+    /// The key generation it is for.
+    pub(crate) generation: u64,
+}
+
+impl std::fmt::Debug for PendingKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingKey")
+            .field("generation", &self.generation)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The public key of a WireGuard private key.
+pub(crate) fn public_key(private: &Key) -> Key {
+    let secret = x25519_dalek::StaticSecret::from(private.0);
+    Key(x25519_dalek::PublicKey::from(&secret).to_bytes())
+}
+
+/// A new random WireGuard private key (clamped by x25519).
+pub(crate) fn new_private_key() -> Key {
+    let bytes: [u8; 32] = rand::random();
+    Key(x25519_dalek::StaticSecret::from(bytes).to_bytes())
 }
 
 impl std::fmt::Debug for Identity {
@@ -88,9 +126,7 @@ impl StateDir {
                         self.path(IDENTITY).display()
                     );
                 }
-                let bytes: [u8; 32] = rand::random();
-                let secret = x25519_dalek::StaticSecret::from(bytes);
-                let key = Key(secret.to_bytes());
+                let key = new_private_key();
                 write_private(&path, format!("{key}\n").as_bytes())?;
                 tracing::info!(path = %path.display(), "generated the node's WireGuard key pair");
                 Ok(key)
@@ -120,6 +156,44 @@ impl StateDir {
                 config: config.clone(),
             },
         )
+    }
+
+    /// The WireGuard key being rotated in, if a rotation is under way.
+    pub(crate) fn load_pending_key(&self) -> Result<Option<PendingKey>> {
+        load_json(&self.path(PENDING_KEY))
+    }
+
+    /// Records a key to rotate in (0600), before the controller hears of it.
+    pub(crate) fn save_pending_key(&self, pending: &PendingKey) -> Result<()> {
+        save_json(&self.path(PENDING_KEY), pending)
+    }
+
+    /// Makes the pending key the node's key once the controller accepted
+    /// it: `private.key` first, then the identity's key generation, then
+    /// the pending file goes. Each step is atomic and repeating them is
+    /// harmless, so a crash anywhere leaves a rotation that resumes.
+    pub(crate) fn promote_pending_key(
+        &self,
+        pending: &PendingKey,
+        identity: &mut Identity,
+    ) -> Result<()> {
+        write_private(
+            &self.path(PRIVATE_KEY),
+            format!("{}\n", pending.private_key).as_bytes(),
+        )?;
+        identity.key_generation = identity.key_generation.max(pending.generation);
+        self.save_identity(identity)?;
+        self.discard_pending_key()
+    }
+
+    /// Forgets the pending key (promoted, or refused by the controller).
+    pub(crate) fn discard_pending_key(&self) -> Result<()> {
+        let path = self.path(PENDING_KEY);
+        match std::fs::remove_file(&path) {
+            Ok(()) => sync_dir(&self.dir),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e).with_context(|| format!("removing {}", path.display())),
+        }
     }
 
     /// True when the dir holds an identity (the node enrolled before).
@@ -163,12 +237,16 @@ fn write_private(path: &Path, data: &[u8]) -> Result<()> {
         .with_context(|| format!("writing {}", tmp.display()))?;
     drop(f);
     std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .with_context(|| format!("syncing {}", dir.display()))?;
+    match path.parent() {
+        Some(dir) => sync_dir(dir),
+        None => Ok(()),
     }
-    Ok(())
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("syncing {}", dir.display()))
 }
 
 #[cfg(test)]
@@ -210,6 +288,67 @@ mod tests {
         assert!(format!("{e:#}").contains("identity.json"), "{e:#}");
         std::fs::write(dir.path().join(CONFIG), "").expect("write");
         assert!(s.load_config().is_err(), "truncated config must fail");
+    }
+
+    fn identity() -> Identity {
+        Identity {
+            node_id: "n-1".into(),
+            name: "a1".into(),
+            controller_url: "https://198.18.0.1:7443".into(),
+            ca_pem: "ca".into(),
+            cert_pem: "cert".into(),
+            key_pem: "key".into(),
+            key_generation: 0,
+        }
+    }
+
+    #[test]
+    fn a_pending_key_survives_until_promoted_and_promotion_is_repeatable() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = StateDir::open(dir.path()).expect("open");
+        let old = s.load_or_create_key(true).expect("create");
+        let mut id = identity();
+        s.save_identity(&id).expect("save");
+        assert_eq!(s.load_pending_key().expect("none"), None);
+        let pending = PendingKey {
+            private_key: new_private_key(),
+            generation: 1,
+        };
+        s.save_pending_key(&pending).expect("save");
+        let mode = std::fs::metadata(dir.path().join(PENDING_KEY))
+            .expect("stat")
+            .permissions();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+            0o600
+        );
+        // A restart before the controller answered: the key is still there.
+        let again = StateDir::open(dir.path()).expect("reopen");
+        assert_eq!(again.load_pending_key().expect("read"), Some(pending.clone()));
+        assert_eq!(again.load_or_create_key(false).expect("key"), old);
+        again
+            .promote_pending_key(&pending, &mut id)
+            .expect("promote");
+        assert_eq!(again.load_or_create_key(false).expect("key"), pending.private_key);
+        assert_eq!(again.load_identity().expect("id").map(|i| i.key_generation), Some(1));
+        assert_eq!(again.load_pending_key().expect("gone"), None);
+        // Repeating a promotion whose last step was lost changes nothing.
+        again
+            .promote_pending_key(&pending, &mut id)
+            .expect("again");
+        assert_eq!(again.load_or_create_key(false).expect("key"), pending.private_key);
+        // A damaged pending key is an error, not a silent loss.
+        std::fs::write(dir.path().join(PENDING_KEY), "{").expect("write");
+        let e = again.load_pending_key().expect_err("corrupt");
+        assert!(format!("{e:#}").contains(PENDING_KEY), "{e:#}");
+    }
+
+    #[test]
+    fn an_identity_from_before_key_rotation_loads() {
+        let text = r#"{"node_id":"n-1","name":"a1","controller_url":"https://198.18.0.1:7443",
+            "ca_pem":"ca","cert_pem":"cert","key_pem":"key"}"#;
+        let id: Identity = serde_json::from_str(text).expect("loads");
+        assert_eq!(id.key_generation, 0);
     }
 
     #[test]

@@ -48,6 +48,16 @@ pub struct NodeConfig {
     /// before it, configs persisted before it).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub hosted: Vec<IpNet>,
+    /// Generation of the node's WireGuard key the operator asked for: an
+    /// agent whose key is of an older generation rotates it. 0 (absent in
+    /// configs persisted before key rotation): never asked.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub key_generation: u64,
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// One WireGuard peer of a node.

@@ -277,6 +277,7 @@ mod tests {
             routes: routes.iter().map(|s| net(s)).collect(),
             forwarding: false,
             hosted: vec![net("100.64.0.1/32"), net("fd7e:4a1::1/128")],
+            key_generation: 0,
         }
     }
 

@@ -366,6 +366,8 @@ fn full_mesh_fabric_matches_the_netmap() {
                     public_key: Key(k),
                     endpoint: Some(([198, 18, 1, i as u8], 51820).into()),
                     cert_fingerprint: k,
+                    cert_expires_unix: 0,
+                    csr_key: k,
                     labels: Default::default(),
                 },
                 1,

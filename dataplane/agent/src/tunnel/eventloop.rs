@@ -249,6 +249,13 @@ impl Engine {
             Command::Drops(reply) => {
                 let _ = reply.send(self.drops);
             }
+            Command::SetPrivateKey(key, done) => {
+                self.peers.set_private_key(Some(key));
+                let _ = done.send(());
+                let slots = self.peers.slots();
+                self.initiate_handshakes(&slots).await;
+                tracing::info!(interface = %self.tun.name(), peers = slots.len(), "static key replaced; handshaking with every peer");
+            }
             Command::Uapi(req, reply) => {
                 let (answer, kick) = self.handle_uapi(req);
                 let _ = reply.send(answer);
@@ -273,6 +280,10 @@ impl Engine {
     ///
     /// - peers without a session whose endpoint changed (a NAT mapping the
     ///   controller learnt): both ends of two NATed nodes try at once.
+    ///
+    /// - every peer when our static key changed (rotation): the peers
+    ///   already have the new key, or get it at the same moment and then
+    ///   initiate themselves.
     ///
     /// Sends one initiation each; boringtun's timers retry as usual.
     async fn initiate_handshakes(&mut self, slots: &[u32]) {

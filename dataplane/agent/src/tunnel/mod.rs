@@ -8,6 +8,7 @@
 //!
 //! - [`TunnelHandle::apply`] adds, updates in place, or removes peers;
 //! - [`TunnelHandle::peers`] reports endpoints, handshakes and transfer;
+//! - [`TunnelHandle::set_private_key`] swaps our static key (rotation);
 //! - [`TunnelHandle::shutdown`] stops the task, deletes the TUN device and
 //!   removes the UAPI socket.
 //!
@@ -204,6 +205,8 @@ pub(crate) enum Command {
     /// Which decrypted packets to deliver, by destination.
     SetDestinations(Destinations, oneshot::Sender<()>),
     Drops(oneshot::Sender<TunnelDrops>),
+    /// Replace our static private key and handshake with every peer.
+    SetPrivateKey(Key, oneshot::Sender<()>),
     /// A parsed UAPI request; the reply is the UAPI answer text.
     Uapi(uapi::Request, oneshot::Sender<String>),
     /// Stop; the sender fires once the TUN device and socket are closed.
@@ -294,6 +297,16 @@ impl TunnelHandle {
     pub(crate) async fn drops(&self) -> anyhow::Result<TunnelDrops> {
         let (tx, rx) = oneshot::channel();
         self.send(Command::Drops(tx)).await?;
+        rx.await.context("tunnel task stopped")
+    }
+
+    /// Replaces our static private key (key rotation): every session
+    /// ends, and a handshake with the new key starts at once with every
+    /// peer that has an endpoint, so traffic waits one handshake (packets
+    /// meanwhile are queued by the peers' sessions, a few per peer).
+    pub(crate) async fn set_private_key(&self, key: Key) -> anyhow::Result<()> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::SetPrivateKey(key, tx)).await?;
         rx.await.context("tunnel task stopped")
     }
 

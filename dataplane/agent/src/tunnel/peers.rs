@@ -454,6 +454,11 @@ impl Peers {
         out
     }
 
+    /// Every peer's slot, ordered by public key.
+    pub(crate) fn slots(&self) -> Vec<u32> {
+        self.by_key.values().copied().collect()
+    }
+
     /// Sets, changes or (with `None` or the zero key) removes our private
     /// key. All sessions are dropped unless the key is unchanged.
     pub(crate) fn set_private_key(&mut self, key: Option<Key>) {
@@ -671,7 +676,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::tunnel::uapi::PeerSet;
+    use weft_dataplane_core::uapi::PeerSet;
 
     fn net(s: &str) -> IpNet {
         s.parse().expect("test prefix")

@@ -8,22 +8,18 @@
 
 use std::fmt::Write as _;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 use std::time::UNIX_EPOCH;
 
 use anyhow::Context as _;
-use ipnet::IpNet;
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 use weft_dataplane_core::Key;
 
 use super::{Command, PeerStats};
-pub(crate) use weft_dataplane_core::uapi::{
-    PeerSet, Request, SetRequest, UapiError, parse_request,
-};
+pub(crate) use weft_dataplane_core::uapi::{Request, SetRequest, parse_request};
 
 /// `EINVAL`: the answer to any malformed request.
 pub(crate) const EINVAL: i32 = 22;
@@ -192,6 +188,7 @@ async fn handle_connection(stream: UnixStream, commands: mpsc::Sender<Command>) 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ipnet::IpNet;
     use std::time::Duration;
 
     fn hex(b: u8) -> String {
