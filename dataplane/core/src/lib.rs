@@ -5,11 +5,13 @@
 //! the desired one ([`plan`], [`routes`] for workload prefixes), peer-probe
 //! statistics ([`probe`]), the peers to configure while some are found
 //! dead ([`fallback`]), the flow hash that spreads flows over a site's
-//! gateways ([`flow`]), and human durations for flags ([`duration`]). The
+//! gateways ([`flow`]), human durations for flags ([`duration`]), and
+//! reported text made safe to show ([`escape`]). The
 //! agent crate carries the plans out.
 
 pub mod config;
 pub mod duration;
+pub mod escape;
 pub mod fallback;
 pub mod flow;
 pub mod key;
