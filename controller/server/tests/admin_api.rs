@@ -154,7 +154,7 @@ async fn roles_expiry_and_revocation_of_admin_tokens() {
         .await
         .expect("created")
         .into_inner();
-    let mut short = common::admin(cfg, &cfg.url, &short.token).await.expect("client");
+    let short = common::admin(cfg, &cfg.url, &short.token).await.expect("client");
     wait_until("the 1 s token to expire", 10, || {
         let mut short = short.clone();
         async move {

@@ -95,20 +95,25 @@ pub async fn start(dir: &Path, separate_admin: bool) -> Result<Controller, Error
     }
 }
 
-type Auth = Box<dyn FnMut(Request<()>) -> Result<Request<()>, Status> + Send + Sync>;
+/// Adds `authorization: Bearer <token>` to each request.
+#[derive(Clone)]
+pub struct Bearer(MetadataValue<tonic::metadata::Ascii>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        req.metadata_mut().insert(AUTHORIZATION, self.0.clone());
+        Ok(req)
+    }
+}
 
 /// An AdminService client with a bearer token.
-pub type Admin = AdminServiceClient<InterceptedService<Channel, Auth>>;
+pub type Admin = AdminServiceClient<InterceptedService<Channel, Bearer>>;
 
 /// An admin client of `url` presenting `token`.
 pub async fn admin(cfg: &AdminConfig, url: &str, token: &str) -> Result<Admin, Error> {
     let channel = weft_proto::client::connect(url, &cfg.ca_pem, None).await?;
     let value: MetadataValue<_> = format!("Bearer {token}").parse()?;
-    let auth: Auth = Box::new(move |mut req: Request<()>| {
-        req.metadata_mut().insert(AUTHORIZATION, value.clone());
-        Ok(req)
-    });
-    Ok(AdminServiceClient::with_interceptor(channel, auth))
+    Ok(AdminServiceClient::with_interceptor(channel, Bearer(value)))
 }
 
 /// An enrolled simulated node: its id, WireGuard public key and mTLS
