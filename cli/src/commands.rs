@@ -10,15 +10,16 @@ use weft_proto::pb;
 
 use crate::api::Api;
 use crate::cli::{
-    AdminCommand, AdminTokenCommand, ApplyArgs, RoleArg, Command, DeleteCommand, ExplainArgs, GetCommand, LabelChange, NodeCommand, Output,
-    PeerAdd, PeerCommand, PolicyCommand, RouteCommand, SiteCommand, TokenCommand, TokenCreate,
-    TopologyCommand, TopologyModeArg,
+    AdminCommand, AdminTokenCommand, ApplyArgs, Command, DeleteCommand, ExplainArgs, GetCommand,
+    LabelChange, NodeCommand, Output, PeerAdd, PeerCommand, PolicyCommand, RoleArg, RouteCommand,
+    SiteCommand, TokenCommand, TokenCreate, TopologyCommand, TopologyModeArg,
 };
 use crate::duration::format_secs;
 use crate::output::utc;
 use crate::view::{
-    AdminTokenView, AuditRecordView, CreatedAdminTokenView, ApplyView, CreatedTokenView, DeletedView, ExplainView, ExternalPeerView, NodeView,
-    PeerConfigView, PolicyView, SiteView, TokenView,
+    AdminTokenView, ApplyView, AuditRecordView, CreatedAdminTokenView, CreatedTokenView,
+    DeletedView, ExplainView, ExternalPeerView, NodeView, PeerConfigView, PolicyView, SiteView,
+    TokenView,
 };
 use crate::{render, wgquick};
 

@@ -213,7 +213,9 @@ mod tests {
         assert_eq!(out.lines().count(), 2, "no forged row:\n{out}");
         assert!(!out.chars().any(|c| c != '\n' && is_hidden(c)), "{out:?}");
         assert!(
-            out.contains("198.18.0.1:51820\\x1b[2J\\x1b]0;owned\\x07\\u{202e}\\u{9b}31m\\nFAKE ROW\\r"),
+            out.contains(
+                "198.18.0.1:51820\\x1b[2J\\x1b]0;owned\\x07\\u{202e}\\u{9b}31m\\nFAKE ROW\\r"
+            ),
             "{out}"
         );
         let out = fields(&[("Apply error", HOSTILE.into()), ("Name", "a1".into())]);
@@ -223,7 +225,10 @@ mod tests {
 
     #[test]
     fn terminal_safe_keeps_our_layout_only() {
-        assert_eq!(terminal_safe("a\tb\nc\x1b[0m\u{202e}"), "a\tb\nc\\x1b[0m\\u{202e}");
+        assert_eq!(
+            terminal_safe("a\tb\nc\x1b[0m\u{202e}"),
+            "a\tb\nc\\x1b[0m\\u{202e}"
+        );
     }
 
     #[test]

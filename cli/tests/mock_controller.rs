@@ -643,7 +643,10 @@ fn hostile_strings_from_a_node_are_escaped_in_tables_and_json() {
     assert!(!has_terminal_controls(&stdout), "{stdout:?}");
 
     let (stdout, _) = f.ok(&["-o", "json", "node", "get", "evil"]);
-    assert!(!has_terminal_controls(&stdout), "raw controls in JSON:\n{stdout:?}");
+    assert!(
+        !has_terminal_controls(&stdout),
+        "raw controls in JSON:\n{stdout:?}"
+    );
     let v: serde_json::Value = serde_json::from_str(&stdout).expect("still valid JSON");
     assert_eq!(v["apply_error"], HOSTILE, "JSON keeps the exact value");
     assert_eq!(v["peers"][0]["endpoint"], HOSTILE);
@@ -653,12 +656,19 @@ fn hostile_strings_from_a_node_are_escaped_in_tables_and_json() {
 #[test]
 fn admin_token_create_prints_the_token_once_and_audit_lists_records() {
     let f = Fixture::start("admin");
-    let (stdout, stderr) = f.ok(&["admin", "token", "create", "ci", "--role", "viewer", "--ttl", "7d"]);
+    let (stdout, stderr) = f.ok(&[
+        "admin", "token", "create", "ci", "--role", "viewer", "--ttl", "7d",
+    ]);
     assert_eq!(stdout, "weft-admin-secret\n");
-    assert!(stderr.contains("role viewer") && stderr.contains("shown once"), "{stderr}");
+    assert!(
+        stderr.contains("role viewer") && stderr.contains("shown once"),
+        "{stderr}"
+    );
     let (stdout, _) = f.ok(&["admin", "token", "list"]);
     assert!(
-        stdout.lines().any(|l| l.starts_with("bootstrap ") && l.contains("admin") && l.contains("never")),
+        stdout
+            .lines()
+            .any(|l| l.starts_with("bootstrap ") && l.contains("admin") && l.contains("never")),
         "{stdout}"
     );
     assert!(!stdout.contains("secret"), "{stdout}");
@@ -666,12 +676,20 @@ fn admin_token_create_prints_the_token_once_and_audit_lists_records() {
     let (stdout, _) = f.ok(&["audit", "--since", "1h", "-o", "json"]);
     let v: serde_json::Value = serde_json::from_str(&stdout).expect("audit JSON");
     let records = v.as_array().expect("an array");
-    assert_eq!(records.len(), 1, "--since 1h leaves the old record out: {v}");
+    assert_eq!(
+        records.len(),
+        1,
+        "--since 1h leaves the old record out: {v}"
+    );
     assert_eq!(records[0]["credential"], "bootstrap");
     assert_eq!(records[0]["rpc"], "SetNodeLabels");
     assert_eq!(records[0]["revision"], 7);
     let (stdout, _) = f.ok(&["audit"]);
-    assert_eq!(stdout.lines().count(), 3, "header and two records:\n{stdout}");
+    assert_eq!(
+        stdout.lines().count(),
+        3,
+        "header and two records:\n{stdout}"
+    );
     assert!(stdout.contains("node=a1 set role=web"), "{stdout}");
 }
 

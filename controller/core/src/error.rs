@@ -155,9 +155,7 @@ pub enum Error {
     #[error("admin token {0:?} not found")]
     AdminTokenNotFound(String),
     /// The requested admin token lifetime is out of range.
-    #[error(
-        "admin token lifetime must be between 1 second and 366 days (31622400 s), got {0} s"
-    )]
+    #[error("admin token lifetime must be between 1 second and 366 days (31622400 s), got {0} s")]
     InvalidAdminTokenTtl(u64),
     /// Revoking this token would leave no usable admin token.
     #[error(

@@ -229,7 +229,11 @@ async fn run(args: Args) -> Result<(), Error> {
     println!("admin latency during the flood (ms):");
     println!("  call            count      p50      p99      max");
     let mut worst = 0.0f64;
-    for (name, v) in [("GetNode", get), ("ListNodes", list), ("SetNodeLabels", set)] {
+    for (name, v) in [
+        ("GetNode", get),
+        ("ListNodes", list),
+        ("SetNodeLabels", set),
+    ] {
         let (p50, p99, max, n) = percentiles(v);
         worst = worst.max(p99);
         println!("  {name:<14} {n:>6} {p50:>8.1} {p99:>8.1} {max:>8.1}");

@@ -13,10 +13,10 @@ use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::WatchStream;
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
+use weft_controller_core::admin::Role;
 use weft_controller_core::policy::{
     self as core_policy, Decision, PolicyError, PolicyErrors, Protocol, Verdict,
 };
-use weft_controller_core::admin::Role;
 use weft_controller_core::{Error as CoreError, ErrorKind, Labels, Registration, State};
 use weft_proto::convert::{InvalidMessage, parse_endpoint, parse_key, parse_net};
 use weft_proto::pb::{
@@ -233,12 +233,11 @@ impl AgentService for AgentApi {
             node_id,
         };
         // One stream per node: a newer Watch of the same node ends this one.
-        let stream = futures::StreamExt::take_until(WatchStream::new(rx), replaced).map(
-            move |cfg| {
+        let stream =
+            futures::StreamExt::take_until(WatchStream::new(rx), replaced).map(move |cfg| {
                 let _keep = &guard;
                 Ok(pb::NodeConfig::from(cfg.as_ref()))
-            },
-        );
+            });
         Ok(Response::new(Box::pin(stream)))
     }
 
@@ -744,10 +743,13 @@ impl AdminService for AdminApi {
         let now = now_unix();
         let mut out = self
             .controller
-            .mutate(&format!("token={} site={} ttl={ttl}s", token.id, r.site), |s| {
-                s.create_token(&token.id, sha256(&token.secret), &r.site, now, ttl)
-                    .map(token_pb)
-            })
+            .mutate(
+                &format!("token={} site={} ttl={ttl}s", token.id, r.site),
+                |s| {
+                    s.create_token(&token.id, sha256(&token.secret), &r.site, now, ttl)
+                        .map(token_pb)
+                },
+            )
             .map_err(status)?;
         info!(token = %token.id, site = %r.site, ttl_secs = ttl, "join token created");
         out.token = token.to_string();

@@ -247,7 +247,8 @@ mod tests {
         let (mut log, last) = AuditLog::open(dir.path(), MAX_RECORDS).expect("opens");
         assert_eq!(last, None);
         for t in 1..=3 {
-            log.append(&record(t, &format!("node=a{t}"))).expect("appended");
+            log.append(&record(t, &format!("node=a{t}")))
+                .expect("appended");
         }
         let got = read(dir.path(), 2).expect("reads");
         assert_eq!(got, vec![record(2, "node=a2"), record(3, "node=a3")]);
@@ -306,7 +307,10 @@ mod tests {
         assert!(note.summary.contains("line 2 was cut short"), "{note:?}");
         log.append(&record(3, "c")).expect("appended after");
         let text = fs::read_to_string(&path).expect("readable");
-        assert!(text.contains("{\"unix\":2,\"cred\n"), "torn bytes kept:\n{text}");
+        assert!(
+            text.contains("{\"unix\":2,\"cred\n"),
+            "torn bytes kept:\n{text}"
+        );
         let units: Vec<u64> = read(dir.path(), 0)
             .expect("reads")
             .iter()

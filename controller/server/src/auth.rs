@@ -40,7 +40,9 @@ pub(crate) fn check(
 ) -> Result<Caller, Status> {
     let given = authorization
         .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or_else(|| Status::unauthenticated("missing admin token (authorization: Bearer ...)"))?;
+        .ok_or_else(|| {
+            Status::unauthenticated("missing admin token (authorization: Bearer ...)")
+        })?;
     // Compare hashes, so timing says nothing about the secret.
     let hash: [u8; 32] = Sha256::digest(given.as_bytes()).into();
     let now = now_unix();
@@ -149,7 +151,13 @@ mod tests {
             (caller.credential.as_str(), caller.role, caller.rpc.as_str()),
             ("bootstrap", Role::Admin, "SetNodeLabels")
         );
-        for read in ["ListNodes", "GetNode", "ExplainPolicy", "ListAuditRecords", "ApplyPolicies"] {
+        for read in [
+            "ListNodes",
+            "GetNode",
+            "ExplainPolicy",
+            "ListAuditRecords",
+            "ApplyPolicies",
+        ] {
             check(&c, Some("Bearer ci-secret"), read).expect("a viewer may call it");
         }
         let denied = check(&c, Some("Bearer ci-secret"), "DeleteNode").expect_err("viewer");
@@ -180,7 +188,9 @@ mod tests {
             rpc: "ApplyPolicies".into(),
         };
         let e = CALLER
-            .scope(viewer, async { require_admin("ApplyPolicies without dry_run") })
+            .scope(viewer, async {
+                require_admin("ApplyPolicies without dry_run")
+            })
             .await
             .expect_err("viewer");
         assert_eq!(e.code(), tonic::Code::PermissionDenied);

@@ -227,7 +227,10 @@ impl Controller {
             Ok(out) => out,
             Err(e) => {
                 if let (Some(r), Some(log)) = (
-                    record(current.revision(), format!("refused: {}", escape(&e.to_string()))),
+                    record(
+                        current.revision(),
+                        format!("refused: {}", escape(&e.to_string())),
+                    ),
                     writer.audit.as_mut(),
                 ) && let Err(a) = log.append(&r)
                 {
@@ -242,7 +245,10 @@ impl Controller {
         // The record first: a crash before the state is stored leaves a
         // record of a change that did not happen (noted at the next
         // start-up), never a change without its record.
-        if let (Some(r), Some(log)) = (record(next.revision(), "ok".to_owned()), writer.audit.as_mut()) {
+        if let (Some(r), Some(log)) = (
+            record(next.revision(), "ok".to_owned()),
+            writer.audit.as_mut(),
+        ) {
             log.append(&r)?;
         }
         writer.store.save(&next)?;
@@ -876,9 +882,7 @@ mod tests {
         let before = c.read(|s, _| s.revision());
         let writer = {
             let c = c.clone();
-            std::thread::spawn(move || {
-                c.mutate("site=d", |s| s.create_site("d", NOW).map(|_| ()))
-            })
+            std::thread::spawn(move || c.mutate("site=d", |s| s.create_site("d", NOW).map(|_| ())))
         };
         entered
             .recv_timeout(Duration::from_secs(10))
@@ -913,7 +917,11 @@ mod tests {
             .join()
             .expect("writer thread")
             .expect("the mutation succeeds");
-        assert_eq!(c.read(|s, _| s.revision()), before + 1, "then it is visible");
+        assert_eq!(
+            c.read(|s, _| s.revision()),
+            before + 1,
+            "then it is visible"
+        );
     }
 
     #[test]
@@ -932,19 +940,29 @@ mod tests {
         })
         .expect("labelled");
         let revision = c.read(|s, _| s.revision());
-        c.mutate_as(Some(&ops), "node=zz", |s| s.set_node_labels("zz", &set, &[]))
-            .expect_err("no such node");
+        c.mutate_as(Some(&ops), "node=zz", |s| {
+            s.set_node_labels("zz", &set, &[])
+        })
+        .expect_err("no such node");
         c.mutate_as(None, "site=e", |s| s.create_site("e", NOW).map(|_| ()))
             .expect("an agent-side change");
         let records = crate::audit::read(dir.path(), 0).expect("readable");
         assert_eq!(records.len(), 2, "{records:#?}");
         assert_eq!(records[0].credential, "ops");
         assert_eq!(records[0].rpc, "SetNodeLabels");
-        assert_eq!(records[0].summary, "node=a1 set role=web\\x1b[2J", "escaped");
-        assert_eq!((records[0].revision, records[0].outcome.as_str()), (revision, "ok"));
+        assert_eq!(
+            records[0].summary, "node=a1 set role=web\\x1b[2J",
+            "escaped"
+        );
+        assert_eq!(
+            (records[0].revision, records[0].outcome.as_str()),
+            (revision, "ok")
+        );
         assert_eq!(records[1].revision, revision, "a refusal changes nothing");
         assert!(
-            records[1].outcome.starts_with("refused: node \"zz\" not found"),
+            records[1]
+                .outcome
+                .starts_with("refused: node \"zz\" not found"),
             "{}",
             records[1].outcome
         );
@@ -962,6 +980,9 @@ mod tests {
             .expect("the first stream is told to end");
         let pending = |f| tokio::time::timeout(std::time::Duration::from_millis(50), f);
         assert!(pending(replaced2).await.is_err(), "the newest stream stays");
-        assert!(pending(replaced3).await.is_err(), "other nodes are not affected");
+        assert!(
+            pending(replaced3).await.is_err(),
+            "other nodes are not affected"
+        );
     }
 }

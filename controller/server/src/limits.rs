@@ -27,7 +27,10 @@ pub(crate) struct Bucket {
 
 impl Bucket {
     fn full(burst: f64, now: Instant) -> Bucket {
-        Bucket { tokens: burst, at: now }
+        Bucket {
+            tokens: burst,
+            at: now,
+        }
     }
 
     /// Takes one token if there is one; returns how long until the next
@@ -89,12 +92,13 @@ impl Limits {
 
     fn register_at(&self, now: Instant) -> Result<(), Status> {
         let mut b = self.registers.lock().unwrap_or_else(|p| p.into_inner());
-        b.take(REGISTER_BURST, REGISTERS_PER_SEC, now).map_err(|wait| {
-            Status::resource_exhausted(format!(
-                "too many registrations: the controller accepts {REGISTERS_PER_SEC} per second \
+        b.take(REGISTER_BURST, REGISTERS_PER_SEC, now)
+            .map_err(|wait| {
+                Status::resource_exhausted(format!(
+                    "too many registrations: the controller accepts {REGISTERS_PER_SEC} per second \
                  (bursts of {REGISTER_BURST}); retry in {wait:.1} s"
-            ))
-        })
+                ))
+            })
     }
 }
 
@@ -117,10 +121,15 @@ mod tests {
         assert!(l.report_at("n-b", t0).is_ok(), "other nodes have their own");
         assert!(l.report_at("n-a", t0 + Duration::from_millis(500)).is_err());
         assert!(l.report_at("n-a", t0 + Duration::from_millis(1000)).is_ok());
-        assert!(l.report_at("n-a", t0 + Duration::from_millis(1100)).is_err());
+        assert!(
+            l.report_at("n-a", t0 + Duration::from_millis(1100))
+                .is_err()
+        );
         // A long silence refills no more than the burst.
         let later = t0 + Duration::from_secs(3600);
-        let admitted = (0..50).filter(|_| l.report_at("n-a", later).is_ok()).count();
+        let admitted = (0..50)
+            .filter(|_| l.report_at("n-a", later).is_ok())
+            .count();
         assert_eq!(admitted, 10);
     }
 

@@ -191,16 +191,18 @@ async fn run(args: Args) -> Result<()> {
             revision: state.revision(),
             outcome: "note".to_owned(),
         };
-        audit
-            .append(&note)
-            .context("writing to the audit log")?;
+        audit.append(&note).context("writing to the audit log")?;
     }
     let controller = Arc::new(Controller::with_audit(state, Box::new(store), Some(audit)));
     controller
-        .mutate_as(Some(&startup), "token=bootstrap (the token of admin.conf)", |s| {
-            s.ensure_bootstrap_token(token_hash, now_unix());
-            Ok(())
-        })
+        .mutate_as(
+            Some(&startup),
+            "token=bootstrap (the token of admin.conf)",
+            |s| {
+                s.ensure_bootstrap_token(token_hash, now_unix());
+                Ok(())
+            },
+        )
         .context("recording the bootstrap admin token")?;
     let agent = AgentApi {
         controller: controller.clone(),
@@ -259,7 +261,11 @@ async fn run(args: Args) -> Result<()> {
                 .add_service(admin)
                 .serve_with_shutdown(admin_listen, stopped());
             tokio::try_join!(
-                async { agents.await.with_context(|| format!("serving on {}", args.listen)) },
+                async {
+                    agents
+                        .await
+                        .with_context(|| format!("serving on {}", args.listen))
+                },
                 async {
                     admins
                         .await

@@ -40,7 +40,10 @@ async fn wait_until<F: std::future::Future<Output = bool>>(
 ) {
     let deadline = Instant::now() + Duration::from_secs(secs);
     while !f().await {
-        assert!(Instant::now() < deadline, "timed out after {secs} s waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {secs} s waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -50,7 +53,9 @@ async fn roles_expiry_and_revocation_of_admin_tokens() {
     let dir = tempfile::tempdir().expect("temp dir");
     let c = common::start(dir.path(), false).await.expect("controller");
     let cfg = &c.config;
-    let mut root = common::admin(cfg, &cfg.url, &cfg.token).await.expect("client");
+    let mut root = common::admin(cfg, &cfg.url, &cfg.token)
+        .await
+        .expect("client");
 
     let tokens = root
         .list_admin_tokens(pb::ListAdminTokensRequest {})
@@ -59,7 +64,10 @@ async fn roles_expiry_and_revocation_of_admin_tokens() {
         .into_inner()
         .tokens;
     assert_eq!(tokens.len(), 1);
-    assert_eq!((tokens[0].name.as_str(), tokens[0].role.as_str()), ("bootstrap", "admin"));
+    assert_eq!(
+        (tokens[0].name.as_str(), tokens[0].role.as_str()),
+        ("bootstrap", "admin")
+    );
     assert_eq!(tokens[0].expires_unix, 0);
     assert!(tokens[0].token.is_empty(), "never the secret");
 
@@ -73,11 +81,15 @@ async fn roles_expiry_and_revocation_of_admin_tokens() {
         .expect("created")
         .into_inner();
     assert!(viewer.token.starts_with("weft-admin-"), "{}", viewer.token);
-    let mut ci = common::admin(cfg, &cfg.url, &viewer.token).await.expect("client");
+    let mut ci = common::admin(cfg, &cfg.url, &viewer.token)
+        .await
+        .expect("client");
     ci.list_nodes(pb::ListNodesRequest::default())
         .await
         .expect("a viewer reads");
-    ci.apply_policies(apply(true)).await.expect("a viewer dry-runs");
+    ci.apply_policies(apply(true))
+        .await
+        .expect("a viewer dry-runs");
     for (what, err) in [
         (
             "CreateSite",
@@ -142,7 +154,11 @@ async fn roles_expiry_and_revocation_of_admin_tokens() {
         .await
         .expect_err("revoked at once");
     assert_eq!(err.code(), Code::Unauthenticated, "{err}");
-    assert!(err.message().contains("\"ci\" was revoked"), "{}", err.message());
+    assert!(
+        err.message().contains("\"ci\" was revoked"),
+        "{}",
+        err.message()
+    );
 
     // Expiry.
     let short = root
@@ -154,7 +170,9 @@ async fn roles_expiry_and_revocation_of_admin_tokens() {
         .await
         .expect("created")
         .into_inner();
-    let short = common::admin(cfg, &cfg.url, &short.token).await.expect("client");
+    let short = common::admin(cfg, &cfg.url, &short.token)
+        .await
+        .expect("client");
     wait_until("the 1 s token to expire", 10, || {
         let mut short = short.clone();
         async move {
@@ -177,7 +195,9 @@ async fn admin_changes_are_audited_and_the_log_survives_kill_9() {
     let dir = tempfile::tempdir().expect("temp dir");
     let c = common::start(dir.path(), false).await.expect("controller");
     let cfg = c.config.clone();
-    let mut root = common::admin(&cfg, &cfg.url, &cfg.token).await.expect("client");
+    let mut root = common::admin(&cfg, &cfg.url, &cfg.token)
+        .await
+        .expect("client");
     root.create_site(pb::CreateSiteRequest { name: "a".into() })
         .await
         .expect("site");
@@ -217,11 +237,15 @@ async fn admin_changes_are_audited_and_the_log_survives_kill_9() {
         "{lines:#?}"
     );
     assert!(
-        lines.iter().any(|l| l.starts_with("bootstrap CreateSite site=Bad\\x1b[2J refused: ")),
+        lines
+            .iter()
+            .any(|l| l.starts_with("bootstrap CreateSite site=Bad\\x1b[2J refused: ")),
         "refused attempts are recorded, escaped: {lines:#?}"
     );
     assert!(
-        !lines.iter().any(|l| l.contains("RegisterNode") || l.contains("Register ")),
+        !lines
+            .iter()
+            .any(|l| l.contains("RegisterNode") || l.contains("Register ")),
         "agents' changes are not admin changes: {lines:#?}"
     );
     let set = records
@@ -230,7 +254,9 @@ async fn admin_changes_are_audited_and_the_log_survives_kill_9() {
         .expect("the labels record");
     assert!(set.revision > 0);
     let node_revision = root
-        .get_node(pb::GetRequest { name: node.id.clone() })
+        .get_node(pb::GetRequest {
+            name: node.id.clone(),
+        })
         .await
         .expect("node")
         .into_inner();
@@ -240,7 +266,9 @@ async fn admin_changes_are_audited_and_the_log_survives_kill_9() {
     drop(c);
     let c = common::start(dir.path(), false).await.expect("restarted");
     let cfg = c.config.clone();
-    let mut root = common::admin(&cfg, &cfg.url, &cfg.token).await.expect("client");
+    let mut root = common::admin(&cfg, &cfg.url, &cfg.token)
+        .await
+        .expect("client");
     let viewer = root
         .create_admin_token(pb::CreateAdminTokenRequest {
             name: "auditor".into(),
@@ -250,7 +278,9 @@ async fn admin_changes_are_audited_and_the_log_survives_kill_9() {
         .await
         .expect("created")
         .into_inner();
-    let mut auditor = common::admin(&cfg, &cfg.url, &viewer.token).await.expect("client");
+    let mut auditor = common::admin(&cfg, &cfg.url, &viewer.token)
+        .await
+        .expect("client");
     let after = auditor
         .list_audit_records(pb::ListAuditRecordsRequest::default())
         .await
@@ -260,8 +290,16 @@ async fn admin_changes_are_audited_and_the_log_survives_kill_9() {
     assert_eq!(after[..records.len()], records[..], "kept across kill -9");
     let last = after.last().expect("the new token's record");
     assert_eq!(
-        (last.credential.as_str(), last.rpc.as_str(), last.summary.as_str()),
-        ("bootstrap", "CreateAdminToken", "token=auditor role=viewer ttl=600s")
+        (
+            last.credential.as_str(),
+            last.rpc.as_str(),
+            last.summary.as_str()
+        ),
+        (
+            "bootstrap",
+            "CreateAdminToken",
+            "token=auditor role=viewer ttl=600s"
+        )
     );
     let since = auditor
         .list_audit_records(pb::ListAuditRecordsRequest {
@@ -280,14 +318,21 @@ async fn a_separate_admin_listener_serves_admins_only() {
     let c = common::start(dir.path(), true).await.expect("controller");
     let cfg = &c.config;
     let admin_url = format!("https://{}", c.admin_listen.expect("admin listener"));
-    assert_eq!(cfg.url, admin_url, "admin.conf points at the admin listener");
-    let mut admin = common::admin(cfg, &admin_url, &cfg.token).await.expect("client");
+    assert_eq!(
+        cfg.url, admin_url,
+        "admin.conf points at the admin listener"
+    );
+    let mut admin = common::admin(cfg, &admin_url, &cfg.token)
+        .await
+        .expect("client");
     admin
         .list_nodes(pb::ListNodesRequest::default())
         .await
         .expect("served on the admin listener");
     let agents_url = format!("https://{}", c.listen);
-    let mut on_agents = common::admin(cfg, &agents_url, &cfg.token).await.expect("client");
+    let mut on_agents = common::admin(cfg, &agents_url, &cfg.token)
+        .await
+        .expect("client");
     let err = on_agents
         .list_nodes(pb::ListNodesRequest::default())
         .await
@@ -300,7 +345,9 @@ async fn one_watch_stream_per_node_and_reports_are_rate_limited() {
     let dir = tempfile::tempdir().expect("temp dir");
     let c = common::start(dir.path(), false).await.expect("controller");
     let cfg = c.config.clone();
-    let mut root = common::admin(&cfg, &cfg.url, &cfg.token).await.expect("client");
+    let mut root = common::admin(&cfg, &cfg.url, &cfg.token)
+        .await
+        .expect("client");
     root.create_site(pb::CreateSiteRequest { name: "a".into() })
         .await
         .expect("site");
@@ -335,7 +382,10 @@ async fn one_watch_stream_per_node_and_reports_are_rate_limited() {
         }
     })
     .await;
-    assert!(ended.is_ok(), "the older stream must end when a newer one opens");
+    assert!(
+        ended.is_ok(),
+        "the older stream must end when a newer one opens"
+    );
 
     // Reports: a burst of 10, then 1 per second.
     let start = Instant::now();

@@ -5,8 +5,8 @@ use std::collections::btree_map::Entry;
 
 use super::State;
 use crate::admin::{
-    AdminToken, AuthError, BOOTSTRAP_TOKEN, DEFAULT_ADMIN_TOKEN_TTL_SECS,
-    MAX_ADMIN_TOKEN_TTL_SECS, Role,
+    AdminToken, AuthError, BOOTSTRAP_TOKEN, DEFAULT_ADMIN_TOKEN_TTL_SECS, MAX_ADMIN_TOKEN_TTL_SECS,
+    Role,
 };
 use crate::error::Error;
 use crate::model::check_name;
@@ -166,8 +166,14 @@ mod tests {
         let t = s.authenticate_admin(&[1; 32], u64::MAX).expect("accepted");
         assert_eq!((t.name.as_str(), t.role), ("bootstrap", Role::Admin));
         let rev = s.revision();
-        assert!(!s.ensure_bootstrap_token([1; 32], NOW), "same hash: no change");
-        assert!(s.ensure_bootstrap_token([2; 32], NOW), "admin.conf regenerated");
+        assert!(
+            !s.ensure_bootstrap_token([1; 32], NOW),
+            "same hash: no change"
+        );
+        assert!(
+            s.ensure_bootstrap_token([2; 32], NOW),
+            "admin.conf regenerated"
+        );
         assert_eq!(s.revision(), rev + 1);
         assert_eq!(s.authenticate_admin(&[1; 32], NOW), Err(AuthError::Unknown));
         assert!(s.authenticate_admin(&[2; 32], NOW).is_ok());
