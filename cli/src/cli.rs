@@ -30,6 +30,18 @@ pub(crate) struct Cli {
     #[arg(long, global = true, env = "WEFT_CONFIG", value_name = "FILE")]
     pub(crate) config: Option<PathBuf>,
 
+    /// Admin token to use instead of the one in the admin config (e.g.
+    /// one made by `weftctl admin token create`). Prefer the environment
+    /// variable: a flag shows in the process list.
+    #[arg(
+        long,
+        global = true,
+        env = "WEFT_ADMIN_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    pub(crate) token: Option<String>,
+
     /// Output format: `table` for people, `json` for scripts, `yaml` for
     /// policies (`get policy`, `get policies`: the policy documents).
     #[arg(short, long, global = true, env = "WEFT_OUTPUT", value_enum, default_value_t = Output::Table)]
@@ -84,6 +96,59 @@ pub(crate) enum Command {
     /// residency rules (`topology get`, `topology set`).
     #[command(subcommand)]
     Topology(TopologyCommand),
+    /// Admin credentials: `admin token create|list|revoke`.
+    #[command(subcommand)]
+    Admin(AdminCommand),
+    /// Show the audit log: every admin change (and refused attempt), which
+    /// admin token made it, when, and the resulting revision.
+    Audit {
+        /// Only records this recent, e.g. 1h, 7d.
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        since: Option<Duration>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum AdminCommand {
+    /// Named admin tokens with a role and an expiry.
+    #[command(subcommand)]
+    Token(AdminTokenCommand),
+}
+
+/// What an admin token may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum RoleArg {
+    /// Everything.
+    Admin,
+    /// Read only: list, get, explain, trace, audit, policy dry runs.
+    Viewer,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum AdminTokenCommand {
+    /// Create an admin token. The token is printed once (stdout) and never
+    /// again: the controller keeps only its hash. Use it with
+    /// WEFT_ADMIN_TOKEN=... weftctl ...
+    Create {
+        /// Token name (a DNS label, never reused), shown in the audit log.
+        name: String,
+        /// What the token may do.
+        #[arg(long, value_enum)]
+        role: RoleArg,
+        /// How long the token stays valid (at most 366d), e.g. 12h, 30d.
+        #[arg(long, value_name = "DURATION", default_value = "30d", value_parser = parse_duration)]
+        ttl: Duration,
+    },
+    /// List admin tokens with their role, expiry and revocation (never
+    /// their secrets).
+    #[command(alias = "ls")]
+    List,
+    /// Revoke an admin token at once (it stays listed as revoked). The
+    /// last usable admin token cannot be revoked.
+    Revoke {
+        /// Token name.
+        name: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]

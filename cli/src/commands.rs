@@ -10,15 +10,16 @@ use weft_proto::pb;
 
 use crate::api::Api;
 use crate::cli::{
-    ApplyArgs, Command, DeleteCommand, ExplainArgs, GetCommand, LabelChange, NodeCommand, Output,
-    PeerAdd, PeerCommand, PolicyCommand, RouteCommand, SiteCommand, TokenCommand, TokenCreate,
-    TopologyCommand, TopologyModeArg,
+    AdminCommand, AdminTokenCommand, ApplyArgs, Command, DeleteCommand, ExplainArgs, GetCommand,
+    LabelChange, NodeCommand, Output, PeerAdd, PeerCommand, PolicyCommand, RoleArg, RouteCommand,
+    SiteCommand, TokenCommand, TokenCreate, TopologyCommand, TopologyModeArg,
 };
 use crate::duration::format_secs;
 use crate::output::utc;
 use crate::view::{
-    ApplyView, CreatedTokenView, DeletedView, ExplainView, ExternalPeerView, NodeView,
-    PeerConfigView, PolicyView, SiteView, TokenView,
+    AdminTokenView, ApplyView, AuditRecordView, CreatedAdminTokenView, CreatedTokenView,
+    DeletedView, ExplainView, ExternalPeerView, NodeView, PeerConfigView, PolicyView, SiteView,
+    TokenView,
 };
 use crate::{render, wgquick};
 
@@ -58,6 +59,24 @@ pub(crate) async fn run(api: &Api, command: Command, output: Output, now: u64) -
             deleted(output, "policy", name, r.revision)
         }
         Command::Policy(PolicyCommand::Explain(a)) => explain(api, a, output).await,
+        Command::Admin(AdminCommand::Token(c)) => admin_token(api, c, output, now).await,
+        Command::Audit { since } => {
+            let since_unix = since.map_or(0, |d| now.saturating_sub(d.as_secs()));
+            let r = api.check(
+                api.client()
+                    .list_audit_records(pb::ListAuditRecordsRequest { since_unix })
+                    .await,
+            )?;
+            let views: Vec<AuditRecordView> = r.records.iter().map(AuditRecordView::from).collect();
+            let mut printed = emit(output, &views, || render::audit(&r.records))?;
+            if r.omitted > 0 {
+                printed.stderr = format!(
+                    "{} older records left out; narrow with --since\n",
+                    r.omitted
+                );
+            }
+            Ok(printed)
+        }
         Command::Route(RouteCommand::List) => {
             let r = api.check(api.client().list_routes(pb::ListRoutesRequest {}).await)?;
             let view: Vec<serde_json::Value> = r
@@ -281,6 +300,60 @@ async fn token(api: &Api, command: TokenCommand, output: Output, now: u64) -> Re
                     .await,
             )?;
             deleted(output, "token", id, r.revision)
+        }
+    }
+}
+
+async fn admin_token(
+    api: &Api,
+    command: AdminTokenCommand,
+    output: Output,
+    now: u64,
+) -> Result<Printed> {
+    let mut c = api.client();
+    match command {
+        AdminTokenCommand::Create { name, role, ttl } => {
+            let req = pb::CreateAdminTokenRequest {
+                name,
+                role: match role {
+                    RoleArg::Admin => "admin",
+                    RoleArg::Viewer => "viewer",
+                }
+                .to_owned(),
+                ttl_seconds: ttl.as_secs(),
+            };
+            let t = api.check(c.create_admin_token(req).await)?;
+            match output {
+                Output::Yaml => Err(no_yaml()),
+                Output::Json => Ok(Printed::out(json(&CreatedAdminTokenView::from(&t))?)),
+                // Only the token on stdout: `T=$(weftctl admin token create ...)`.
+                Output::Table => Ok(Printed {
+                    stdout: format!("{}\n", t.token),
+                    stderr: format!(
+                        "admin token {:?} (role {}): expires at {}; shown once, the controller keeps only its hash\n",
+                        t.name,
+                        t.role,
+                        utc(t.expires_unix),
+                    ),
+                }),
+            }
+        }
+        AdminTokenCommand::List => {
+            let r = api.check(c.list_admin_tokens(pb::ListAdminTokensRequest {}).await)?;
+            let views: Vec<AdminTokenView> = r.tokens.iter().map(AdminTokenView::from).collect();
+            emit(output, &views, || render::admin_tokens(&r.tokens, now))
+        }
+        AdminTokenCommand::Revoke { name } => {
+            let r = api.check(
+                c.revoke_admin_token(pb::RevokeAdminTokenRequest { name: name.clone() })
+                    .await,
+            )?;
+            let text = format!("admin token {name:?} revoked (revision {})\n", r.revision);
+            emit(
+                output,
+                &serde_json::json!({"name": name, "revoked": true, "revision": r.revision}),
+                || text,
+            )
         }
     }
 }

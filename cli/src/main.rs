@@ -20,20 +20,27 @@ use clap::Parser as _;
 use weft_proto::admin_config::{ADMIN_CONF, AdminConfig};
 
 use crate::api::Api;
-use crate::cli::{Cli, DEFAULT_CONFIG};
+use crate::cli::{Cli, DEFAULT_CONFIG, Output};
 use crate::commands::Printed;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let json = cli.output == Output::Json;
     match run(cli) {
         Ok(printed) => {
+            // What nodes report reaches this terminal: escaped (see output).
+            let stdout = if json {
+                output::json_safe(&printed.stdout)
+            } else {
+                output::terminal_safe(&printed.stdout)
+            };
             // A closed pipe (`weftctl node list | head -1`) is not an error.
-            let _ = std::io::stdout().write_all(printed.stdout.as_bytes());
-            let _ = std::io::stderr().write_all(printed.stderr.as_bytes());
+            let _ = std::io::stdout().write_all(stdout.as_bytes());
+            let _ = std::io::stderr().write_all(output::terminal_safe(&printed.stderr).as_bytes());
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", output::terminal_safe(&format!("{e:#}")));
             ExitCode::FAILURE
         }
     }
@@ -41,7 +48,7 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<Printed> {
     let config_path = resolve_config(cli.config, Path::new(ADMIN_CONF).exists());
-    let config = AdminConfig::load(&config_path).map_err(|e| {
+    let mut config = AdminConfig::load(&config_path).map_err(|e| {
         let hint = if cli_default(&config_path) {
             " (set --config or WEFT_CONFIG)"
         } else {
@@ -49,6 +56,9 @@ fn run(cli: Cli) -> Result<Printed> {
         };
         anyhow::anyhow!("{e}{hint}")
     })?;
+    if let Some(token) = cli.token {
+        config.token = token;
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

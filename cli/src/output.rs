@@ -1,5 +1,40 @@
 //! Text output helpers: aligned tables, relative times, UTC timestamps and
-//! byte counts. Pure: callers pass `now`.
+//! byte counts, and escaping of what nodes report. Pure: callers pass `now`.
+//!
+//! Much of what weftctl shows comes from agents (endpoints as reported,
+//! apply errors, peer endpoints, reasons, labels): a table cell or a field
+//! value is always escaped whole (control characters, ANSI escapes, bidi
+//! overrides become `\x1b`, `\u{202e}`, and a line break cannot fake a
+//! row), and the whole output passes [`terminal_safe`] or [`json_safe`]
+//! before it is printed.
+
+use weft_dataplane_core::escape::{escape, escape_except, is_hidden};
+
+/// Text for a terminal: every hidden character escaped but the line
+/// breaks and tabs of our own layout.
+pub(crate) fn terminal_safe(text: &str) -> String {
+    escape_except(text, &['\n', '\t'])
+}
+
+/// JSON for a terminal, still valid JSON with the same values: hidden
+/// characters (which serde_json leaves raw above U+001F: DEL, C1 controls,
+/// bidi overrides...) become `\uXXXX` escapes. Outside strings JSON has
+/// only ASCII punctuation, spaces and line breaks, so every such
+/// character is inside a string.
+pub(crate) fn json_safe(json: &str) -> String {
+    let mut out = String::with_capacity(json.len());
+    for c in json.chars() {
+        if c != '\n' && is_hidden(c) {
+            let mut units = [0u16; 2];
+            for u in c.encode_utf16(&mut units) {
+                out.push_str(&format!("\\u{u:04x}"));
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
 
 /// A table with a header row, rendered with columns padded to the widest
 /// cell and separated by three spaces (like `kubectl get`).
@@ -18,9 +53,10 @@ impl Table {
         }
     }
 
-    /// Adds a row; missing cells are blank, extra cells are kept.
+    /// Adds a row, each cell escaped; missing cells are blank, extra
+    /// cells are kept.
     pub(crate) fn row(&mut self, cells: Vec<String>) {
-        self.rows.push(cells);
+        self.rows.push(cells.iter().map(|c| escape(c)).collect());
     }
 
     /// Renders the table, one line per row, each ending in `\n`, without
@@ -71,6 +107,7 @@ pub(crate) fn fields(pairs: &[(&str, String)]) -> String {
     let mut out = String::new();
     for (key, value) in pairs {
         let label = format!("{key}:");
+        let value = escape(value);
         out.push_str(format!("{label:<width$}  {value}").trim_end());
         out.push('\n');
     }
@@ -165,6 +202,45 @@ pub(crate) fn or_dash(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const HOSTILE: &str = "198.18.0.1:51820\x1b[2J\x1b]0;owned\x07\u{202e}\u{9b}31m\nFAKE ROW\r";
+
+    #[test]
+    fn hostile_cells_and_fields_are_escaped_on_one_line() {
+        let mut t = Table::new(&["NAME", "ENDPOINT"]);
+        t.row(vec!["a1".into(), HOSTILE.into()]);
+        let out = t.render();
+        assert_eq!(out.lines().count(), 2, "no forged row:\n{out}");
+        assert!(!out.chars().any(|c| c != '\n' && is_hidden(c)), "{out:?}");
+        assert!(
+            out.contains(
+                "198.18.0.1:51820\\x1b[2J\\x1b]0;owned\\x07\\u{202e}\\u{9b}31m\\nFAKE ROW\\r"
+            ),
+            "{out}"
+        );
+        let out = fields(&[("Apply error", HOSTILE.into()), ("Name", "a1".into())]);
+        assert_eq!(out.lines().count(), 2, "{out}");
+        assert!(!out.chars().any(|c| c != '\n' && is_hidden(c)), "{out:?}");
+    }
+
+    #[test]
+    fn terminal_safe_keeps_our_layout_only() {
+        assert_eq!(
+            terminal_safe("a\tb\nc\x1b[0m\u{202e}"),
+            "a\tb\nc\\x1b[0m\\u{202e}"
+        );
+    }
+
+    #[test]
+    fn json_safe_output_is_valid_json_with_the_same_values() {
+        let value = serde_json::json!({"endpoint": HOSTILE, "emoji": "😀", "del": "\x7f"});
+        let raw = serde_json::to_string_pretty(&value).expect("encodes");
+        assert!(raw.contains('\u{202e}'), "serde_json leaves bidi raw");
+        let safe = json_safe(&raw);
+        assert!(!safe.chars().any(|c| c != '\n' && is_hidden(c)), "{safe:?}");
+        let back: serde_json::Value = serde_json::from_str(&safe).expect("still JSON");
+        assert_eq!(back, value, "same values");
+    }
 
     #[test]
     fn table_pads_columns_to_the_widest_cell() {

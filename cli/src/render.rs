@@ -63,6 +63,46 @@ fn grants(tok: &pb::JoinToken) -> String {
     or_dash(&parts.join("; "))
 }
 
+/// `admin token list`: never the secret.
+pub(crate) fn admin_tokens(tokens: &[pb::AdminToken], now: u64) -> String {
+    let mut t = Table::new(&["NAME", "ROLE", "CREATED", "EXPIRES", "REVOKED"]);
+    for tok in tokens {
+        let expires = match tok.expires_unix {
+            _ if tok.revoked_unix != 0 => "-".to_owned(),
+            0 => "never".to_owned(),
+            e => until(e, now),
+        };
+        t.row(vec![
+            tok.name.clone(),
+            tok.role.clone(),
+            ago(tok.created_unix, now),
+            expires,
+            if tok.revoked_unix == 0 {
+                "-".to_owned()
+            } else {
+                ago(tok.revoked_unix, now)
+            },
+        ]);
+    }
+    t.render()
+}
+
+/// `audit`: oldest first.
+pub(crate) fn audit(records: &[pb::AuditRecord]) -> String {
+    let mut t = Table::new(&["TIME", "CREDENTIAL", "RPC", "CHANGE", "REVISION", "OUTCOME"]);
+    for r in records {
+        t.row(vec![
+            utc(r.unix),
+            r.credential.clone(),
+            r.rpc.clone(),
+            or_dash(&r.summary),
+            r.revision.to_string(),
+            r.outcome.clone(),
+        ]);
+    }
+    t.render()
+}
+
 /// `node list`. `revision` is the controller's current revision.
 pub(crate) fn nodes(nodes: &[pb::Node], revision: u64, now: u64) -> String {
     let mut t = Table::new(&[

@@ -243,6 +243,73 @@ pub(crate) struct CreatedTokenView {
     pub(crate) allow_prefixes: Vec<String>,
 }
 
+/// An admin token as listed: never the secret. 0: never expires / not
+/// revoked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub(crate) struct AdminTokenView {
+    pub(crate) name: String,
+    pub(crate) role: String,
+    pub(crate) created_unix: u64,
+    pub(crate) expires_unix: u64,
+    pub(crate) revoked_unix: u64,
+}
+
+/// A freshly created admin token, with its secret (shown once).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub(crate) struct CreatedAdminTokenView {
+    pub(crate) name: String,
+    pub(crate) role: String,
+    pub(crate) expires_unix: u64,
+    pub(crate) token: String,
+}
+
+/// One record of the audit log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub(crate) struct AuditRecordView {
+    pub(crate) unix: u64,
+    pub(crate) credential: String,
+    pub(crate) rpc: String,
+    pub(crate) summary: String,
+    pub(crate) revision: u64,
+    pub(crate) outcome: String,
+}
+
+impl From<&pb::AdminToken> for AdminTokenView {
+    fn from(t: &pb::AdminToken) -> Self {
+        AdminTokenView {
+            name: t.name.clone(),
+            role: t.role.clone(),
+            created_unix: t.created_unix,
+            expires_unix: t.expires_unix,
+            revoked_unix: t.revoked_unix,
+        }
+    }
+}
+
+impl From<&pb::AdminToken> for CreatedAdminTokenView {
+    fn from(t: &pb::AdminToken) -> Self {
+        CreatedAdminTokenView {
+            name: t.name.clone(),
+            role: t.role.clone(),
+            expires_unix: t.expires_unix,
+            token: t.token.clone(),
+        }
+    }
+}
+
+impl From<&pb::AuditRecord> for AuditRecordView {
+    fn from(r: &pb::AuditRecord) -> Self {
+        AuditRecordView {
+            unix: r.unix,
+            credential: r.credential.clone(),
+            rpc: r.rpc.clone(),
+            summary: r.summary.clone(),
+            revision: r.revision,
+            outcome: r.outcome.clone(),
+        }
+    }
+}
+
 /// Result of a delete.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub(crate) struct DeletedView {

@@ -31,6 +31,18 @@ fn authorised<T>(req: &Request<T>) -> Result<(), Status> {
     }
 }
 
+/// What a node's agent may put in its reports, as an attacker would.
+const HOSTILE: &str = "\x1b]0;owned\x07\x1b[2J\u{202e}gpj.exe\u{9b}31m\nFAKE: line";
+
+fn evil_node() -> pb::Node {
+    let mut n = node("evil", 9);
+    n.endpoint = format!("198.19.1.9:51820{HOSTILE}");
+    n.apply_error = HOSTILE.into();
+    n.peers[0].endpoint = HOSTILE.into();
+    n.labels = [("role".to_owned(), HOSTILE.to_owned())].into();
+    n
+}
+
 fn node(name: &str, key: u8) -> pb::Node {
     pb::Node {
         id: format!("id-{name}"),
@@ -186,6 +198,7 @@ impl AdminService for Mock {
         let name = r.into_inner().name;
         match name.as_str() {
             "a1" | "id-a1" => Ok(Response::new(node("a1", 1))),
+            "evil" => Ok(Response::new(evil_node())),
             _ => Err(Status::not_found(format!("node {name:?} not found"))),
         }
     }
@@ -290,6 +303,69 @@ impl AdminService for Mock {
     ) -> Result<Response<pb::Topology>, Status> {
         authorised(&r)?;
         unimplemented()
+    }
+
+    async fn create_admin_token(
+        &self,
+        r: Request<pb::CreateAdminTokenRequest>,
+    ) -> Result<Response<pb::AdminToken>, Status> {
+        authorised(&r)?;
+        let r = r.into_inner();
+        Ok(Response::new(pb::AdminToken {
+            name: r.name,
+            role: r.role,
+            created_unix: NOW_ISH,
+            expires_unix: NOW_ISH + r.ttl_seconds,
+            revoked_unix: 0,
+            token: "weft-admin-secret".into(),
+        }))
+    }
+
+    async fn list_admin_tokens(
+        &self,
+        r: Request<pb::ListAdminTokensRequest>,
+    ) -> Result<Response<pb::ListAdminTokensResponse>, Status> {
+        authorised(&r)?;
+        Ok(Response::new(pb::ListAdminTokensResponse {
+            tokens: vec![pb::AdminToken {
+                name: "bootstrap".into(),
+                role: "admin".into(),
+                created_unix: NOW_ISH,
+                ..Default::default()
+            }],
+        }))
+    }
+
+    async fn revoke_admin_token(
+        &self,
+        r: Request<pb::RevokeAdminTokenRequest>,
+    ) -> Result<Response<pb::RevokeAdminTokenResponse>, Status> {
+        authorised(&r)?;
+        unimplemented()
+    }
+
+    async fn list_audit_records(
+        &self,
+        r: Request<pb::ListAuditRecordsRequest>,
+    ) -> Result<Response<pb::ListAuditRecordsResponse>, Status> {
+        authorised(&r)?;
+        let since = r.into_inner().since_unix;
+        let records = [NOW_ISH, unix_now()]
+            .into_iter()
+            .filter(|t| *t >= since)
+            .map(|t| pb::AuditRecord {
+                unix: t,
+                credential: "bootstrap".into(),
+                rpc: "SetNodeLabels".into(),
+                summary: "node=a1 set role=web remove ".into(),
+                revision: 7,
+                outcome: "ok".into(),
+            })
+            .collect();
+        Ok(Response::new(pb::ListAuditRecordsResponse {
+            records,
+            omitted: 0,
+        }))
     }
 
     async fn apply_policies(
@@ -574,5 +650,101 @@ fn errors_print_one_line_on_stderr_and_nothing_on_stdout() {
     assert!(
         stderr.contains("wrong.conf"),
         "the hint must name the config file: {stderr}"
+    );
+}
+
+/// Whether `text` holds a character a terminal would act on (other than
+/// the line breaks of the layout).
+fn has_terminal_controls(text: &str) -> bool {
+    text.chars().any(|c| {
+        c != '\n'
+            && (c.is_control()
+                || matches!(c, '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2066}'..='\u{2069}'))
+    })
+}
+
+#[test]
+fn hostile_strings_from_a_node_are_escaped_in_tables_and_json() {
+    let f = Fixture::start("hostile");
+    let (stdout, _) = f.ok(&["node", "get", "evil"]);
+    assert!(!has_terminal_controls(&stdout), "raw controls:\n{stdout:?}");
+    assert!(
+        !stdout.lines().any(|l| l.starts_with("FAKE")),
+        "a reported line break must not start a line:\n{stdout}"
+    );
+    assert!(
+        stdout.contains("\\x1b]0;owned\\x07\\x1b[2J\\u{202e}gpj.exe\\u{9b}31m\\nFAKE: line"),
+        "visible escapes:\n{stdout}"
+    );
+
+    let (stdout, _) = f.ok(&["node", "list"]);
+    assert!(!has_terminal_controls(&stdout), "{stdout:?}");
+
+    let (stdout, _) = f.ok(&["-o", "json", "node", "get", "evil"]);
+    assert!(
+        !has_terminal_controls(&stdout),
+        "raw controls in JSON:\n{stdout:?}"
+    );
+    let v: serde_json::Value = serde_json::from_str(&stdout).expect("still valid JSON");
+    assert_eq!(v["apply_error"], HOSTILE, "JSON keeps the exact value");
+    assert_eq!(v["peers"][0]["endpoint"], HOSTILE);
+    assert_eq!(v["labels"]["role"], HOSTILE);
+}
+
+#[test]
+fn admin_token_create_prints_the_token_once_and_audit_lists_records() {
+    let f = Fixture::start("admin");
+    let (stdout, stderr) = f.ok(&[
+        "admin", "token", "create", "ci", "--role", "viewer", "--ttl", "7d",
+    ]);
+    assert_eq!(stdout, "weft-admin-secret\n");
+    assert!(
+        stderr.contains("role viewer") && stderr.contains("shown once"),
+        "{stderr}"
+    );
+    let (stdout, _) = f.ok(&["admin", "token", "list"]);
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("bootstrap ") && l.contains("admin") && l.contains("never")),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("secret"), "{stdout}");
+
+    let (stdout, _) = f.ok(&["audit", "--since", "1h", "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&stdout).expect("audit JSON");
+    let records = v.as_array().expect("an array");
+    assert_eq!(
+        records.len(),
+        1,
+        "--since 1h leaves the old record out: {v}"
+    );
+    assert_eq!(records[0]["credential"], "bootstrap");
+    assert_eq!(records[0]["rpc"], "SetNodeLabels");
+    assert_eq!(records[0]["revision"], 7);
+    let (stdout, _) = f.ok(&["audit"]);
+    assert_eq!(
+        stdout.lines().count(),
+        3,
+        "header and two records:\n{stdout}"
+    );
+    assert!(stdout.contains("node=a1 set role=web"), "{stdout}");
+}
+
+#[test]
+fn weft_admin_token_overrides_the_config_token() {
+    let f = Fixture::start("override");
+    let out = Command::new(env!("CARGO_BIN_EXE_weftctl"))
+        .arg("--config")
+        .arg(f.dir.join("wrong.conf"))
+        .args(["node", "list"])
+        .env("WEFT_ADMIN_TOKEN", TOKEN)
+        .env_remove("WEFT_OUTPUT")
+        .output()
+        .expect("weftctl runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
 }

@@ -185,6 +185,22 @@ pub enum Error {
         generation: u64,
         next: u64,
     },
+    // ---- admin credentials ----
+    /// An admin token with this name exists (revoked tokens keep their
+    /// name, so the audit log stays unambiguous).
+    #[error("admin token {0:?} already exists (names of revoked tokens are not reused)")]
+    AdminTokenExists(String),
+    /// No admin token has this name.
+    #[error("admin token {0:?} not found")]
+    AdminTokenNotFound(String),
+    /// The requested admin token lifetime is out of range.
+    #[error("admin token lifetime must be between 1 second and 366 days (31622400 s), got {0} s")]
+    InvalidAdminTokenTtl(u64),
+    /// Revoking this token would leave no usable admin token.
+    #[error(
+        "admin token {0:?} is the last usable admin token; create another admin token before revoking it"
+    )]
+    LastAdminToken(String),
 }
 
 /// Coarse class of an [`Error`], for mapping to gRPC status codes.
@@ -248,7 +264,10 @@ impl Error {
             | Error::TokenExpired { .. }
             | Error::LabelNotGranted { .. }
             | Error::CertNotAccepted(_) => ErrorKind::PermissionDenied,
-            Error::SiteNotEmpty { .. } => ErrorKind::FailedPrecondition,
+            Error::SiteNotEmpty { .. } | Error::LastAdminToken(_) => ErrorKind::FailedPrecondition,
+            Error::AdminTokenExists(_) => ErrorKind::AlreadyExists,
+            Error::AdminTokenNotFound(_) => ErrorKind::NotFound,
+            Error::InvalidAdminTokenTtl(_) => ErrorKind::InvalidArgument,
             Error::PoolExhausted { .. } => ErrorKind::ResourceExhausted,
             Error::Inconsistent(_) => ErrorKind::Internal,
         }

@@ -6,6 +6,7 @@
 //! path computation with per-member routes ([`topology`]). No clock,
 //! randomness or I/O: times and generated ids are arguments.
 
+pub mod admin;
 pub mod error;
 pub mod guard;
 pub mod ipam;

@@ -13,6 +13,7 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 use weft_dataplane_core::Key;
 
+use crate::admin::AdminToken;
 use crate::error::Error;
 use crate::guard::{Protected, Shield, check_safe};
 use crate::ipam::{self, Ipam};
@@ -23,6 +24,8 @@ use crate::model::{
 };
 use crate::policy::{Endpoint, Policy, to_yaml};
 use crate::topology::config::TopologyConfig;
+
+mod admin_tokens;
 
 /// Longest join token lifetime: 30 days.
 pub const MAX_TOKEN_TTL_SECS: u64 = 30 * 86_400;
@@ -63,6 +66,10 @@ pub struct State {
     /// stores written before topology modes: full mesh).
     #[serde(default, skip_serializing_if = "TopologyConfig::is_default")]
     topology: TopologyConfig,
+    /// Admin tokens by name, revoked ones included (absent in stores
+    /// written before named admin tokens).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    admin_tokens: BTreeMap<String, AdminToken>,
 }
 
 /// What [`State::apply_policies`] did, each list sorted by name.
@@ -90,6 +97,7 @@ impl State {
             ipam: Ipam::default(),
             policies: BTreeMap::new(),
             topology: TopologyConfig::default(),
+            admin_tokens: BTreeMap::new(),
         })
     }
 

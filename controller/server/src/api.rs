@@ -13,6 +13,7 @@ use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::WatchStream;
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
+use weft_controller_core::admin::Role;
 use weft_controller_core::policy::{
     self as core_policy, Decision, PolicyError, PolicyErrors, Protocol, Verdict,
 };
@@ -32,6 +33,9 @@ use crate::controller::{ApiError, Controller, NodeStatus, now_unix};
 
 /// Default join token lifetime.
 const DEFAULT_TOKEN_TTL_SECS: u64 = 3600;
+
+/// Most audit records one ListAuditRecords returns (the newest).
+const MAX_AUDIT_RECORDS: usize = 10_000;
 
 /// Most reachability changes a dry run returns (the rest are counted).
 const MAX_DIFF_CHANGES: usize = 10_000;
@@ -53,6 +57,9 @@ fn status(e: ApiError) -> Status {
         }
         ApiError::Store(e) => Status::unavailable(format!(
             "the change could not be stored, nothing was changed: {e}"
+        )),
+        ApiError::Audit(e) => Status::unavailable(format!(
+            "the change could not be recorded in the audit log, nothing was changed: {e}"
         )),
     }
 }
@@ -110,6 +117,8 @@ fn advertised_endpoint(
 pub(crate) struct AgentApi {
     pub(crate) controller: Arc<Controller>,
     pub(crate) ca: Arc<Ca>,
+    /// Report and Register rate limits.
+    pub(crate) limits: Arc<crate::limits::Limits>,
     /// Lifetime of the node certificates issued, in seconds.
     pub(crate) cert_ttl_secs: u64,
 }
@@ -176,6 +185,7 @@ impl AgentService for AgentApi {
         req: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
         const M: &str = "RegisterRequest";
+        self.limits.register()?;
         let remote = req.remote_addr();
         self.note_controller_address(&req);
         let r = req.into_inner();
@@ -282,7 +292,7 @@ impl AgentService for AgentApi {
                 warn!(node = %node_id, prefix = %prefix, reason = %p.reason, "workload prefix asked for by the agent is pending");
             }
         }
-        let rx = self
+        let (rx, replaced) = self
             .controller
             .subscribe(&node_id)
             .ok_or_else(|| Status::unauthenticated("this node is no longer registered"))?;
@@ -300,7 +310,9 @@ impl AgentService for AgentApi {
         // deleted): a long-lived connection outlives no revocation.
         let refused = futures::stream::once(self.controller.until_refused(fingerprint))
             .map(|why| Err(Status::unauthenticated(why)));
-        Ok(Response::new(Box::pin(configs.merge(refused))))
+        // One stream per node: a newer Watch of the same node ends this one.
+        let stream = futures::StreamExt::take_until(configs.merge(refused), replaced);
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn report(
@@ -308,6 +320,7 @@ impl AgentService for AgentApi {
         req: Request<pb::ReportRequest>,
     ) -> Result<Response<pb::ReportResponse>, Status> {
         let node_id = self.caller(&req)?.node_id;
+        self.limits.report(&node_id)?;
         let report = req.into_inner();
         weft_proto::report::check_report(&report)
             .and_then(|()| self.controller.report(&node_id, report))
@@ -393,38 +406,13 @@ impl Drop for StreamGuard {
 
 // ---------------------------------------------------------------- admin
 
-/// Checks the admin bearer token on every AdminService call.
-#[derive(Clone, Debug)]
-pub(crate) struct AdminAuth {
-    pub(crate) token_hash: [u8; 32],
-}
-
-impl tonic::service::Interceptor for AdminAuth {
-    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
-        let given = req
-            .metadata()
-            .get(weft_proto::admin_config::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .ok_or_else(|| {
-                Status::unauthenticated("missing admin token (authorization: Bearer ...)")
-            })?;
-        // Compare hashes, so timing says nothing about the token.
-        if sha256(given) == self.token_hash {
-            Ok(req)
-        } else {
-            Err(Status::unauthenticated(
-                "admin token is not valid for this controller",
-            ))
-        }
-    }
-}
-
 /// `AdminService`.
 #[derive(Debug)]
 pub(crate) struct AdminApi {
     pub(crate) controller: Arc<Controller>,
     pub(crate) ca: Arc<Ca>,
+    /// The data dir, where the audit log is read from.
+    pub(crate) data_dir: std::path::PathBuf,
 }
 
 impl AdminApi {
@@ -469,6 +457,17 @@ fn site_pb(s: &weft_controller_core::Site, node_count: usize) -> pb::Site {
         name: s.name.clone(),
         created_unix: s.created_unix,
         node_count: u32::try_from(node_count).unwrap_or(u32::MAX),
+    }
+}
+
+fn admin_token_pb(t: &weft_controller_core::admin::AdminToken) -> pb::AdminToken {
+    pb::AdminToken {
+        name: t.name.clone(),
+        role: t.role.name().to_owned(),
+        created_unix: t.created_unix,
+        expires_unix: t.expires_unix,
+        revoked_unix: t.revoked_unix.unwrap_or(0),
+        token: String::new(),
     }
 }
 
@@ -568,6 +567,15 @@ fn peer_pb(p: &weft_controller_core::ExternalPeer) -> pb::ExternalPeer {
         created_unix: p.created_unix,
         labels: p.labels.clone().into_iter().collect(),
     }
+}
+
+/// Labels as `k=v,k2=v2` (sorted), for the audit log.
+fn label_list(labels: &Labels) -> String {
+    labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// Wire labels (a hash map) as domain labels, validated by the core.
@@ -842,7 +850,7 @@ impl AdminService for AdminApi {
         let now = now_unix();
         let site = self
             .controller
-            .mutate("create site", |s| {
+            .mutate(&format!("site={name}"), |s| {
                 s.create_site(&name, now).map(|s| site_pb(s, 0))
             })
             .map_err(status)?;
@@ -875,7 +883,7 @@ impl AdminService for AdminApi {
         let name = req.into_inner().name;
         let revision = self
             .controller
-            .mutate("delete site", |s| {
+            .mutate(&format!("site={name}"), |s| {
                 s.delete_site(&name).map(|()| s.revision())
             })
             .map_err(status)?;
@@ -910,9 +918,13 @@ impl AdminService for AdminApi {
             ca_hash: self.ca.hash(),
         };
         let now = now_unix();
+        let what = format!(
+            "token={} site={} ttl={ttl}s labels={:?} allow_prefixes={:?}",
+            token.id, r.site, r.labels, r.allow_prefixes
+        );
         let mut out = self
             .controller
-            .mutate("create join token", |s| {
+            .mutate(&what, |s| {
                 s.create_token_with_grants(
                     &token.id,
                     sha256(&token.secret),
@@ -946,7 +958,7 @@ impl AdminService for AdminApi {
         let id = req.into_inner().name;
         let revision = self
             .controller
-            .mutate("delete join token", |s| {
+            .mutate(&format!("token={id}"), |s| {
                 s.delete_token(&id).map(|()| s.revision())
             })
             .map_err(status)?;
@@ -986,7 +998,7 @@ impl AdminService for AdminApi {
         let name = req.into_inner().name;
         let (node, revision) = self
             .controller
-            .mutate("delete node", |s| {
+            .mutate(&format!("node={name}"), |s| {
                 s.delete_node(&name).map(|n| (n, s.revision()))
             })
             .map_err(status)?;
@@ -1005,7 +1017,7 @@ impl AdminService for AdminApi {
         let now = now_unix();
         let peer = self
             .controller
-            .mutate("add external peer", |s| {
+            .mutate(&format!("peer={} site={}", r.name, r.site), |s| {
                 s.add_external_peer(
                     &r.name,
                     &r.site,
@@ -1049,7 +1061,7 @@ impl AdminService for AdminApi {
         let name = req.into_inner().name;
         let revision = self
             .controller
-            .mutate("delete external peer", |s| {
+            .mutate(&format!("peer={name}"), |s| {
                 s.delete_external_peer(&name).map(|()| s.revision())
             })
             .map_err(status)?;
@@ -1074,7 +1086,13 @@ impl AdminService for AdminApi {
     ) -> Result<Response<pb::Node>, Status> {
         let r = req.into_inner();
         let set = labels(r.set);
-        let node = self.mutate_node("set node labels", &r.node, |s| {
+        let what = format!(
+            "node={} set {} remove {}",
+            r.node,
+            label_list(&set),
+            r.remove.join(",")
+        );
+        let node = self.mutate_node(&what, &r.node, |s| {
             s.set_node_labels(&r.node, &set, &r.remove)
         })?;
         info!(node = %node.id, labels = ?node.labels, "node labels set");
@@ -1091,9 +1109,10 @@ impl AdminService for AdminApi {
             .workload
             .ok_or_else(|| invalid(InvalidMessage::new(M, "workload", "missing")))?;
         let advertise = workloads(M, "workload", std::slice::from_ref(&w))?;
+        let what = format!("node={} prefix={} labels={:?}", r.node, w.prefix, w.labels);
         let node = self
             .controller
-            .mutate_prefixes("advertise workload prefix", |s, p| {
+            .mutate_prefixes(&what, |s, p| {
                 s.advertise_prefixes(&r.node, &advertise, p)?;
                 s.node(&r.node)
                     .cloned()
@@ -1111,7 +1130,7 @@ impl AdminService for AdminApi {
         const M: &str = "WithdrawPrefixRequest";
         let r = req.into_inner();
         let prefix = parse_net(M, "prefix", &r.prefix).map_err(invalid)?;
-        let node = self.mutate_node("withdraw workload prefix", &r.node, |s| {
+        let node = self.mutate_node(&format!("node={} prefix={prefix}", r.node), &r.node, |s| {
             s.withdraw_prefix(&r.node, prefix)
         })?;
         info!(node = %node.id, prefix = %prefix, "workload prefix withdrawn");
@@ -1123,7 +1142,11 @@ impl AdminService for AdminApi {
         req: Request<pb::ApplyPoliciesRequest>,
     ) -> Result<Response<pb::ApplyPoliciesResponse>, Status> {
         let r = req.into_inner();
+        if !r.dry_run {
+            crate::auth::require_admin("ApplyPolicies without dry_run")?;
+        }
         let policies = parse_files(&r.files).map_err(|e| status(e.into()))?;
+        let policy_names: Vec<String> = policies.iter().map(|p| p.name.clone()).collect();
         if r.dry_run {
             let out = self
                 .controller
@@ -1137,7 +1160,7 @@ impl AdminService for AdminApi {
         }
         let (changes, revision) = self
             .controller
-            .mutate("apply policies", |s| {
+            .mutate(&format!("policies={}", policy_names.join(",")), |s| {
                 s.apply_policies(policies).map(|c| (c, s.revision()))
             })
             .map_err(status)?;
@@ -1190,7 +1213,7 @@ impl AdminService for AdminApi {
         let name = req.into_inner().name;
         let revision = self
             .controller
-            .mutate("delete policy", |s| {
+            .mutate(&format!("policy={name}"), |s| {
                 s.delete_policy(&name).map(|_| s.revision())
             })
             .map_err(status)?;
@@ -1254,10 +1277,17 @@ impl AdminService for AdminApi {
         &self,
         req: Request<pb::Topology>,
     ) -> Result<Response<pb::Topology>, Status> {
-        let config = topology_from_pb(req.into_inner())?;
+        let t = req.into_inner();
+        let what = format!(
+            "mode={} gateways={} residency={}",
+            t.mode,
+            t.gateways.join(","),
+            t.residency.join(",")
+        );
+        let config = topology_from_pb(t)?;
         let (changed, out) = self
             .controller
-            .mutate("topology", |s| {
+            .mutate(&what, |s| {
                 let changed = s.set_topology(config)?;
                 Ok((changed, topology_pb(s)))
             })
@@ -1333,5 +1363,88 @@ impl AdminService for AdminApi {
             })
             .map_err(|e: CoreError| status(e.into()))?;
         Ok(Response::new(explain_pb(explanation)))
+    }
+
+    async fn create_admin_token(
+        &self,
+        req: Request<pb::CreateAdminTokenRequest>,
+    ) -> Result<Response<pb::AdminToken>, Status> {
+        const M: &str = "CreateAdminTokenRequest";
+        let r = req.into_inner();
+        let role = Role::parse(&r.role).ok_or_else(|| {
+            invalid(InvalidMessage::new(
+                M,
+                "role",
+                format!("{:?} is not admin or viewer", r.role),
+            ))
+        })?;
+        let secret = format!("weft-admin-{}", random_lower(40));
+        let now = now_unix();
+        let what = format!("token={} role={role} ttl={}s", r.name, r.ttl_seconds);
+        let mut out = self
+            .controller
+            .mutate(&what, |s| {
+                s.create_admin_token(&r.name, role, sha256(&secret), now, r.ttl_seconds)
+                    .map(admin_token_pb)
+            })
+            .map_err(status)?;
+        info!(token = %r.name, role = %role, "admin token created");
+        out.token = secret;
+        Ok(Response::new(out))
+    }
+
+    async fn list_admin_tokens(
+        &self,
+        _req: Request<pb::ListAdminTokensRequest>,
+    ) -> Result<Response<pb::ListAdminTokensResponse>, Status> {
+        let tokens = self
+            .controller
+            .read(|s, _| s.admin_tokens().map(admin_token_pb).collect());
+        Ok(Response::new(pb::ListAdminTokensResponse { tokens }))
+    }
+
+    async fn revoke_admin_token(
+        &self,
+        req: Request<pb::RevokeAdminTokenRequest>,
+    ) -> Result<Response<pb::RevokeAdminTokenResponse>, Status> {
+        let name = req.into_inner().name;
+        let now = now_unix();
+        let revision = self
+            .controller
+            .mutate(&format!("token={name}"), |s| {
+                s.revoke_admin_token(&name, now).map(|()| s.revision())
+            })
+            .map_err(status)?;
+        info!(token = %name, "admin token revoked");
+        Ok(Response::new(pb::RevokeAdminTokenResponse { revision }))
+    }
+
+    async fn list_audit_records(
+        &self,
+        req: Request<pb::ListAuditRecordsRequest>,
+    ) -> Result<Response<pb::ListAuditRecordsResponse>, Status> {
+        let since = req.into_inner().since_unix;
+        let dir = self.data_dir.clone();
+        let records = tokio::task::spawn_blocking(move || crate::audit::read(&dir, since))
+            .await
+            .map_err(|e| Status::internal(format!("reading the audit log: {e}")))?
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let omitted = records.len().saturating_sub(MAX_AUDIT_RECORDS);
+        let records = records
+            .into_iter()
+            .skip(omitted)
+            .map(|r| pb::AuditRecord {
+                unix: r.unix,
+                credential: r.credential,
+                rpc: r.rpc,
+                summary: r.summary,
+                revision: r.revision,
+                outcome: r.outcome,
+            })
+            .collect();
+        Ok(Response::new(pb::ListAuditRecordsResponse {
+            records,
+            omitted: omitted as u64,
+        }))
     }
 }

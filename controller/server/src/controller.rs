@@ -2,6 +2,12 @@
 //! watch channels that push each node its config. Every mutation is
 //! computed on a copy, persisted, and only then made visible and pushed, so
 //! an acknowledged change is durable and a failed one changes nothing.
+//!
+//! Two locks: mutations are serialised by the writer lock, held while the
+//! next state is written to disk (and its audit record appended); readers,
+//! reports and Watch streams take only the live lock, which holds an
+//! immutable `Arc` of the last committed state and is never held across
+//! disk I/O, so they never wait for an fsync.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
@@ -11,6 +17,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
+use weft_controller_core::admin::{AuditRecord, escape};
 use weft_controller_core::topology::{
     Fabric, Link, Measurements, MemberTrace, ProbeVote, SiteTrace, TopologyInput, TopologyMode,
     found_unreachable,
@@ -21,6 +28,7 @@ use weft_dataplane_core::{Key, NodeConfig};
 use weft_proto::pb;
 use weft_proto::report::{MAX_REPORT_PEERS, ReportError};
 
+use crate::audit::{AuditError, AuditLog, Caller, current_caller};
 use crate::store::{Store, StoreError};
 
 /// What an API call can fail with, before it becomes a gRPC status.
@@ -30,6 +38,8 @@ pub(crate) enum ApiError {
     Core(#[from] CoreError),
     #[error("the change could not be stored, nothing was changed: {0}")]
     Store(#[from] StoreError),
+    #[error("the change could not be recorded in the audit log, nothing was changed: {0}")]
+    Audit(#[from] AuditError),
 }
 
 /// Live, not persisted, status of a node from its agent.
@@ -69,6 +79,10 @@ pub(crate) fn report_peer_limit(configured: usize) -> usize {
 const REPORT_PEER_SLACK: usize = 256;
 
 pub(crate) struct Controller {
+    /// Serialises mutations; held across their disk writes.
+    writer: Mutex<Writer>,
+    /// The committed state and everything derived from it; held briefly,
+    /// never across I/O.
     inner: Mutex<Inner>,
     /// When join tokens were last pruned (Unix seconds).
     pruned_unix: AtomicU64,
@@ -93,11 +107,20 @@ pub(crate) const STALE_REPORT_SECS: u64 = 25;
 /// reachability changes (a link or a gateway down or back) at once.
 const LATENCY_RECOMPUTE_SECS: u64 = 5;
 
-struct Inner {
-    state: State,
+/// What only mutations touch: the store and the audit log.
+struct Writer {
     store: Box<dyn Store + Send>,
+    audit: Option<AuditLog>,
+}
+
+struct Inner {
+    /// The last committed state (immutable; replaced whole by mutations).
+    state: Arc<State>,
     /// Latest config per node; agents' Watch streams subscribe to these.
     configs: BTreeMap<String, watch::Sender<Arc<NodeConfig>>>,
+    /// Per node, the number of Watch streams opened so far: a new stream
+    /// ends the older ones (one stream per node).
+    watch_epochs: BTreeMap<String, watch::Sender<u64>>,
     status: BTreeMap<String, NodeStatus>,
     /// Configs computed from the state alone (full mesh, policy, kernel
     /// routes), by node id; gateway mode replaces their peers.
@@ -127,12 +150,40 @@ pub(crate) fn now_unix() -> u64 {
         .unwrap_or(0)
 }
 
+/// Runs blocking work (disk I/O) from async code without stalling the
+/// runtime's worker: on a multi-threaded runtime the worker hands its other
+/// tasks to another thread meanwhile.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding a lock cannot leave the state half-changed
+    // (mutations run on a copy), so a poisoned lock is safe to reuse.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 impl Controller {
+    #[cfg(test)]
     pub(crate) fn new(state: State, store: Box<dyn Store + Send>) -> Controller {
+        Controller::with_audit(state, store, None)
+    }
+
+    /// A controller whose admin changes are recorded in `audit`.
+    pub(crate) fn with_audit(
+        state: State,
+        store: Box<dyn Store + Send>,
+        audit: Option<AuditLog>,
+    ) -> Controller {
         let mut inner = Inner {
-            state,
-            store,
+            state: Arc::new(state),
             configs: BTreeMap::new(),
+            watch_epochs: BTreeMap::new(),
             status: BTreeMap::new(),
             base: BTreeMap::new(),
             fabric: None,
@@ -145,6 +196,7 @@ impl Controller {
         inner.publish();
         let (changes, _) = watch::channel(inner.state.revision());
         let c = Controller {
+            writer: Mutex::new(Writer { store, audit }),
             inner: Mutex::new(inner),
             pruned_unix: AtomicU64::new(0),
             changes,
@@ -154,9 +206,12 @@ impl Controller {
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
-        // A panic while holding the lock cannot leave the state half-changed
-        // (mutations run on a copy), so a poisoned lock is safe to reuse.
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.inner)
+    }
+
+    /// The last committed state.
+    pub(crate) fn snapshot(&self) -> Arc<State> {
+        self.lock().state.clone()
     }
 
     /// Reads the state.
@@ -166,20 +221,71 @@ impl Controller {
     }
 
     /// Applies `f` to a copy of the state, persists the copy, then makes it
-    /// current and pushes changed configs to the agents.
+    /// current and pushes changed configs to the agents. Called for an
+    /// admin (inside the admin gate), the change or its refusal is recorded
+    /// in the audit log first, with `what` as its summary.
     pub(crate) fn mutate<T>(
         &self,
         what: &str,
         f: impl FnOnce(&mut State) -> Result<T, CoreError>,
     ) -> Result<T, ApiError> {
-        let mut inner = self.lock();
-        let mut next = inner.state.clone();
-        let out = f(&mut next)?;
-        if next.revision() == inner.state.revision() {
+        let caller = current_caller();
+        blocking(|| self.mutate_as(caller.as_ref(), what, f))
+    }
+
+    /// [`Controller::mutate`] on behalf of `caller` (recorded if `Some`).
+    pub(crate) fn mutate_as<T>(
+        &self,
+        caller: Option<&Caller>,
+        what: &str,
+        f: impl FnOnce(&mut State) -> Result<T, CoreError>,
+    ) -> Result<T, ApiError> {
+        let mut writer = lock(&self.writer);
+        // Only mutations replace the state, and they hold the writer lock:
+        // this snapshot stays the current state until we replace it.
+        let current = self.snapshot();
+        let mut next = State::clone(&current);
+        let record = |revision: u64, outcome: String| {
+            caller.map(|c| AuditRecord {
+                unix: now_unix(),
+                credential: c.credential.clone(),
+                rpc: c.rpc.clone(),
+                summary: escape(what),
+                revision,
+                outcome,
+            })
+        };
+        let out = match f(&mut next) {
+            Ok(out) => out,
+            Err(e) => {
+                if let (Some(r), Some(log)) = (
+                    record(
+                        current.revision(),
+                        format!("refused: {}", escape(&e.to_string())),
+                    ),
+                    writer.audit.as_mut(),
+                ) && let Err(a) = log.append(&r)
+                {
+                    warn!(error = %a, "recording a refused admin change in the audit log failed");
+                }
+                return Err(e.into());
+            }
+        };
+        if next.revision() == current.revision() {
             return Ok(out);
         }
-        inner.store.save(&next)?;
-        inner.state = next;
+        // The record first: a crash before the state is stored leaves a
+        // record of a change that did not happen (noted at the next
+        // start-up), never a change without its record.
+        if let (Some(r), Some(log)) = (
+            record(next.revision(), "ok".to_owned()),
+            writer.audit.as_mut(),
+        ) {
+            log.append(&r)?;
+        }
+        writer.store.save(&next)?;
+        let mut inner = self.lock();
+        inner.state = Arc::new(next);
         info!(
             revision = inner.state.revision(),
             change = what,
@@ -187,6 +293,7 @@ impl Controller {
         );
         inner.publish();
         self.changes.send_replace(inner.state.revision());
+        drop(writer);
         Ok(out)
     }
 
@@ -264,12 +371,32 @@ impl Controller {
         }
     }
 
-    /// Subscribes to a node's config.
-    pub(crate) fn subscribe(&self, node_id: &str) -> Option<watch::Receiver<Arc<NodeConfig>>> {
+    /// Subscribes to a node's config. A node has one Watch stream: the
+    /// returned future resolves when a newer stream of the same node
+    /// replaces this one (or the node is deleted), and the stream should
+    /// then end.
+    pub(crate) fn subscribe(
+        &self,
+        node_id: &str,
+    ) -> Option<(
+        watch::Receiver<Arc<NodeConfig>>,
+        impl Future<Output = ()> + Send + 'static,
+    )> {
         let mut inner = self.lock();
         let rx = inner.configs.get(node_id).map(|tx| tx.subscribe())?;
+        let epochs = inner
+            .watch_epochs
+            .entry(node_id.to_string())
+            .or_insert_with(|| watch::channel(0).0);
+        epochs.send_modify(|e| *e += 1);
+        let mut epoch_rx = epochs.subscribe();
+        let mine = *epoch_rx.borrow_and_update();
         inner.status.entry(node_id.to_string()).or_default().streams += 1;
-        Some(rx)
+        let replaced = async move {
+            // Err: the node was deleted (its config stream ends too).
+            let _ = epoch_rx.wait_for(|e| *e != mine).await;
+        };
+        Some((rx, replaced))
     }
 
     /// Notes that a node's Watch stream ended.
@@ -551,6 +678,7 @@ impl Inner {
             keep
         });
         self.status.retain(|id, _| configs.contains_key(id));
+        self.watch_epochs.retain(|id, _| configs.contains_key(id));
         for (id, cfg) in configs {
             match self.configs.get(&id) {
                 Some(tx) => {
@@ -834,8 +962,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let c = Controller::new(state(), Box::new(FileStore::new(dir.path())));
         let (a2, b1) = (
-            c.subscribe("n-a2").expect("a2"),
-            c.subscribe("n-b1").expect("b1"),
+            c.subscribe("n-a2").expect("a2").0,
+            c.subscribe("n-b1").expect("b1").0,
         );
         let endpoint_of_a1 = |rx: &watch::Receiver<Arc<NodeConfig>>| {
             rx.borrow().peers[&Key([1; 32])]
@@ -888,7 +1016,7 @@ mod tests {
     fn one_node_cannot_set_another_nodes_endpoint() {
         let dir = tempfile::tempdir().expect("temp dir");
         let c = Controller::new(state(), Box::new(FileStore::new(dir.path())));
-        let a2 = c.subscribe("n-a2").expect("a2");
+        let a2 = c.subscribe("n-a2").expect("a2").0;
         let forged = || pb::ReportRequest {
             peers: vec![seen_at(1, "198.18.66.6:6666"), seen_at(3, "198.18.66.6:6667")],
             ..Default::default()
@@ -971,8 +1099,8 @@ mod tests {
     fn gateway_mode_configs_follow_the_measured_paths() {
         let dir = tempfile::tempdir().expect("temp dir");
         let c = Controller::new(state(), Box::new(FileStore::new(dir.path())));
-        let a2 = c.subscribe("n-a2").expect("a2 subscribes");
-        let a1 = c.subscribe("n-a1").expect("a1 subscribes");
+        let a2 = c.subscribe("n-a2").expect("a2 subscribes").0;
+        let a1 = c.subscribe("n-a1").expect("a1 subscribes").0;
         let peers = |rx: &watch::Receiver<Arc<NodeConfig>>| -> Vec<String> {
             rx.borrow().peers.values().map(|p| p.name.clone()).collect()
         };
@@ -1037,7 +1165,7 @@ mod tests {
     fn a_forging_gateway_cannot_pull_traffic_through_its_site() {
         let dir = tempfile::tempdir().expect("temp dir");
         let c = Controller::new(state(), Box::new(FileStore::new(dir.path())));
-        let a1 = c.subscribe("n-a1").expect("a1 subscribes");
+        let a1 = c.subscribe("n-a1").expect("a1 subscribes").0;
         c.mutate("topology", |s| {
             s.set_topology(TopologyConfig {
                 mode: TopologyMode::Gateways,
@@ -1097,5 +1225,141 @@ mod tests {
             .find(|p| p.allowed_ips.iter().any(|n| n.contains(&IpAddr::V4(b1_v4))))
             .map(|p| p.name.clone());
         assert_eq!(via.as_deref(), Some("b1"), "a1 sends b's traffic to b1 directly");
+    }
+
+    /// A store whose save waits until the test lets it finish.
+    struct GatedStore {
+        entered: std::sync::mpsc::Sender<()>,
+        release: std::sync::mpsc::Receiver<()>,
+    }
+
+    impl Store for GatedStore {
+        fn load(&self) -> Result<Option<State>, StoreError> {
+            Ok(None)
+        }
+        fn save(&mut self, _state: &State) -> Result<(), StoreError> {
+            let _ = self.entered.send(());
+            let _ = self.release.recv();
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn readers_reports_and_watches_never_wait_for_a_disk_write() {
+        use std::sync::mpsc;
+        use std::time::Duration;
+        let (entered_tx, entered) = mpsc::channel();
+        let (release, release_rx) = mpsc::channel();
+        let store = GatedStore {
+            entered: entered_tx,
+            release: release_rx,
+        };
+        let c = Arc::new(Controller::new(state(), Box::new(store)));
+        let before = c.read(|s, _| s.revision());
+        let writer = {
+            let c = c.clone();
+            std::thread::spawn(move || c.mutate("site=d", |s| s.create_site("d", NOW).map(|_| ())))
+        };
+        entered
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the mutation reached the store");
+        // The write is now blocked inside the store: everything else must
+        // still answer, from the last committed state.
+        let (done_tx, done) = mpsc::channel();
+        {
+            let c = c.clone();
+            std::thread::spawn(move || {
+                let revision = c.read(|s, _| s.revision());
+                c.report(
+                    "n-a1",
+                    pb::ReportRequest {
+                        applied_revision: 5,
+                        ..Default::default()
+                    },
+                )
+                .expect("report accepted");
+                let subscribed = c.subscribe("n-b1").is_some();
+                let reported = c.read(|_, st| st.get("n-a1").map(|s| s.applied_revision));
+                let _ = done_tx.send((revision, subscribed, reported));
+            });
+        }
+        let (revision, subscribed, reported) = done
+            .recv_timeout(Duration::from_secs(10))
+            .expect("read, report and subscribe must not wait for the disk write");
+        assert_eq!(revision, before, "readers see the committed state");
+        assert!(subscribed);
+        assert_eq!(reported, Some(5));
+        release.send(()).expect("release the write");
+        writer
+            .join()
+            .expect("writer thread")
+            .expect("the mutation succeeds");
+        assert_eq!(
+            c.read(|s, _| s.revision()),
+            before + 1,
+            "then it is visible"
+        );
+    }
+
+    #[test]
+    fn admin_changes_and_refusals_are_audited_before_they_are_stored() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (log, _) = crate::audit::AuditLog::open(dir.path(), 100).expect("audit log");
+        let c = Controller::with_audit(state(), Box::new(FileStore::new(dir.path())), Some(log));
+        let ops = Caller {
+            credential: "ops".into(),
+            role: weft_controller_core::admin::Role::Admin,
+            rpc: "SetNodeLabels".into(),
+        };
+        let set = weft_controller_core::Labels::from([("role".to_owned(), "web".to_owned())]);
+        c.mutate_as(Some(&ops), "node=a1 set role=web\u{1b}[2J", |s| {
+            s.set_node_labels("a1", &set, &[])
+        })
+        .expect("labelled");
+        let revision = c.read(|s, _| s.revision());
+        c.mutate_as(Some(&ops), "node=zz", |s| {
+            s.set_node_labels("zz", &set, &[])
+        })
+        .expect_err("no such node");
+        c.mutate_as(None, "site=e", |s| s.create_site("e", NOW).map(|_| ()))
+            .expect("an agent-side change");
+        let records = crate::audit::read(dir.path(), 0).expect("readable");
+        assert_eq!(records.len(), 2, "{records:#?}");
+        assert_eq!(records[0].credential, "ops");
+        assert_eq!(records[0].rpc, "SetNodeLabels");
+        assert_eq!(
+            records[0].summary, "node=a1 set role=web\\x1b[2J",
+            "escaped"
+        );
+        assert_eq!(
+            (records[0].revision, records[0].outcome.as_str()),
+            (revision, "ok")
+        );
+        assert_eq!(records[1].revision, revision, "a refusal changes nothing");
+        assert!(
+            records[1]
+                .outcome
+                .starts_with("refused: node \"zz\" not found"),
+            "{}",
+            records[1].outcome
+        );
+    }
+
+    #[tokio::test]
+    async fn a_new_watch_stream_ends_the_older_one() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let c = Controller::new(state(), Box::new(FileStore::new(dir.path())));
+        let (_rx1, replaced1) = c.subscribe("n-a1").expect("a1");
+        let (_rx2, replaced2) = c.subscribe("n-a1").expect("a1 again");
+        let (_rx3, replaced3) = c.subscribe("n-b1").expect("b1");
+        tokio::time::timeout(std::time::Duration::from_secs(5), replaced1)
+            .await
+            .expect("the first stream is told to end");
+        let pending = |f| tokio::time::timeout(std::time::Duration::from_millis(50), f);
+        assert!(pending(replaced2).await.is_err(), "the newest stream stays");
+        assert!(
+            pending(replaced3).await.is_err(),
+            "other nodes are not affected"
+        );
     }
 }

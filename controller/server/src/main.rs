@@ -5,9 +5,12 @@
 //! and admin gRPC APIs over TLS on `--listen`.
 
 mod api;
+mod audit;
+mod auth;
 mod ca;
 mod controller;
 mod fsutil;
+mod limits;
 mod store;
 
 use std::net::{IpAddr, SocketAddr};
@@ -27,9 +30,11 @@ use weft_proto::admin_config::{ADMIN_CONF, AdminConfig};
 use weft_proto::pb::admin_service_server::AdminServiceServer;
 use weft_proto::pb::agent_service_server::AgentServiceServer;
 
-use crate::api::{AdminApi, AdminAuth, AgentApi};
+use crate::api::{AdminApi, AgentApi};
+use crate::audit::{AuditLog, Caller};
+use crate::auth::AdminGate;
 use crate::ca::Ca;
-use crate::controller::Controller;
+use crate::controller::{Controller, now_unix};
 use crate::store::{FileStore, Store};
 
 /// The Weft controller: computes every node's WireGuard peers and pushes
@@ -106,6 +111,12 @@ struct Args {
         value_parser = parse_cert_ttl
     )]
     cert_ttl: u64,
+
+    /// Serve the admin API (weftctl) on this address and TCP port alone,
+    /// e.g. 127.0.0.1:7444; --listen then serves the agents only. Default:
+    /// both on --listen. admin.conf points weftctl here.
+    #[arg(long, env = "WEFT_ADMIN_LISTEN", value_name = "ADDR:PORT")]
+    admin_listen: Option<SocketAddr>,
 }
 
 /// Parses `--cert-ttl` into whole seconds within the accepted range.
@@ -117,6 +128,27 @@ fn parse_cert_ttl(s: &str) -> Result<u64, String> {
     weft_controller_core::state::check_cert_ttl(secs)
         .map_err(|why| format!("invalid certificate lifetime {s:?}: {why}"))?;
     Ok(secs)
+}
+
+/// Limits of the gRPC server, per connection and per request.
+mod server_limits {
+    use std::time::Duration;
+
+    /// Requests one connection may have in progress at once; more wait.
+    pub(crate) const CONCURRENCY_PER_CONNECTION: usize = 32;
+    /// HTTP/2 streams one connection may open at once (an agent needs 2).
+    pub(crate) const MAX_CONCURRENT_STREAMS: u32 = 64;
+    /// A request handler taking longer is cancelled (DEADLINE_EXCEEDED);
+    /// Watch streams are not affected once they are established.
+    pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+    /// Largest agent request (a report of thousands of peers fits).
+    pub(crate) const AGENT_MAX_MESSAGE: usize = 1024 * 1024;
+    /// Largest admin request (policy files).
+    pub(crate) const ADMIN_MAX_MESSAGE: usize = 16 * 1024 * 1024;
+    /// HTTP/2 pings to find dead connections, and how long to wait for
+    /// the answer.
+    pub(crate) const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+    pub(crate) const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 }
 
 fn main() -> Result<()> {
@@ -196,7 +228,7 @@ async fn run(args: Args) -> Result<()> {
     let url = args
         .advertise_url
         .clone()
-        .unwrap_or_else(|| default_url(args.listen));
+        .unwrap_or_else(|| default_url(args.admin_listen.unwrap_or(args.listen)));
     let admin = admin_config(dir, &url, ca.cert_pem())?;
     let token_hash: [u8; 32] = Sha256::digest(admin.token.as_bytes()).into();
 
@@ -209,12 +241,46 @@ async fn run(args: Args) -> Result<()> {
         .client_ca_root(Certificate::from_pem(ca.cert_pem()))
         .client_auth_optional(true);
 
-    let controller = Arc::new(Controller::new(state, Box::new(store)));
+    let (mut audit, last_record) = AuditLog::open(dir, audit::MAX_RECORDS)?;
+    let startup = Caller {
+        credential: "controller".to_owned(),
+        role: weft_controller_core::admin::Role::Admin,
+        rpc: "Startup".to_owned(),
+    };
+    // The record of an admin change is written before the state: a newer
+    // revision than the state's means the controller stopped in between.
+    if let Some(r) = last_record.filter(|r| r.outcome == "ok" && r.revision > state.revision()) {
+        warn!(revision = r.revision, rpc = %r.rpc, "the last audited change was not stored (the controller stopped in between)");
+        let note = weft_controller_core::admin::AuditRecord {
+            unix: now_unix(),
+            credential: startup.credential.clone(),
+            rpc: startup.rpc.clone(),
+            summary: format!(
+                "the previous record ({} by {} for revision {}) was not stored: the controller stopped in between",
+                r.rpc, r.credential, r.revision
+            ),
+            revision: state.revision(),
+            outcome: "note".to_owned(),
+        };
+        audit.append(&note).context("writing to the audit log")?;
+    }
+    let controller = Arc::new(Controller::with_audit(state, Box::new(store), Some(audit)));
     controller.add_controller_addresses(controller_addresses(&args, &url));
+    controller
+        .mutate_as(
+            Some(&startup),
+            "token=bootstrap (the token of admin.conf)",
+            |s| {
+                s.ensure_bootstrap_token(token_hash, now_unix());
+                Ok(())
+            },
+        )
+        .context("recording the bootstrap admin token")?;
     let agent = AgentApi {
         controller: controller.clone(),
         ca: ca.clone(),
         cert_ttl_secs: args.cert_ttl,
+        limits: Arc::default(),
     };
     // Reports age even when none arrive (agents cut off): re-measure every
     // second so that paths stop relying on them.
@@ -227,29 +293,75 @@ async fn run(args: Args) -> Result<()> {
         }
     });
     let admin_api = AdminApi {
-        controller,
+        controller: controller.clone(),
         ca: ca.clone(),
+        data_dir: dir.clone(),
     };
+    let admin = AdminGate::new(
+        AdminServiceServer::new(admin_api)
+            .max_decoding_message_size(server_limits::ADMIN_MAX_MESSAGE),
+        controller,
+    );
+    let agent =
+        AgentServiceServer::new(agent).max_decoding_message_size(server_limits::AGENT_MAX_MESSAGE);
 
-    info!(listen = %args.listen, url = %url, cert_ttl_secs = args.cert_ttl, ca_sha256 = %hex::encode(ca.hash()), admin_conf = %dir.join(ADMIN_CONF).display(), "controller serving");
-    Server::builder()
-        .tls_config(tls)
-        .context("configuring TLS")?
-        .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
-        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(5)))
-        .add_service(
-            AgentServiceServer::new(agent)
-                .max_decoding_message_size(weft_proto::report::MAX_AGENT_MESSAGE_BYTES),
-        )
-        .add_service(AdminServiceServer::with_interceptor(
-            admin_api,
-            AdminAuth { token_hash },
-        ))
-        .serve_with_shutdown(args.listen, shutdown_signal())
-        .await
-        .with_context(|| format!("serving on {}", args.listen))?;
+    info!(listen = %args.listen, admin_listen = ?args.admin_listen, url = %url, cert_ttl_secs = args.cert_ttl, ca_sha256 = %hex::encode(ca.hash()), admin_conf = %dir.join(ADMIN_CONF).display(), "controller serving");
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    match args.admin_listen {
+        None => {
+            server(tls)?
+                .add_service(agent)
+                .add_service(admin)
+                .serve_with_shutdown(args.listen, stopped())
+                .await
+                .with_context(|| format!("serving on {}", args.listen))?;
+        }
+        Some(admin_listen) => {
+            let agents = server(tls.clone())?
+                .add_service(agent)
+                .serve_with_shutdown(args.listen, stopped());
+            let admins = server(tls)?
+                .add_service(admin)
+                .serve_with_shutdown(admin_listen, stopped());
+            tokio::try_join!(
+                async {
+                    agents
+                        .await
+                        .with_context(|| format!("serving on {}", args.listen))
+                },
+                async {
+                    admins
+                        .await
+                        .with_context(|| format!("serving the admin API on {admin_listen}"))
+                },
+            )?;
+        }
+    }
     info!("controller stopped");
     Ok(())
+}
+
+/// A gRPC server with TLS and the limits of [`server_limits`].
+fn server(tls: ServerTlsConfig) -> Result<Server> {
+    use server_limits::*;
+    Ok(Server::builder()
+        .tls_config(tls)
+        .context("configuring TLS")?
+        .concurrency_limit_per_connection(CONCURRENCY_PER_CONNECTION)
+        .max_concurrent_streams(Some(MAX_CONCURRENT_STREAMS))
+        .timeout(REQUEST_TIMEOUT)
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT)))
 }
 
 async fn shutdown_signal() {

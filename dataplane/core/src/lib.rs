@@ -6,12 +6,14 @@
 //! agent's own refusal of unsafe prefixes ([`route_guard`]), peer-probe
 //! statistics ([`probe`]), the peers to configure while some are found
 //! dead ([`fallback`]), the flow hash that spreads flows over a site's
-//! gateways ([`flow`]), human durations for flags ([`duration`]) and the WireGuard UAPI
-//! protocol ([`uapi`]). The
+//! gateways ([`flow`]), human durations for flags ([`duration`]), the
+//! WireGuard UAPI protocol ([`uapi`]) and reported text made safe to show
+//! ([`escape`]). The
 //! agent crate carries the plans out.
 
 pub mod config;
 pub mod duration;
+pub mod escape;
 pub mod fallback;
 pub mod flow;
 pub mod key;
