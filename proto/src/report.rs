@@ -28,6 +28,8 @@ pub const MAX_APPLY_ERROR_LEN: usize = 4096;
 pub const MAX_POLICY_COUNTERS: usize = 65_536;
 /// Longest rule or verdict name in the policy counters.
 pub const MAX_COUNTER_NAME_LEN: usize = 256;
+/// Most tunnel drop counters (one per reason) one report may list.
+pub const MAX_TUNNEL_DROP_COUNTERS: usize = 16;
 /// Largest gRPC message an agent may send at all (the transport's limit,
 /// above [`MAX_REPORT_BYTES`] so that a report over its own limit gets the
 /// report's error).
@@ -131,6 +133,21 @@ pub fn check_report(r: &pb::ReportRequest) -> Result<(), ReportError> {
                 format!("{} is over 1000", probe.loss_permille),
             )
             .into());
+        }
+    }
+    if r.tunnel_drops.len() > MAX_TUNNEL_DROP_COUNTERS {
+        return Err(ReportError::TooManyCounters {
+            count: r.tunnel_drops.len(),
+            limit: MAX_TUNNEL_DROP_COUNTERS,
+        });
+    }
+    for (i, c) in r.tunnel_drops.iter().enumerate() {
+        if c.verdict.len() > MAX_COUNTER_NAME_LEN {
+            return Err(too_long(
+                format!("tunnel_drops[{i}].verdict"),
+                c.verdict.len(),
+                MAX_COUNTER_NAME_LEN,
+            ));
         }
     }
     if let Some(policy) = &r.policy {
