@@ -6,7 +6,10 @@
 //! identity governed?), one hosted-prefix LPM lookup (does the destination
 //! address live on this node?) and one policy LPM lookup with the full key,
 //! whatever the number of rules: port ranges are stored as aligned
-//! power-of-two blocks, a prefix on the port bits of [`PolicyKey`].
+//! power-of-two blocks, a prefix on the port bits of [`PolicyKey`]. A
+//! later IP fragment (no L4 header) takes one [`FRAGMENTS_MAP`] lookup
+//! instead of the tracking and policy lookups; an IPv6 header chain is
+//! walked at most [`MAX_V6_EXT`] headers deep.
 //!
 //! Hosted prefixes: [`HOSTED_MAP`] holds the node's own overlay addresses
 //! and the workload prefixes it advertises. Identities are per (site,

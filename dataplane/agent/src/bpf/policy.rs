@@ -35,11 +35,13 @@ use weft_dataplane_core::policy_maps::{
 use weft_ebpf_common::Counters;
 use weft_ebpf_common::policy::{
     CONFIG_EPOCH, CONFIG_L3_OFFSET, CONFIG_MAP, CONFIG_SKIP_INGRESS_IFINDEX, CONNTRACK_MAP,
-    CT_INBOUND, CT_REVOKED, CtKey, CtValue, FRAGMENTS_MAP, FragKey, FragValue, GOVERNED,
-    GOVERNED_MAP, GovernedKey, HOSTED, HOSTED_MAP, IPCACHE_MAP, IpcacheKey, POLICY_EGRESS_PROGRAM,
-    POLICY_INGRESS_PROGRAM, POLICY_MAP, PROTO_ICMP, PolicyKey, PolicyValue, PolicyVerdict,
-    RULE_COUNTERS_MAP, VERDICT_COUNTERS_MAP,
+    CT_INBOUND, CT_REVOKED, CtKey, CtValue, GOVERNED, GOVERNED_MAP, GovernedKey, HOSTED,
+    HOSTED_MAP, IPCACHE_MAP, IpcacheKey, POLICY_EGRESS_PROGRAM, POLICY_INGRESS_PROGRAM, POLICY_MAP,
+    PROTO_ICMP, PolicyKey, PolicyValue, PolicyVerdict, RULE_COUNTERS_MAP, VERDICT_COUNTERS_MAP,
 };
+
+#[cfg(test)]
+use weft_ebpf_common::policy::{FRAGMENTS_MAP, FragKey, FragValue};
 
 use super::{OBJECT, classifier, tcx_supported};
 
