@@ -9,12 +9,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use ipnet::IpNet;
 use tokio::sync::watch;
 use tracing::{info, warn};
 use weft_controller_core::topology::{
     Fabric, Link, Measurements, MemberTrace, SiteTrace, TopologyInput, TopologyMode,
 };
-use ipnet::IpNet;
 use weft_controller_core::{Error as CoreError, Member, Protected, State, netmap};
 use weft_dataplane_core::NodeConfig;
 use weft_proto::pb;
