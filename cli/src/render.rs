@@ -613,9 +613,11 @@ mod tests {
             "prefix 128.0.0.0/1 is shorter than the minimum /8"
         );
         assert_eq!(view["pending"]["128.0.0.0/1"]["labels"]["app"], "x");
-        assert!(view["withheld"]["198.19.5.0/24"]
-            .as_str()
-            .is_some_and(|r| r.contains("covers the endpoint")));
+        assert!(
+            view["withheld"]["198.19.5.0/24"]
+                .as_str()
+                .is_some_and(|r| r.contains("covers the endpoint"))
+        );
     }
 
     #[test]

@@ -139,10 +139,7 @@ fn hijack_prefixes_stay_pending() {
     let before: Vec<String> = others.iter().map(|n| all_routes(&lab, n)).collect();
 
     // b1's agent asks for everything from 128.0.0.0 up and the controller.
-    lab.set_agent_extra_args(
-        "b1",
-        &["--advertise", WIDE, "--advertise", CONTROLLER_32],
-    );
+    lab.set_agent_extra_args("b1", &["--advertise", WIDE, "--advertise", CONTROLLER_32]);
     lab.kill_agent("b1", Signal::SIGTERM);
     lab.start_agent("b1");
     lab.wait_until(
@@ -181,7 +178,9 @@ fn hijack_prefixes_stay_pending() {
     // endpoint; each refusal names the prefix and what it covers.
     let err = refused(&lab, &["node", "advertise", "b1", WIDE]);
     assert!(
-        err.contains("prefix 128.0.0.0/1 is shorter than the minimum /8 for IPv4 workload prefixes"),
+        err.contains(
+            "prefix 128.0.0.0/1 is shorter than the minimum /8 for IPv4 workload prefixes"
+        ),
         "{err}"
     );
     let err = refused(&lab, &["node", "advertise", "b1", CONTROLLER_32]);
@@ -291,11 +290,13 @@ fn self_assigned_labels_gain_nothing() {
         let extra: Vec<&str> = grant.iter().flat_map(|g| ["--label", *g]).collect();
         let token = lab.create_token_with("a", "10m", &extra);
         let id = token.split('.').nth(1).expect("weft1.<id>.<secret>.<pin>");
-        let state_dir = lab.dir().join("agents").join(format!("rogue-{grants_shown}"));
+        let state_dir = lab
+            .dir()
+            .join("agents")
+            .join(format!("rogue-{grants_shown}"));
         let mut args = lab.agent_args("rogue", a2_underlay, &state_dir, Some(&token));
         args.extend(["--label".to_owned(), "role=web".to_owned()]);
-        let (status, stderr, _) =
-            lab.run_agent_once("rogue", "a2", &args, Duration::from_secs(30));
+        let (status, stderr, _) = lab.run_agent_once("rogue", "a2", &args, Duration::from_secs(30));
         assert!(
             status.is_some_and(|s| !s.success()),
             "an agent asking for an ungranted label must exit with an error ({status:?}):\n{stderr}"

@@ -166,7 +166,9 @@ pub enum Error {
         family: &'static str,
     },
     /// A workload prefix covers an address the underlay must carry.
-    #[error("prefix {prefix} covers {what}: routing it through the overlay would capture that traffic")]
+    #[error(
+        "prefix {prefix} covers {what}: routing it through the overlay would capture that traffic"
+    )]
     PrefixCoversProtected { prefix: String, what: String },
     /// A join token allows more prefixes than a node may advertise.
     #[error("{count} allowed prefixes given; at most {MAX_ADVERTISED} are allowed")]

@@ -64,7 +64,9 @@ impl Shield {
             }
         }
         for (id, e) in &extra.learnt {
-            let name = state.node_by_id(id).map_or(id.as_str(), |n| n.name.as_str());
+            let name = state
+                .node_by_id(id)
+                .map_or(id.as_str(), |n| n.name.as_str());
             shield.add(e.ip(), || {
                 format!(
                     "the endpoint {} of node {name:?} (learnt from its peers)",

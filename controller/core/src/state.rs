@@ -122,7 +122,11 @@ impl State {
     /// ([`State::publishable`]).
     pub fn set_min_prefix_lens(&mut self, v4: u8, v6: u8) -> Result<bool, Error> {
         check_min_prefix_lens(v4, v6)?;
-        if (self.settings.min_prefix_len_v4, self.settings.min_prefix_len_v6) == (v4, v6) {
+        if (
+            self.settings.min_prefix_len_v4,
+            self.settings.min_prefix_len_v6,
+        ) == (v4, v6)
+        {
             return Ok(false);
         }
         self.settings.min_prefix_len_v4 = v4;
@@ -662,8 +666,11 @@ impl State {
             let allowed = if node.allowed_prefixes.is_empty() {
                 "none".to_owned()
             } else {
-                let list: Vec<String> =
-                    node.allowed_prefixes.iter().map(ToString::to_string).collect();
+                let list: Vec<String> = node
+                    .allowed_prefixes
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect();
                 list.join(", ")
             };
             return Some(format!(
@@ -671,10 +678,7 @@ impl State {
                 node.name
             ));
         }
-        if let Some((k, v)) = labels
-            .iter()
-            .find(|(k, v)| node.labels.get(*k) != Some(*v))
-        {
+        if let Some((k, v)) = labels.iter().find(|(k, v)| node.labels.get(*k) != Some(*v)) {
             return Some(format!(
                 "label {k}={v} is not granted to node {:?} (it has: {}); approve it with `{command} --label KEY=VALUE`",
                 node.name,

@@ -267,7 +267,10 @@ fn check_grants(old: &State, new: &State, op: &Op) {
                 old.node_by_id(&id).expect("node"),
                 new.node_by_id(&id).expect("node"),
             );
-            assert_eq!(before.labels, after.labels, "an agent cannot relabel its node");
+            assert_eq!(
+                before.labels, after.labels,
+                "an agent cannot relabel its node"
+            );
             for (prefix, labels) in &before.advertised {
                 assert_eq!(
                     after.advertised.get(prefix),
@@ -411,7 +414,9 @@ fn assert_netmap_invariants(s: &State) {
 /// member's registered endpoint and the learnt ones.
 fn guarded(s: &State, p: &Protected) -> Vec<IpAddr> {
     let nodes = s.nodes().filter_map(|n| n.endpoint.map(|e| e.ip()));
-    let peers = s.external_peers().filter_map(|x| x.endpoint.map(|e| e.ip()));
+    let peers = s
+        .external_peers()
+        .filter_map(|x| x.endpoint.map(|e| e.ip()));
     let learnt = p.learnt.values().map(SocketAddr::ip);
     p.controller
         .iter()
@@ -461,7 +466,9 @@ fn assert_published_safe(s: &State, p: &Protected, gateways: bool) {
     let mut g = view.into_owned();
     let mut per_site = BTreeMap::new();
     for n in g.nodes() {
-        per_site.entry(n.site.clone()).or_insert_with(|| n.id.clone());
+        per_site
+            .entry(n.site.clone())
+            .or_insert_with(|| n.id.clone());
     }
     g.set_topology(TopologyConfig {
         mode: TopologyMode::Gateways,

@@ -728,23 +728,39 @@ fn workload_prefixes_are_advertised_relabelled_and_withdrawn() {
     let mut s = two_nodes();
     let rev = s.revision();
     assert_eq!(
-        s.advertise_prefixes("b1", &workload("100.100.2.0/24", &[("app", "pg")]), &Protected::default()),
+        s.advertise_prefixes(
+            "b1",
+            &workload("100.100.2.0/24", &[("app", "pg")]),
+            &Protected::default()
+        ),
         Ok(true)
     );
     assert_eq!(s.revision(), rev + 1);
     assert_eq!(
-        s.advertise_prefixes("b1", &workload("100.100.2.0/24", &[("app", "pg")]), &Protected::default()),
+        s.advertise_prefixes(
+            "b1",
+            &workload("100.100.2.0/24", &[("app", "pg")]),
+            &Protected::default()
+        ),
         Ok(false),
         "the same advertisement again changes nothing"
     );
     assert_eq!(s.revision(), rev + 1);
     assert_eq!(
-        s.advertise_prefixes("n-b1", &workload("100.100.2.0/24", &[("app", "db")]), &Protected::default()),
+        s.advertise_prefixes(
+            "n-b1",
+            &workload("100.100.2.0/24", &[("app", "db")]),
+            &Protected::default()
+        ),
         Ok(true),
         "relabelled"
     );
-    s.advertise_prefixes("b1", &workload("fd00:beef:2::/64", &[]), &Protected::default())
-        .expect("IPv6 workload");
+    s.advertise_prefixes(
+        "b1",
+        &workload("fd00:beef:2::/64", &[]),
+        &Protected::default(),
+    )
+    .expect("IPv6 workload");
     let b1 = s.node("b1").expect("b1");
     assert_eq!(b1.advertised.len(), 2);
     assert_eq!(
@@ -782,10 +798,18 @@ fn workload_prefixes_are_advertised_relabelled_and_withdrawn() {
 #[test]
 fn overlapping_or_unroutable_prefixes_are_refused_and_change_nothing() {
     let mut s = two_nodes();
-    s.advertise_prefixes("b1", &workload("100.100.2.0/24", &[("app", "pg")]), &Protected::default())
-        .expect("advertised");
-    s.advertise_prefixes("b1", &workload("fd00:beef:2::/64", &[]), &Protected::default())
-        .expect("advertised");
+    s.advertise_prefixes(
+        "b1",
+        &workload("100.100.2.0/24", &[("app", "pg")]),
+        &Protected::default(),
+    )
+    .expect("advertised");
+    s.advertise_prefixes(
+        "b1",
+        &workload("fd00:beef:2::/64", &[]),
+        &Protected::default(),
+    )
+    .expect("advertised");
     let cases = [
         (
             "100.100.2.128/25",
@@ -836,7 +860,10 @@ fn overlapping_or_unroutable_prefixes_are_refused_and_change_nothing() {
     assert_refused(
         &mut s,
         "workload prefix 100.100.2.0/26 overlaps 100.100.2.0/24, already advertised by node \"b1\"",
-        |s| s.advertise_prefixes("a1", &both, &Protected::default()).map(|_| ()),
+        |s| {
+            s.advertise_prefixes("a1", &both, &Protected::default())
+                .map(|_| ())
+        },
     );
     // Two overlapping prefixes in one request.
     let mut nested = workload("100.100.6.0/24", &[]);
@@ -844,31 +871,50 @@ fn overlapping_or_unroutable_prefixes_are_refused_and_change_nothing() {
     assert_refused(
         &mut s,
         "workload prefix 100.100.6.0/25 overlaps 100.100.6.0/24, already advertised by node \"a1\"",
-        |s| s.advertise_prefixes("a1", &nested, &Protected::default()).map(|_| ()),
+        |s| {
+            s.advertise_prefixes("a1", &nested, &Protected::default())
+                .map(|_| ())
+        },
     );
     assert_refused(
         &mut s,
         "invalid label key \"-x\": use up to 253 characters from A-Z, a-z, 0-9, '.', '_', '-', '/', starting and ending with a letter or digit",
         |s| {
-            s.advertise_prefixes("a1", &workload("100.100.7.0/24", &[("-x", "1")]), &Protected::default())
-                .map(|_| ())
+            s.advertise_prefixes(
+                "a1",
+                &workload("100.100.7.0/24", &[("-x", "1")]),
+                &Protected::default(),
+            )
+            .map(|_| ())
         },
     );
     assert_refused(&mut s, "node \"z9\" not found", |s| {
-        s.advertise_prefixes("z9", &workload("100.100.7.0/24", &[]), &Protected::default())
-            .map(|_| ())
+        s.advertise_prefixes(
+            "z9",
+            &workload("100.100.7.0/24", &[]),
+            &Protected::default(),
+        )
+        .map(|_| ())
     });
     // Deleting the node frees its prefixes.
     s.delete_node("b1").expect("deleted");
-    s.advertise_prefixes("a1", &workload("100.100.2.0/25", &[]), &Protected::default())
-        .expect("free again");
+    s.advertise_prefixes(
+        "a1",
+        &workload("100.100.2.0/25", &[]),
+        &Protected::default(),
+    )
+    .expect("free again");
 }
 
 #[test]
 fn overlapping_stored_prefixes_are_an_inconsistency() {
     let mut s = two_nodes();
-    s.advertise_prefixes("a1", &workload("100.100.2.0/24", &[]), &Protected::default())
-        .expect("advertised");
+    s.advertise_prefixes(
+        "a1",
+        &workload("100.100.2.0/24", &[]),
+        &Protected::default(),
+    )
+    .expect("advertised");
     let mut v = serde_json::to_value(&s).expect("serializes");
     v["nodes"]["n-b1"]["advertised"] = serde_json::json!({"100.100.2.64/26": {}});
     let damaged: State = serde_json::from_value(v).expect("still deserializes");
@@ -892,7 +938,8 @@ fn peers_route_workload_prefixes_and_policy_selects_workloads_by_their_labels() 
     s.set_node_labels("b1", &db, &[]).expect("labels");
     let mut ads = workload("100.100.2.0/24", &[("app", "pg")]);
     ads.extend(workload("fd00:beef:2::/64", &[("app", "pg")]));
-    s.advertise_prefixes("b1", &ads, &Protected::default()).expect("advertised");
+    s.advertise_prefixes("b1", &ads, &Protected::default())
+        .expect("advertised");
     let policy = weft_controller_core::policy::parse_documents(
         "pg.yaml",
         r#"

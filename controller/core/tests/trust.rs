@@ -123,8 +123,15 @@ fn a_node_gets_the_labels_and_allowed_prefixes_its_token_grants() {
 #[test]
 fn a_label_the_token_does_not_grant_refuses_the_enrolment() {
     let mut s = empty();
-    s.create_token_with_grants("tok1", [1; 32], "s", NOW, HOUR, grants(&[("role", "db")], &[]))
-        .expect("token");
+    s.create_token_with_grants(
+        "tok1",
+        [1; 32],
+        "s",
+        NOW,
+        HOUR,
+        grants(&[("role", "db")], &[]),
+    )
+    .expect("token");
     s.create_token("tok2", [2; 32], "s", NOW, HOUR)
         .expect("token");
     let reg = |token: &str, k: u8, asked: Labels| Registration {
@@ -152,8 +159,11 @@ fn a_label_the_token_does_not_grant_refuses_the_enrolment() {
         &mut s,
         "label zone=x is not granted by join token tok1 (it grants: role=db)",
         |s| {
-            s.register_node(reg("tok1", 1, labels(&[("role", "db"), ("zone", "x")])), NOW)
-                .map(drop)
+            s.register_node(
+                reg("tok1", 1, labels(&[("role", "db"), ("zone", "x")])),
+                NOW,
+            )
+            .map(drop)
         },
     );
     assert_refused(
@@ -199,7 +209,12 @@ fn token_grants_are_checked_when_the_token_is_created() {
     }
     let many = TokenGrants {
         allow_prefixes: (0..=256u32)
-            .map(|i| IpNet::from(ipnet::Ipv4Net::new_assert((0x6500_0000 + (i << 8)).into(), 24)))
+            .map(|i| {
+                IpNet::from(ipnet::Ipv4Net::new_assert(
+                    (0x6500_0000 + (i << 8)).into(),
+                    24,
+                ))
+            })
             .collect(),
         ..TokenGrants::default()
     };
@@ -292,7 +307,12 @@ fn an_agents_prefixes_wait_for_approval_outside_its_grants() {
         &controller(),
     )
     .expect("pending");
-    assert!(s.node("b1").expect("b1").pending.contains_key(&net("100.100.9.0/24")));
+    assert!(
+        s.node("b1")
+            .expect("b1")
+            .pending
+            .contains_key(&net("100.100.9.0/24"))
+    );
     s.withdraw_prefix("b1", net("100.100.9.0/24"))
         .expect("withdrawn");
     let b1 = s.node("b1").expect("b1");
@@ -321,7 +341,12 @@ fn the_allowed_prefixes_approve_at_once_with_granted_labels_only() {
     assert_eq!(s.agent_advertise("n-b1", &asked, &controller()), Ok(true));
     let b1 = s.node("b1").expect("b1");
     let approved: Vec<String> = b1.advertised.keys().map(ToString::to_string).collect();
-    assert_eq!(approved, ["100.100.2.0/24", "fd00:beef:2::/64"], "{:?}", b1.pending);
+    assert_eq!(
+        approved,
+        ["100.100.2.0/24", "fd00:beef:2::/64"],
+        "{:?}",
+        b1.pending
+    );
     let reasons: BTreeMap<String, String> = b1
         .pending
         .iter()
@@ -373,8 +398,10 @@ fn guarded_network() -> (State, Protected) {
     )
     .expect("peer");
     let mut p = controller();
-    p.learnt
-        .insert("n-a1".to_owned(), SocketAddr::from(([198, 18, 3, 7], 40000)));
+    p.learnt.insert(
+        "n-a1".to_owned(),
+        SocketAddr::from(([198, 18, 3, 7], 40000)),
+    );
     (s, p)
 }
 
@@ -449,8 +476,10 @@ fn an_operator_cannot_approve_a_prefix_that_is_too_short_or_covers_the_underlay(
 #[test]
 fn an_agents_unsafe_prefixes_stay_pending_even_inside_its_allowed_prefixes() {
     let (mut s, p) = guarded_network();
-    let asked: BTreeMap<IpNet, Labels> =
-        UNSAFE.iter().map(|(prefix, _)| (net(prefix), Labels::new())).collect();
+    let asked: BTreeMap<IpNet, Labels> = UNSAFE
+        .iter()
+        .map(|(prefix, _)| (net(prefix), Labels::new()))
+        .collect();
     assert_eq!(s.agent_advertise("n-b1", &asked, &p), Ok(true));
     let b1 = s.node("b1").expect("b1");
     assert!(b1.advertised.is_empty(), "{:?}", b1.advertised);
@@ -518,8 +547,10 @@ fn an_approved_prefix_that_comes_to_cover_an_endpoint_is_not_published() {
     // a1 moves into one of them; b1 is learnt inside the other.
     s.set_node_endpoint("n-a1", Some(SocketAddr::from(([198, 19, 5, 9], 51820))))
         .expect("moved");
-    p.learnt
-        .insert("n-b1".to_owned(), SocketAddr::from(([198, 19, 6, 1], 51820)));
+    p.learnt.insert(
+        "n-b1".to_owned(),
+        SocketAddr::from(([198, 19, 6, 1], 51820)),
+    );
     let withheld = s.withheld_prefixes(&p);
     assert_eq!(
         withheld["n-b1"][&net("198.19.5.0/24")],
@@ -555,11 +586,23 @@ fn grants_and_pending_prefixes_survive_the_store_and_old_stores_load() {
         &p,
     )
     .expect("ok");
-    s.create_token_with_grants("spare", [5; 32], "s", NOW, HOUR, grants(&[("k", "v")], &["100.100.0.0/16"]))
-        .expect("token");
+    s.create_token_with_grants(
+        "spare",
+        [5; 32],
+        "s",
+        NOW,
+        HOUR,
+        grants(&[("k", "v")], &["100.100.0.0/16"]),
+    )
+    .expect("token");
     s.set_min_prefix_lens(10, 40).expect("valid");
     let text = json(&s);
-    for field in ["allowed_prefixes", "pending", "allow_prefixes", "min_prefix_len_v4"] {
+    for field in [
+        "allowed_prefixes",
+        "pending",
+        "allow_prefixes",
+        "min_prefix_len_v4",
+    ] {
         assert!(text.contains(field), "{field} is stored");
     }
     let back: State = serde_json::from_str(&text).expect("loads");
@@ -568,7 +611,10 @@ fn grants_and_pending_prefixes_survive_the_store_and_old_stores_load() {
     let b1 = back.node("b1").expect("b1");
     assert_eq!(b1.pending.len(), 1, "{:?}", b1.pending);
     assert_eq!(b1.advertised.len(), 1);
-    assert_eq!(back.token("spare").expect("token").labels, labels(&[("k", "v")]));
+    assert_eq!(
+        back.token("spare").expect("token").labels,
+        labels(&[("k", "v")])
+    );
 
     // A store written before grants: no grants, nothing pending, the
     // default minimums, and written back without the new fields.
@@ -577,10 +623,24 @@ fn grants_and_pending_prefixes_survive_the_store_and_old_stores_load() {
     s.validate().expect("valid");
     assert_eq!(s.settings().min_prefix_len_v4, 8);
     assert_eq!(s.settings().min_prefix_len_v6, 32);
-    assert!(s.tokens().all(|t| t.labels.is_empty() && t.allow_prefixes.is_empty()));
-    assert!(s.nodes().all(|n| n.allowed_prefixes.is_empty() && n.pending.is_empty()));
-    for field in ["allowed_prefixes", "pending", "allow_prefixes", "min_prefix_len"] {
-        assert!(!json(&s).contains(field), "{field} is not written when empty");
+    assert!(
+        s.tokens()
+            .all(|t| t.labels.is_empty() && t.allow_prefixes.is_empty())
+    );
+    assert!(
+        s.nodes()
+            .all(|n| n.allowed_prefixes.is_empty() && n.pending.is_empty())
+    );
+    for field in [
+        "allowed_prefixes",
+        "pending",
+        "allow_prefixes",
+        "min_prefix_len",
+    ] {
+        assert!(
+            !json(&s).contains(field),
+            "{field} is not written when empty"
+        );
     }
 }
 
@@ -590,9 +650,11 @@ fn a_damaged_pending_prefix_is_an_inconsistency() {
     s.advertise_prefixes("b1", &workloads(&[("198.19.0.0/24", &[])]), &p)
         .expect("approved");
     let mut v = serde_json::to_value(&s).expect("serializes");
-    v["nodes"]["n-b1"]["pending"] =
-        serde_json::json!({"198.19.0.0/24": {"reason": "x"}});
+    v["nodes"]["n-b1"]["pending"] = serde_json::json!({"198.19.0.0/24": {"reason": "x"}});
     let damaged: State = serde_json::from_value(v).expect("deserializes");
     let err = damaged.validate().expect_err("inconsistent");
-    assert!(err.to_string().contains("both advertised and pending"), "{err}");
+    assert!(
+        err.to_string().contains("both advertised and pending"),
+        "{err}"
+    );
 }

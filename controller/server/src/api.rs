@@ -485,7 +485,8 @@ fn token_pb(t: &weft_controller_core::JoinToken) -> pb::JoinToken {
 }
 
 /// Approved prefixes left out of the configs, by node id, with why.
-type Withheld = std::collections::BTreeMap<String, std::collections::BTreeMap<ipnet::IpNet, String>>;
+type Withheld =
+    std::collections::BTreeMap<String, std::collections::BTreeMap<ipnet::IpNet, String>>;
 
 fn node_pb(
     n: &weft_controller_core::Node,

@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use ipnet::IpNet;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 use weft_controller_core::admin::{AuditRecord, escape};
@@ -22,7 +23,6 @@ use weft_controller_core::topology::{
     Fabric, Link, Measurements, MemberTrace, ProbeVote, SiteTrace, TopologyInput, TopologyMode,
     found_unreachable,
 };
-use ipnet::IpNet;
 use weft_controller_core::{Error as CoreError, Member, Protected, State, netmap};
 use weft_dataplane_core::{Key, NodeConfig};
 use weft_proto::pb;
