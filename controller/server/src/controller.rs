@@ -72,6 +72,11 @@ impl std::fmt::Debug for Controller {
 /// link being measured) and says nothing current.
 pub(crate) const STALE_REPORT_SECS: u64 = 25;
 
+/// Reports trigger a re-measure at most this often (the 1 s tick catches
+/// what falls in between): with many nodes reporting at once, re-measuring
+/// on each report would keep the live lock busy and delay readers.
+const REPORT_REMEASURE_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// Latency changes alone recompute the paths at most this often;
 /// reachability changes (a link or a gateway down or back) at once.
 const LATENCY_RECOMPUTE_SECS: u64 = 5;
@@ -103,6 +108,8 @@ struct Inner {
     /// Endpoints of nodes as members of other sites see them, where that
     /// differs from the registered one (a node behind NAT), by node id.
     learnt: BTreeMap<String, SocketAddr>,
+    /// When a report last triggered a re-measure.
+    report_remeasured: Option<std::time::Instant>,
 }
 
 /// Unix time now, in seconds.
@@ -162,6 +169,7 @@ impl Controller {
             measurements: Measurements::default(),
             measured_unix: 0,
             learnt: BTreeMap::new(),
+            report_remeasured: None,
         };
         inner.publish_fabric();
         let c = Controller {
@@ -311,7 +319,14 @@ impl Controller {
         s.peers = report.peers;
         s.policy = report.policy;
         s.last_report_unix = now_unix();
-        inner.remeasure(now_unix());
+        let now = std::time::Instant::now();
+        if inner
+            .report_remeasured
+            .is_none_or(|at| now.duration_since(at) >= REPORT_REMEASURE_EVERY)
+        {
+            inner.report_remeasured = Some(now);
+            inner.remeasure(now_unix());
+        }
     }
 
     /// Lets reports age: recomputes the paths when the fresh reports say
@@ -764,6 +779,8 @@ mod tests {
                     ..Default::default()
                 },
             );
+            // Reports re-measure at most every 250 ms; the tick always.
+            c.tick();
         };
         report("n-a2", "198.18.0.1:51820");
         report("n-b1", "198.18.9.1:40000");
@@ -835,6 +852,7 @@ mod tests {
                 ..Default::default()
             },
         );
+        c.tick();
         assert!(now_unix() - now < STALE_REPORT_SECS);
         assert_eq!(routed_via(&a1).as_deref(), Some("c1"), "relayed via c");
         let trace = c
