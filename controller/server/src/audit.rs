@@ -179,9 +179,12 @@ fn io_error(op: &'static str, path: &Path, source: io::Error) -> AuditError {
     }
 }
 
+/// The records of a whole file and its unterminated last line, if any.
+type Parsed = (Vec<AuditRecord>, Option<Vec<u8>>);
+
 /// The records of a whole file, and its unterminated last line if any; or
 /// the first bad line (1-based) and what is wrong with it.
-fn parse(bytes: &[u8]) -> Result<(Vec<AuditRecord>, Option<Vec<u8>>), (usize, String)> {
+fn parse(bytes: &[u8]) -> Result<Parsed, (usize, String)> {
     let mut records = Vec::new();
     let mut rest = bytes;
     while let Some(end) = rest.iter().position(|&b| b == b'\n') {

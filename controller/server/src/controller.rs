@@ -103,6 +103,11 @@ impl std::fmt::Debug for Controller {
 /// link being measured) and says nothing current.
 pub(crate) const STALE_REPORT_SECS: u64 = 25;
 
+/// Reports trigger a re-measure at most this often (the 1 s tick catches
+/// what falls in between): with many nodes reporting at once, re-measuring
+/// on each report would keep the live lock busy and delay readers.
+const REPORT_REMEASURE_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// Latency changes alone recompute the paths at most this often;
 /// reachability changes (a link or a gateway down or back) at once.
 const LATENCY_RECOMPUTE_SECS: u64 = 5;
@@ -140,6 +145,8 @@ struct Inner {
     /// Approved prefixes left out of the configs as no longer safe, by
     /// node id, with why (`State::withheld_prefixes`).
     withheld: BTreeMap<String, BTreeMap<IpNet, String>>,
+    /// When a report last triggered a re-measure.
+    report_remeasured: Option<std::time::Instant>,
 }
 
 /// Unix time now, in seconds.
@@ -192,6 +199,7 @@ impl Controller {
             learnt: BTreeMap::new(),
             controller_addrs: BTreeSet::new(),
             withheld: BTreeMap::new(),
+            report_remeasured: None,
         };
         inner.publish();
         let (changes, _) = watch::channel(inner.state.revision());
@@ -459,7 +467,14 @@ impl Controller {
         s.policy = report.policy;
         s.tunnel_drops = report.tunnel_drops;
         s.last_report_unix = now;
-        inner.remeasure(now);
+        let at = std::time::Instant::now();
+        if inner
+            .report_remeasured
+            .is_none_or(|t| at.duration_since(t) >= REPORT_REMEASURE_EVERY)
+        {
+            inner.report_remeasured = Some(at);
+            inner.remeasure(now);
+        }
         Ok(())
     }
 
@@ -981,6 +996,8 @@ mod tests {
                 },
             )
             .expect("report accepted");
+            // Reports re-measure at most every 250 ms; the tick always.
+            c.tick();
         };
         report("n-a2", "198.18.0.1:51820");
         report("n-b1", "198.18.9.1:40000");
@@ -1145,6 +1162,7 @@ mod tests {
             },
         )
         .expect("report accepted");
+        c.tick();
         assert!(now_unix() - now < STALE_REPORT_SECS);
         assert_eq!(routed_via(&a1).as_deref(), Some("c1"), "relayed via c");
         let trace = c

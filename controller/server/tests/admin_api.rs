@@ -374,12 +374,7 @@ async fn one_watch_stream_per_node_and_reports_are_rate_limited() {
         .expect("the second stream gets the config");
     let ended = tokio::time::timeout(Duration::from_secs(10), async {
         // The first stream may still deliver a config pushed meanwhile.
-        loop {
-            match first.message().await {
-                Ok(Some(_)) => continue,
-                Ok(None) | Err(_) => break,
-            }
-        }
+        while let Ok(Some(_)) = first.message().await {}
     })
     .await;
     assert!(

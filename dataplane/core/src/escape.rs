@@ -69,7 +69,7 @@ mod tests {
         fn escaped_text_has_no_hidden_character(s in any::<String>()) {
             let e = escape(&s);
             prop_assert!(!e.chars().any(is_hidden), "{:?} -> {:?}", s, e);
-            if !s.chars().any(|c| is_hidden(c)) {
+            if !s.chars().any(is_hidden) {
                 prop_assert_eq!(e, s);
             }
         }
