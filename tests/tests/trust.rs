@@ -278,10 +278,10 @@ fn self_assigned_labels_gain_nothing() {
     }
     lab.wait_mesh(Duration::from_secs(60))
         .unwrap_or_else(|e| panic!("{e:#}"));
-    let labels = |node: &str| node_json(&lab, node)["labels"].clone();
-    assert_eq!(labels("a1"), serde_json::json!({"role": "web"}));
-    assert_eq!(labels("b1"), serde_json::json!({"role": "db"}));
-    assert_eq!(labels("a2"), serde_json::json!({}));
+    let labels = |lab: &Lab, node: &str| node_json(lab, node)["labels"].clone();
+    assert_eq!(labels(&lab, "a1"), serde_json::json!({"role": "web"}));
+    assert_eq!(labels(&lab, "b1"), serde_json::json!({"role": "db"}));
+    assert_eq!(labels(&lab, "a2"), serde_json::json!({}));
 
     // Enrolling with a self-assigned role=web is refused, naming the
     // label, the token and what it grants.
@@ -362,5 +362,9 @@ fn self_assigned_labels_gain_nothing() {
         dropped.is_ok(),
         "b1 must count a2's dropped packets (before {drops_before}, now {counted})"
     );
-    assert_eq!(labels("a2"), serde_json::json!({}), "a2 gained no label");
+    assert_eq!(
+        labels(&lab, "a2"),
+        serde_json::json!({}),
+        "a2 gained no label"
+    );
 }
