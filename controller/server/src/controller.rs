@@ -217,9 +217,9 @@ impl Controller {
             });
         }
         let listed = report.peers.len();
-        report.peers.retain(|p| {
-            Key::from_slice(&p.public_key).is_ok_and(|k| configured.contains(&k))
-        });
+        report
+            .peers
+            .retain(|p| Key::from_slice(&p.public_key).is_ok_and(|k| configured.contains(&k)));
         let ignored = listed - report.peers.len();
         let now = now_unix();
         let s = inner.status.entry(node_id.to_string()).or_default();
@@ -771,7 +771,10 @@ mod tests {
         let c = Controller::new(state(), Box::new(FileStore::new(dir.path())));
         let a2 = c.subscribe("n-a2").expect("a2");
         let forged = || pb::ReportRequest {
-            peers: vec![seen_at(1, "198.18.66.6:6666"), seen_at(3, "198.18.66.6:6667")],
+            peers: vec![
+                seen_at(1, "198.18.66.6:6666"),
+                seen_at(3, "198.18.66.6:6667"),
+            ],
             ..Default::default()
         };
         // c1 claims a1 and b1 behind addresses of its choosing, over and over.
@@ -783,7 +786,10 @@ mod tests {
         c.report(
             "n-a2",
             pb::ReportRequest {
-                peers: vec![seen_at(1, "198.18.66.6:6666"), seen_at(3, "198.18.66.6:6667")],
+                peers: vec![
+                    seen_at(1, "198.18.66.6:6666"),
+                    seen_at(3, "198.18.66.6:6667"),
+                ],
                 ..Default::default()
             },
         )
@@ -977,6 +983,10 @@ mod tests {
             .values()
             .find(|p| p.allowed_ips.iter().any(|n| n.contains(&IpAddr::V4(b1_v4))))
             .map(|p| p.name.clone());
-        assert_eq!(via.as_deref(), Some("b1"), "a1 sends b's traffic to b1 directly");
+        assert_eq!(
+            via.as_deref(),
+            Some("b1"),
+            "a1 sends b's traffic to b1 directly"
+        );
     }
 }
