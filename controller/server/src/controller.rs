@@ -860,6 +860,9 @@ mod tests {
         let c = Controller::new(state(), Box::new(FileStore::new(dir.path())));
         let a2 = c.subscribe("n-a2").expect("a2 subscribes");
         let a1 = c.subscribe("n-a1").expect("a1 subscribes");
+        // b1's agent is connected: a1's word alone (b1 unreachable) cuts the
+        // a-b link but cannot mark b1 down.
+        let _b1 = c.subscribe("n-b1").expect("b1 subscribes");
         let peers = |rx: &watch::Receiver<Arc<NodeConfig>>| -> Vec<String> {
             rx.borrow().peers.values().map(|p| p.name.clone()).collect()
         };
