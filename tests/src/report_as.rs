@@ -36,8 +36,9 @@ pub(crate) struct ReportAsArgs {
 }
 
 fn parse_peer(s: &str) -> Result<pb::PeerStatus> {
+    // The last '=': base64 keys end in '=' padding.
     let (key, rest) = s
-        .split_once('=')
+        .rsplit_once('=')
         .with_context(|| format!("peer {s:?}: want KEY=RTT/LOSS/up|down[@ENDPOINT]"))?;
     let public_key = base64::engine::general_purpose::STANDARD
         .decode(key)

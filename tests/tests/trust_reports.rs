@@ -50,7 +50,10 @@ fn trace(lab: &Lab, from: &str, to: &str) -> (Vec<String>, String) {
                 .to_owned()
         })
         .collect();
-    (nodes, v["explanation"].as_str().unwrap_or_default().to_owned())
+    (
+        nodes,
+        v["explanation"].as_str().unwrap_or_default().to_owned(),
+    )
 }
 
 /// The latency in `X -> Y: direct (30.6 ms)`, for `pair` = `X -> Y`.
@@ -273,7 +276,11 @@ fn forged_reports_cannot_pull_traffic_through_their_site() {
                 .as_str()
                 .is_some_and(|m| m.contains("listed twice"))
     });
-    assert!(dups_refused, "duplicates refused: {:?}", got["forge-dups"].first());
+    assert!(
+        dups_refused,
+        "duplicates refused: {:?}",
+        got["forge-dups"].first()
+    );
     for name in ["forge-fast", "forge-down"] {
         assert!(
             got[name].iter().all(|v| v["ok"] == true),

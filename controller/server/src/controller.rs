@@ -443,9 +443,9 @@ impl Controller {
             });
         }
         let listed = report.peers.len();
-        report.peers.retain(|p| {
-            Key::from_slice(&p.public_key).is_ok_and(|k| configured.contains(&k))
-        });
+        report
+            .peers
+            .retain(|p| Key::from_slice(&p.public_key).is_ok_and(|k| configured.contains(&k)));
         let ignored = listed - report.peers.len();
         let now = now_unix();
         let s = inner.status.entry(node_id.to_string()).or_default();
@@ -1035,7 +1035,10 @@ mod tests {
         let c = Controller::new(state(), Box::new(FileStore::new(dir.path())));
         let a2 = c.subscribe("n-a2").expect("a2").0;
         let forged = || pb::ReportRequest {
-            peers: vec![seen_at(1, "198.18.66.6:6666"), seen_at(3, "198.18.66.6:6667")],
+            peers: vec![
+                seen_at(1, "198.18.66.6:6666"),
+                seen_at(3, "198.18.66.6:6667"),
+            ],
             ..Default::default()
         };
         // c1 claims a1 and b1 behind addresses of its choosing, over and over.
@@ -1047,7 +1050,10 @@ mod tests {
         c.report(
             "n-a2",
             pb::ReportRequest {
-                peers: vec![seen_at(1, "198.18.66.6:6666"), seen_at(3, "198.18.66.6:6667")],
+                peers: vec![
+                    seen_at(1, "198.18.66.6:6666"),
+                    seen_at(3, "198.18.66.6:6667"),
+                ],
                 ..Default::default()
             },
         )
@@ -1118,6 +1124,9 @@ mod tests {
         let c = Controller::new(state(), Box::new(FileStore::new(dir.path())));
         let a2 = c.subscribe("n-a2").expect("a2 subscribes").0;
         let a1 = c.subscribe("n-a1").expect("a1 subscribes").0;
+        // b1's agent is connected: a1's word alone (b1 unreachable) cuts the
+        // a-b link but cannot mark b1 down.
+        let _b1 = c.subscribe("n-b1").expect("b1 subscribes");
         let peers = |rx: &watch::Receiver<Arc<NodeConfig>>| -> Vec<String> {
             rx.borrow().peers.values().map(|p| p.name.clone()).collect()
         };
@@ -1242,7 +1251,11 @@ mod tests {
             .values()
             .find(|p| p.allowed_ips.iter().any(|n| n.contains(&IpAddr::V4(b1_v4))))
             .map(|p| p.name.clone());
-        assert_eq!(via.as_deref(), Some("b1"), "a1 sends b's traffic to b1 directly");
+        assert_eq!(
+            via.as_deref(),
+            Some("b1"),
+            "a1 sends b's traffic to b1 directly"
+        );
     }
 
     /// A store whose save waits until the test lets it finish.

@@ -81,7 +81,12 @@ pub(crate) fn start(port: u16, tunnel: TunnelHandle, fwmark: u32) -> anyhow::Res
         let tunnel = tunnel.clone();
         async move {
             let peers = tunnel.peers().await.ok()?;
-            Some(peers.into_iter().map(|p| (p.public_key, p.endpoint)).collect())
+            Some(
+                peers
+                    .into_iter()
+                    .map(|p| (p.public_key, p.endpoint))
+                    .collect(),
+            )
         }
     };
     tokio::spawn(run(socket, port, peers, stats.clone(), Arc::default()));
@@ -298,7 +303,9 @@ mod tests {
             seq: 42,
             token: 0xabc,
         };
-        forger.send_to(&req.encode(), ("127.0.0.1", port)).expect("sent");
+        forger
+            .send_to(&req.encode(), ("127.0.0.1", port))
+            .expect("sent");
         let (n, _) = forger.recv_from(&mut reply).expect("echoed");
         assert_eq!(Probe::decode(&reply[..n]), Ok(req.reply()));
         task.abort();

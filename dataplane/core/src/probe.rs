@@ -164,8 +164,11 @@ impl<P: Ord + Clone> Prober<P> {
     /// Probes exactly `peers` from now on: a new peer gets a token from
     /// `draw` (redrawn while it is taken), a peer no longer listed is
     /// forgotten with its window and token.
-    pub fn set_peers<'a>(&mut self, peers: impl IntoIterator<Item = &'a P>, mut draw: impl FnMut() -> u64)
-    where
+    pub fn set_peers<'a>(
+        &mut self,
+        peers: impl IntoIterator<Item = &'a P>,
+        mut draw: impl FnMut() -> u64,
+    ) where
         P: 'a,
     {
         let wanted: std::collections::BTreeSet<&P> = peers.into_iter().collect();
@@ -494,7 +497,10 @@ mod tests {
             token: 0xfeed,
         };
         let rep = req.reply();
-        assert_eq!((rep.kind, rep.seq, rep.token), (ProbeKind::Reply, 9, 0xfeed));
+        assert_eq!(
+            (rep.kind, rep.seq, rep.token),
+            (ProbeKind::Reply, 9, 0xfeed)
+        );
         assert_eq!(rep.encode().len(), req.encode().len(), "no amplification");
     }
 
@@ -520,9 +526,15 @@ mod tests {
             let r2 = prober.request(&"p2").expect("p2 probed");
             prober.sent(&"p1", r1, t);
             prober.sent(&"p2", r2, t);
-            assert_eq!(prober.handle_reply(r1.reply(), t + 10 * MS), Ok(("p1", true)));
+            assert_eq!(
+                prober.handle_reply(r1.reply(), t + 10 * MS),
+                Ok(("p1", true))
+            );
             if round % 2 == 0 {
-                assert_eq!(prober.handle_reply(r2.reply(), t + 80 * MS), Ok(("p2", true)));
+                assert_eq!(
+                    prober.handle_reply(r2.reply(), t + 80 * MS),
+                    Ok(("p2", true))
+                );
             }
             t += 500 * MS;
         }

@@ -218,12 +218,10 @@ mod tests {
     }
 
     fn link() -> impl Strategy<Value = Link> {
-        (any::<bool>(), 0u32..2_000_000, 0u32..=1_000_000).prop_map(|(up, latency_us, loss)| {
-            Link {
-                latency_us: if up { latency_us } else { 0 },
-                loss_ppm: if up { loss } else { 0 },
-                up,
-            }
+        (any::<bool>(), 0u32..2_000_000, 0u32..=1_000_000).prop_map(|(up, latency_us, loss)| Link {
+            latency_us: if up { latency_us } else { 0 },
+            loss_ppm: if up { loss } else { 0 },
+            up,
         })
     }
 
