@@ -18,9 +18,7 @@ use weft_controller_core::policy::{
 };
 use weft_controller_core::state::CertUse;
 use weft_controller_core::time::rfc3339;
-use weft_controller_core::{
-    Error as CoreError, ErrorKind, Labels, NodeCert, Registration, State,
-};
+use weft_controller_core::{Error as CoreError, ErrorKind, Labels, NodeCert, Registration, State};
 use weft_proto::convert::{InvalidMessage, parse_endpoint, parse_key, parse_net};
 use weft_proto::pb::{
     self, admin_service_server::AdminService, agent_service_server::AgentService,
