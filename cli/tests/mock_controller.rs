@@ -340,6 +340,7 @@ impl AdminService for Mock {
             policy: None,
             routes: vec![],
             forwarding: false,
+            key_generation: 0,
             peers: vec![pb::PeerConfig {
                 name: "a1".into(),
                 public_key: vec![1; 32],
