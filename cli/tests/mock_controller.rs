@@ -419,6 +419,7 @@ impl AdminService for Mock {
             policy: None,
             routes: vec![],
             forwarding: false,
+            key_generation: 0,
             peers: vec![pb::PeerConfig {
                 name: "a1".into(),
                 public_key: vec![1; 32],
@@ -607,10 +608,16 @@ fn node_rotate_key_asks_the_controller_and_get_shows_the_certificate_expiry() {
         .lines()
         .find(|l| l.starts_with("Certificate"))
         .unwrap_or_else(|| panic!("no certificate line:\n{stdout}"));
-    assert!(line.contains("expires 2023-") && line.contains(" UTC ("), "{line}");
+    assert!(
+        line.contains("expires 2023-") && line.contains(" UTC ("),
+        "{line}"
+    );
     let (stdout, _) = f.ok(&["-o", "json", "node", "get", "a1"]);
     let v: serde_json::Value = serde_json::from_str(&stdout).expect("node JSON");
-    assert!(v["cert_expires_unix"].as_u64().is_some_and(|t| t > 0), "{v}");
+    assert!(
+        v["cert_expires_unix"].as_u64().is_some_and(|t| t > 0),
+        "{v}"
+    );
 }
 
 #[test]

@@ -4,7 +4,8 @@
 //!   WireGuard key (and a request key of the replayer's own) gets no
 //!   certificate and changes nothing;
 //! - (f) under a ping every 50 ms from a1 to b1, a certificate renewal
-//!   (60 s lifetime, renewed at 40 s) and `weftctl node rotate-key a1`
+//!   (60 s lifetime, renewed when a third of the validity, which starts a
+//!   minute before issue, is left) and `weftctl node rotate-key a1`
 //!   lose at most one packet; the new key shows in `weftctl node list`,
 //!   a1's `wg show` and b1's; a1's old certificate is refused once its
 //!   agent uses the new one.
@@ -152,7 +153,7 @@ fn credentials() {
     lab.spawn("ping", "a1", Path::new("ping"), &ping_args)
         .expect("ping starts");
 
-    // Renewal: at two thirds of the 60 s lifetime, i.e. within 40 s.
+    // Renewal: when a third of the validity is left, within 40 s.
     lab.wait_until(
         Duration::from_secs(60),
         "a1 renews its certificate (identity.json changes)",
@@ -203,7 +204,10 @@ fn credentials() {
         },
     );
     eprintln!("a1 rotated its key: {a1_key} -> {new_key}");
-    assert!(lab.proc_alive("ping"), "the ping ended before the rotation was done");
+    assert!(
+        lab.proc_alive("ping"),
+        "the ping ended before the rotation was done"
+    );
     // The new session carries traffic (one ping through it), then the
     // ping runs to its end.
     let status = lab
@@ -224,5 +228,8 @@ fn credentials() {
         result.transmitted
     );
     let after = lab.ping("a1", b1_v4.into(), 3);
-    assert_eq!(after.received, 3, "a1 reaches b1 with its new key: {after:?}");
+    assert_eq!(
+        after.received, 3,
+        "a1 reaches b1 with its new key: {after:?}"
+    );
 }

@@ -19,7 +19,8 @@ fn state() -> State {
         NetworkSettings::with_ipv6_prefix("fd7e:4a1:1234::/48".parse().expect("valid prefix"));
     let mut s = State::new(settings).expect("valid settings");
     s.create_site("a", NOW).expect("site");
-    s.create_token("tok", [7; 32], "a", NOW, 300).expect("token");
+    s.create_token("tok", [7; 32], "a", NOW, 300)
+        .expect("token");
     s
 }
 
@@ -78,7 +79,10 @@ fn a_replayed_token_with_the_public_name_and_key_but_another_request_key_is_refu
     );
     let before = json(&s);
     let e = s.register_node(replay, NOW + 5).expect_err("replay");
-    assert_eq!(e.to_string(), "join token tok was already used by node n-a1");
+    assert_eq!(
+        e.to_string(),
+        "join token tok was already used by node n-a1"
+    );
     assert_eq!(e.kind(), ErrorKind::PermissionDenied);
     assert_eq!(json(&s), before, "nothing changed");
     assert_eq!(auth(&s, 9, NOW + 5), Err(CertRefused::Unknown));
@@ -101,7 +105,10 @@ fn a_retry_respects_the_token_expiry() {
     );
     let before = json(&s);
     let e = s.register_node(retry(8), NOW + 300).expect_err("expired");
-    assert_eq!(e.to_string(), "join token tok was already used by node n-a1");
+    assert_eq!(
+        e.to_string(),
+        "join token tok was already used by node n-a1"
+    );
     assert_eq!(json(&s), before, "nothing changed");
     // One second earlier the same agent gets its node back.
     let node = s.register_node(retry(9), NOW + 299).expect("retry").clone();
@@ -131,7 +138,8 @@ fn certificates_expire_and_renew_keeping_the_previous_one_until_the_new_one_is_u
 
     // Renewed at two thirds of its lifetime.
     let at = NOW + 70;
-    s.renew_cert(&[1; 32], cert(2, at + TTL), at).expect("renews");
+    s.renew_cert(&[1; 32], cert(2, at + TTL), at)
+        .expect("renews");
     assert_eq!(auth(&s, 2, at), Ok(("first use", "n-a1".to_owned())));
     assert_eq!(auth(&s, 1, at), Ok(("previous", "n-a1".to_owned())));
     // The previous one still expires when it did.
@@ -168,11 +176,15 @@ fn certificates_expire_and_renew_keeping_the_previous_one_until_the_new_one_is_u
     let e = s
         .renew_cert(&[3; 32], cert(4, NOW + 1000), at + 1 + TTL)
         .expect_err("expired");
-    assert!(matches!(e, Error::CertNotAccepted(CertRefused::Expired { .. })), "{e}");
+    assert!(
+        matches!(e, Error::CertNotAccepted(CertRefused::Expired { .. })),
+        "{e}"
+    );
     assert_eq!(json(&s), before);
 
     // A certificate bound to another node is refused.
-    s.create_token("tok2", [7; 32], "a", NOW, 300).expect("token");
+    s.create_token("tok2", [7; 32], "a", NOW, 300)
+        .expect("token");
     s.register_node(reg("tok2", "b1", 5, 5), NOW).expect("b1");
     let before = json(&s);
     let e = s
@@ -202,10 +214,16 @@ fn a_store_from_before_expiry_loads_and_its_certificates_stay_valid() {
     s.register_node(r, NOW).expect("registers");
     let text = json(&s)
         .replace(",\"registration_key\":\"0101010101010101010101010101010101010101010101010101010101010101\"", "");
-    assert!(!text.contains("registration_key") && !text.contains("cert_expires_unix"), "{text}");
+    assert!(
+        !text.contains("registration_key") && !text.contains("cert_expires_unix"),
+        "{text}"
+    );
     let old: State = serde_json::from_str(&text).expect("loads");
     assert_eq!(old.validate(), Ok(()));
-    assert_eq!(auth(&old, 1, u64::MAX - 1), Ok(("current", "n-a1".to_owned())));
+    assert_eq!(
+        auth(&old, 1, u64::MAX - 1),
+        Ok(("current", "n-a1".to_owned()))
+    );
     // Without the first request's key recorded, nothing is a retry.
     assert_eq!(
         old.retried_registration("tok", &[7; 32], "a1", &Key([1; 32]), &[1; 32], NOW + 1),
@@ -217,9 +235,11 @@ fn a_store_from_before_expiry_loads_and_its_certificates_stay_valid() {
 fn two_nodes_sharing_a_previous_certificate_is_an_inconsistency() {
     let mut s = state();
     s.register_node(reg("tok", "a1", 1, 1), NOW).expect("a1");
-    s.create_token("tok2", [7; 32], "a", NOW, 300).expect("token");
+    s.create_token("tok2", [7; 32], "a", NOW, 300)
+        .expect("token");
     s.register_node(reg("tok2", "b1", 2, 2), NOW).expect("b1");
-    s.renew_cert(&[2; 32], cert(3, NOW + TTL), NOW).expect("renews");
+    s.renew_cert(&[2; 32], cert(3, NOW + TTL), NOW)
+        .expect("renews");
     // b1's previous certificate is [2; 32]; give a1 the same as current.
     let text = json(&s).replacen(
         "0101010101010101010101010101010101010101010101010101010101010101",
@@ -235,12 +255,17 @@ fn two_nodes_sharing_a_previous_certificate_is_an_inconsistency() {
 fn key_rotation_is_requested_by_generation_and_replaces_the_key_for_every_peer() {
     let mut s = state();
     s.register_node(reg("tok", "a1", 1, 1), NOW).expect("a1");
-    s.create_token("tok2", [7; 32], "a", NOW, 300).expect("token");
+    s.create_token("tok2", [7; 32], "a", NOW, 300)
+        .expect("token");
     s.register_node(reg("tok2", "b1", 2, 2), NOW).expect("b1");
     let generation = |s: &State| node_config(s, "n-a1").expect("a1").key_generation;
     assert_eq!(generation(&s), 0);
     assert_eq!(s.request_key_rotation("a1"), Ok(1));
-    assert_eq!(generation(&s), 1, "the agent's config asks for generation 1");
+    assert_eq!(
+        generation(&s),
+        1,
+        "the agent's config asks for generation 1"
+    );
     assert_eq!(
         s.request_key_rotation("nope"),
         Err(Error::NodeNotFound("nope".to_owned()))
@@ -249,7 +274,10 @@ fn key_rotation_is_requested_by_generation_and_replaces_the_key_for_every_peer()
     // Refused, changing nothing: the zero key, another member's key, a
     // generation running ahead.
     let before = json(&s);
-    assert_eq!(s.rotate_node_key("n-a1", Key([0; 32]), 1), Err(Error::ZeroKey));
+    assert_eq!(
+        s.rotate_node_key("n-a1", Key([0; 32]), 1),
+        Err(Error::ZeroKey)
+    );
     let e = s
         .rotate_node_key("n-a1", Key([2; 32]), 1)
         .expect_err("b1's key");

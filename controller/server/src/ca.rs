@@ -5,11 +5,11 @@
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
+use rcgen::PublicKeyData as _;
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
     DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
-use rcgen::PublicKeyData as _;
 use rustls::pki_types::CertificateSigningRequestDer;
 use sha2::{Digest as _, Sha256};
 use weft_proto::client::{CONTROLLER_SERVER_NAME, cert_hash};
@@ -199,8 +199,9 @@ impl Csr {
         let der = CertificateSigningRequestDer::from(der);
         // rcgen verifies the request's signature with the key it carries
         // (proof of possession) and refuses it otherwise.
-        let params = CertificateSigningRequestParams::from_der(&der)
-            .context("the certificate signing request is invalid or its signature does not verify")?;
+        let params = CertificateSigningRequestParams::from_der(&der).context(
+            "the certificate signing request is invalid or its signature does not verify",
+        )?;
         let key_hash = Sha256::digest(params.public_key.subject_public_key_info()).into();
         Ok(Csr { params, key_hash })
     }
@@ -257,9 +258,7 @@ mod tests {
         let spki_hash: [u8; 32] = Sha256::digest(key.subject_public_key_info()).into();
         assert_eq!(parsed.key_hash, spki_hash, "the request's key is recorded");
         let now = 1_800_000_000;
-        let cert = ca
-            .sign_node_csr(parsed, "n-1234", now, 60)
-            .expect("sign");
+        let cert = ca.sign_node_csr(parsed, "n-1234", now, 60).expect("sign");
         assert!(cert.pem.contains("BEGIN CERTIFICATE"));
         assert_ne!(cert.fingerprint, [0; 32]);
         assert_eq!(cert.expires_unix, now + 60);
@@ -277,7 +276,10 @@ mod tests {
             .map(ToString::to_string)
             .collect();
         assert_eq!(names, ["DNSName(n-1234.nodes.weft.internal)"]);
-        assert!(Csr::parse(b"garbage").is_err(), "garbage CSR must be refused");
+        assert!(
+            Csr::parse(b"garbage").is_err(),
+            "garbage CSR must be refused"
+        );
     }
 
     #[test]
@@ -301,7 +303,10 @@ mod tests {
             .expect("the request carries its key");
         let mut forged = good.clone();
         forged[at..at + theirs.len()].copy_from_slice(&theirs);
-        assert!(Csr::parse(&forged).is_err(), "a foreign key must not verify");
+        assert!(
+            Csr::parse(&forged).is_err(),
+            "a foreign key must not verify"
+        );
     }
 
     #[test]

@@ -324,19 +324,29 @@ mod tests {
         );
         // A restart before the controller answered: the key is still there.
         let again = StateDir::open(dir.path()).expect("reopen");
-        assert_eq!(again.load_pending_key().expect("read"), Some(pending.clone()));
+        assert_eq!(
+            again.load_pending_key().expect("read"),
+            Some(pending.clone())
+        );
         assert_eq!(again.load_or_create_key(false).expect("key"), old);
         again
             .promote_pending_key(&pending, &mut id)
             .expect("promote");
-        assert_eq!(again.load_or_create_key(false).expect("key"), pending.private_key);
-        assert_eq!(again.load_identity().expect("id").map(|i| i.key_generation), Some(1));
+        assert_eq!(
+            again.load_or_create_key(false).expect("key"),
+            pending.private_key
+        );
+        assert_eq!(
+            again.load_identity().expect("id").map(|i| i.key_generation),
+            Some(1)
+        );
         assert_eq!(again.load_pending_key().expect("gone"), None);
         // Repeating a promotion whose last step was lost changes nothing.
-        again
-            .promote_pending_key(&pending, &mut id)
-            .expect("again");
-        assert_eq!(again.load_or_create_key(false).expect("key"), pending.private_key);
+        again.promote_pending_key(&pending, &mut id).expect("again");
+        assert_eq!(
+            again.load_or_create_key(false).expect("key"),
+            pending.private_key
+        );
         // A damaged pending key is an error, not a silent loss.
         std::fs::write(dir.path().join(PENDING_KEY), "{").expect("write");
         let e = again.load_pending_key().expect_err("corrupt");

@@ -96,7 +96,11 @@ fn expired(expires_unix: u64, now: u64) -> bool {
 impl State {
     /// The node the client certificate with this SHA-256 fingerprint
     /// authenticates at `now`, and how.
-    pub fn authenticate(&self, fingerprint: &[u8; 32], now: u64) -> Result<CertUse<'_>, CertRefused> {
+    pub fn authenticate(
+        &self,
+        fingerprint: &[u8; 32],
+        now: u64,
+    ) -> Result<CertUse<'_>, CertRefused> {
         let node = self.node_by_cert(fingerprint).ok_or(CertRefused::Unknown)?;
         let refused = |expires_unix| CertRefused::Expired {
             node: node.id.clone(),
