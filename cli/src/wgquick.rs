@@ -69,6 +69,7 @@ mod tests {
             policy: None,
             routes: vec![],
             forwarding: false,
+            hosted: vec![],
             key_generation: 0,
             peers: vec![
                 pb::PeerConfig {

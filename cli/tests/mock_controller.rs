@@ -419,6 +419,7 @@ impl AdminService for Mock {
             policy: None,
             routes: vec![],
             forwarding: false,
+            hosted: vec![],
             key_generation: 0,
             peers: vec![pb::PeerConfig {
                 name: "a1".into(),

@@ -4,7 +4,7 @@
 //! - `an_external_peer_cannot_reach_a_host_only_address`: an external
 //!   WireGuard peer (unmodified wireguard-go, `weftctl peer add`) that
 //!   routes 0.0.0.0/0 to node a1 on its side sends pings to an address a1
-//!   hosts outside the overlay (198.18.250.1 on a dummy interface): a1's
+//!   hosts outside the overlay (198.18.250.1 on its loopback): a1's
 //!   tunnel drops them (nothing reaches a1's stack, by an nftables counter;
 //!   no reply), counts them as `not_for_us` in `weftctl node get`, and a1's
 //!   overlay address still answers the same peer.
@@ -86,8 +86,7 @@ fn an_external_peer_cannot_reach_a_host_only_address() {
         &lab,
         "a1",
         &format!(
-            "ip link add hostonly0 type dummy && ip addr add {HOST_ONLY}/32 dev hostonly0 && \
-             ip link set hostonly0 up && nft add table inet weft_test && \
+            "ip addr add {HOST_ONLY}/32 dev lo && nft add table inet weft_test && \
              nft add chain inet weft_test input '{{ type filter hook input priority 0; }}' && \
              nft add rule inet weft_test input ip daddr {HOST_ONLY} counter"
         ),
@@ -165,7 +164,8 @@ fn an_external_peer_cannot_reach_a_host_only_address() {
     // The host-only address: nothing arrives, nothing answers.
     let host_only: IpAddr = HOST_ONLY.parse().expect("valid address");
     let r = lab.ping(&x1, host_only, 5);
-    assert_eq!(r.transmitted, 5, "x1 must have sent 5 pings: {r:?}");
+    // ping keeps sending until its deadline when no reply comes.
+    assert!(r.transmitted >= 5, "x1 must have sent 5 pings: {r:?}");
     assert!(
         !r.reachable(),
         "a1's host-only address {HOST_ONLY} answered x1 through the tunnel: {r:?}"
@@ -177,8 +177,11 @@ fn an_external_peer_cannot_reach_a_host_only_address() {
     );
     lab.wait_until(
         Duration::from_secs(30),
-        "a1's report to count the 5 pings as not_for_us",
-        || not_for_us(&lab, "a1") >= dropped_before + 5,
+        &format!(
+            "a1's report to count the {} pings as not_for_us",
+            r.transmitted
+        ),
+        || not_for_us(&lab, "a1") >= dropped_before + u64::from(r.transmitted),
     );
     let shown = lab.weftctl_ok(&["node", "get", "a1"]);
     assert!(
@@ -200,7 +203,10 @@ fn weft_routes_cannot_capture_the_tunnel() {
     if weft_tests::skip_unless_root("weft_routes_cannot_capture_the_tunnel") {
         return;
     }
-    let mut lab = Lab::builder().site_nodes(&[("a", 1), ("b", 1)]).build();
+    let mut lab = Lab::builder()
+        .site_nodes(&[("a", 1), ("b", 1)])
+        .ipv4_pool("100.64.0.0/16")
+        .build();
     let b1 = lab.node_info("b1");
     let b1_v4 = IpAddr::V4(b1.ipv4().expect("b1 has an IPv4 overlay address"));
     let b1_endpoint: IpAddr = b1
