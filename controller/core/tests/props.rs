@@ -300,7 +300,17 @@ fn check_grants(old: &State, new: &State, op: &Op) {
                 assert!(!after.pending.contains_key(prefix));
             }
         }
-        _ => {}
+        Op::CreateSite(_)
+        | Op::DeleteSite(_)
+        | Op::CreateToken { .. }
+        | Op::DeleteToken(_)
+        | Op::SetEndpoint { .. }
+        | Op::DeleteNode { .. }
+        | Op::AddPeer { .. }
+        | Op::DeletePeer(_)
+        | Op::Advertise { .. }
+        | Op::Withdraw { .. }
+        | Op::SetMinPrefixLens { .. } => {}
     }
 }
 
