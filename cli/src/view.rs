@@ -558,7 +558,7 @@ mod tests {
                 "public_key": "AgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgI=",
                 "last_handshake_unix": 90, "rx_bytes": 10, "tx_bytes": 20, "endpoint": "198.19.1.12:51820"
             }],
-            "labels": {"app": "web"}
+            "labels": {"app": "web"}, "cert_expires_unix": 0
         });
         assert_eq!(json, want);
         let dropped = pb::Node {

@@ -1045,6 +1045,7 @@ mod tests {
         for _ in 0..10 {
             c.report("n-c1", forged()).expect("report accepted");
         }
+        c.tick();
         assert!(c.lock().learnt.is_empty(), "one witness is not enough");
         // a2 (same site as a1) cannot vouch for a1: it reaches a1 on its LAN.
         c.report(
@@ -1058,6 +1059,8 @@ mod tests {
             },
         )
         .expect("report accepted");
+        // Reports re-measure at most every 250 ms; the tick always.
+        c.tick();
         let learnt = c.lock().learnt.clone();
         assert_eq!(
             learnt.keys().collect::<Vec<_>>(),
