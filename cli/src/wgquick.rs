@@ -69,6 +69,7 @@ mod tests {
             policy: None,
             routes: vec![],
             forwarding: false,
+            hosted: vec![],
             peers: vec![
                 pb::PeerConfig {
                     name: "a1".into(),

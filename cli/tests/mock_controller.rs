@@ -328,6 +328,7 @@ impl AdminService for Mock {
             policy: None,
             routes: vec![],
             forwarding: false,
+            hosted: vec![],
             peers: vec![pb::PeerConfig {
                 name: "a1".into(),
                 public_key: vec![1; 32],
