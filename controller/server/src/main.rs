@@ -142,7 +142,7 @@ mod server_limits {
     /// Watch streams are not affected once they are established.
     pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
     /// Largest agent request (a report of thousands of peers fits).
-    pub(crate) const AGENT_MAX_MESSAGE: usize = 1024 * 1024;
+    pub(crate) const AGENT_MAX_MESSAGE: usize = weft_proto::report::MAX_AGENT_MESSAGE_BYTES;
     /// Largest admin request (policy files).
     pub(crate) const ADMIN_MAX_MESSAGE: usize = 16 * 1024 * 1024;
     /// HTTP/2 pings to find dead connections, and how long to wait for
