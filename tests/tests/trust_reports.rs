@@ -270,22 +270,36 @@ fn forged_reports_cannot_pull_traffic_through_their_site() {
     for (name, lines) in &got {
         assert_eq!(lines.len(), COUNT as usize, "{name}: {lines:?}");
     }
-    let dups_refused = got["forge-dups"].iter().all(|v| {
+    // The controller also rate-limits each node's reports (10 in a burst,
+    // then 1/s): c1's floods share that budget, so a report may be refused
+    // for its rate before its content is read. Every report is either
+    // judged on its content or refused for its rate, and each kind is
+    // judged at least once.
+    let rate_limited = |v: &serde_json::Value| {
+        v["code"] == "ResourceExhausted"
+            && v["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("too many reports"))
+    };
+    let dup_refused = |v: &serde_json::Value| {
         v["code"] == "InvalidArgument"
             && v["message"]
                 .as_str()
                 .is_some_and(|m| m.contains("listed twice"))
-    });
+    };
+    let dups = &got["forge-dups"];
     assert!(
-        dups_refused,
+        dups.iter().all(|v| dup_refused(v) || rate_limited(v)) && dups.iter().any(dup_refused),
         "duplicates refused: {:?}",
-        got["forge-dups"].first()
+        dups.iter().find(|v| !dup_refused(v))
     );
     for name in ["forge-fast", "forge-down"] {
+        let lines = &got[name];
         assert!(
-            got[name].iter().all(|v| v["ok"] == true),
-            "{name}'s reports are accepted (and outvoted): {:?}",
-            got[name].iter().find(|v| v["ok"] != true)
+            lines.iter().all(|v| v["ok"] == true || rate_limited(v))
+                && lines.iter().any(|v| v["ok"] == true),
+            "{name}'s reports are accepted (and outvoted) or rate-limited: {:?}",
+            lines.iter().find(|v| v["ok"] != true && !rate_limited(v))
         );
     }
 
@@ -318,8 +332,13 @@ fn forged_reports_cannot_pull_traffic_through_their_site() {
     );
 
     // The forger is still a normal member: connected, relaying for c2.
-    let c1 = lab.node_info("c1");
-    assert!(c1.connected, "c1 still connected: {c1:?}");
+    // (Its own agent's reports share the rate limit with the forgeries: a
+    // refused one makes the agent reconnect, so wait for the stream.)
+    lab.wait_until(
+        Duration::from_secs(30),
+        "c1 connected to the controller",
+        || lab.node_info("c1").connected,
+    );
     let r = lab.ping("c2", v4(&lab, "a2"), 5);
     assert_eq!(r.received, 5, "c2 -> a2 through c1 and a1: {r:?}");
     let (nodes, why) = trace(&lab, "c2", "a2");
