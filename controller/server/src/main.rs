@@ -141,8 +141,6 @@ mod server_limits {
     /// A request handler taking longer is cancelled (DEADLINE_EXCEEDED);
     /// Watch streams are not affected once they are established.
     pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
-    /// Largest agent request (a report of thousands of peers fits).
-    pub(crate) const AGENT_MAX_MESSAGE: usize = weft_proto::report::MAX_AGENT_MESSAGE_BYTES;
     /// Largest admin request (policy files).
     pub(crate) const ADMIN_MAX_MESSAGE: usize = 16 * 1024 * 1024;
     /// HTTP/2 pings to find dead connections, and how long to wait for
@@ -302,8 +300,8 @@ async fn run(args: Args) -> Result<()> {
             .max_decoding_message_size(server_limits::ADMIN_MAX_MESSAGE),
         controller,
     );
-    let agent =
-        AgentServiceServer::new(agent).max_decoding_message_size(server_limits::AGENT_MAX_MESSAGE);
+    let agent = AgentServiceServer::new(agent)
+        .max_decoding_message_size(weft_proto::report::MAX_AGENT_MESSAGE_BYTES);
 
     info!(listen = %args.listen, admin_listen = ?args.admin_listen, url = %url, cert_ttl_secs = args.cert_ttl, ca_sha256 = %hex::encode(ca.hash()), admin_conf = %dir.join(ADMIN_CONF).display(), "controller serving");
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
